@@ -1,0 +1,62 @@
+"""Differentiable alignment of faces to the 112x112 ArcFace template.
+
+The similarity transform is fitted to the five keypoints without gradient (keypoints
+come from detection); the warp itself is `affine_grid` + `grid_sample`, so gradients flow
+from the crops back to the image pixels. It reproduces insightface's `norm_crop`
+(`cv2.warpAffine`, bilinear, zero border) to within interpolation rounding.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from skimage.transform import SimilarityTransform
+
+CROP_SIZE = 112
+
+# ArcFace's five-point template for a 112x112 crop: left eye, right eye, nose, mouth corners.
+ARCFACE_TEMPLATE = np.array(
+    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
+    dtype=np.float64,
+)
+
+
+def template_transform(keypoints: np.ndarray) -> np.ndarray:
+    """The 3x3 similarity transform taking image pixels to crop pixels (least squares, Umeyama)."""
+    transform = SimilarityTransform.from_estimate(np.asarray(keypoints, np.float64), ARCFACE_TEMPLATE)
+    if not transform:
+        raise ValueError(f"cannot fit a similarity transform to keypoints {keypoints.tolist()}")
+    return transform.params
+
+
+def _normalise(size_hw: tuple[int, int]) -> np.ndarray:
+    """Pixel coordinates (pixel centres at integers) -> grid_sample's [-1,1] (align_corners=False)."""
+    h, w = size_hw
+    return np.array([[2.0 / w, 0.0, 1.0 / w - 1.0], [0.0, 2.0 / h, 1.0 / h - 1.0], [0.0, 0.0, 1.0]])
+
+
+def sampling_thetas(keypoints: np.ndarray, image_hw: tuple[int, int]) -> torch.Tensor:
+    """`affine_grid` thetas [F,2,3] mapping crop coordinates to image coordinates, one per face."""
+    to_image = _normalise(image_hw)
+    from_crop = np.linalg.inv(_normalise((CROP_SIZE, CROP_SIZE)))
+    thetas = [to_image @ np.linalg.inv(template_transform(k)) @ from_crop for k in keypoints]
+    return torch.from_numpy(np.stack(thetas)[:, :2, :]).float()
+
+
+def align_faces(image: torch.Tensor, keypoints: np.ndarray) -> torch.Tensor:
+    """Crop and align the faces of one image.
+
+    image: [H,W,3] float (ComfyUI layout), any dtype/device, may require grad.
+    keypoints: [F,5,2] in the image's pixel coordinates.
+    Returns [F,3,112,112] crops in the image's dtype, differentiable w.r.t. `image`.
+    """
+    count = len(keypoints)
+    if count == 0:
+        return image.new_zeros((0, 3, CROP_SIZE, CROP_SIZE))
+    thetas = sampling_thetas(np.asarray(keypoints, np.float64), image.shape[:2])
+    thetas = thetas.to(device=image.device, dtype=torch.float32)
+    grid = F.affine_grid(thetas, [count, 3, CROP_SIZE, CROP_SIZE], align_corners=False)
+    source = image.permute(2, 0, 1).unsqueeze(0).float().expand(count, -1, -1, -1)
+    crops = F.grid_sample(source, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return crops.to(image.dtype)

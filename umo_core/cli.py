@@ -1,0 +1,90 @@
+"""`python -m umo_core score`: rank images by how well they show the reference people."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+from .annotate import annotate
+from .errors import UMOError
+from .face_model import load_face_model
+from .images import load_image
+from .scoring import CRITERIA, rank, score_images
+
+DEFAULT_PACK = "antelopev2"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m umo_core", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    score = commands.add_parser("score", help="score and rank images against reference photos")
+    score.add_argument("--faces", default=os.environ.get("UMO_FACE_PACK", DEFAULT_PACK),
+                       help="face pack name (looked up in ComfyUI's models/insightface/models and "
+                            "~/.insightface/models) or folder; default $UMO_FACE_PACK or antelopev2")
+    score.add_argument("--ref", action="append", required=True, type=Path, help="reference photo, one per person")
+    score.add_argument("--image", action="append", required=True, type=Path, help="image to score")
+    score.add_argument("--gt", type=Path, help="ground-truth photo of the same people (for Sim(GT) and CP)")
+    score.add_argument("--criterion", choices=CRITERIA, default="mimr", help="ranking criterion (default mimr)")
+    score.add_argument("--json", type=Path, help="write the full report as JSON here")
+    score.add_argument("--annotate", type=Path, help="write annotated copies of the images into this folder")
+    score.add_argument("--provider", default="auto", help="onnxruntime provider: auto, cpu, cuda, rocm, coreml")
+    score.add_argument("--backend", choices=("onnx", "torch"), default="onnx", help="face embedder backend")
+    return parser
+
+
+def _format(value: float | None) -> str:
+    return "null" if value is None else f"{value:.3f}"
+
+
+def score_command(args: argparse.Namespace) -> dict:
+    face_model = load_face_model(args.faces, provider=args.provider, backend=args.backend)
+    references = [load_image(path) for path in args.ref]
+    images = [load_image(path) for path in args.image]
+    ground_truth = load_image(args.gt) if args.gt else None
+    identities = face_model.identities(references, names=[f"reference {i + 1} ('{p}')" for i, p in enumerate(args.ref)])
+    for note in identities.notes:
+        print(f"note: {note}", file=sys.stderr)
+    scores = score_images(face_model, identities, images, ground_truth)
+    ranking = rank(scores, args.criterion)
+
+    report = {
+        "criterion": args.criterion,
+        "ranking": ranking,
+        "face_pack": str(face_model.pack.directory),
+        "references": [{"path": str(p), "bbox": box} for p, box in zip(args.ref, identities.faces.boxes.tolist())],
+        "ground_truth": str(args.gt) if args.gt else None,
+        "images": [{"path": str(p), "faces": s.faces_json(), "similarity": s.similarity,
+                    "assignment": s.assignment, "metrics": s.metrics} for p, s in zip(args.image, scores)],
+    }
+
+    print(f"{len(args.ref)} reference(s), {len(images)} image(s), face pack {face_model.pack.directory}")
+    print(f"ranking by {args.criterion}, best first:")
+    for place, index in enumerate(ranking, 1):
+        metrics = scores[index].metrics
+        shown = "  ".join(f"{name} {_format(value)}" for name, value in metrics.items())
+        print(f"{place:3d}. {args.image[index]}  faces {len(scores[index].faces)}  {shown}")
+
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2))
+    if args.annotate:
+        args.annotate.mkdir(parents=True, exist_ok=True)
+        for i, (path, image, score) in enumerate(zip(args.image, images, scores)):
+            drawn = annotate(image, score.faces, score.similarity, score.assignment)
+            Image.fromarray(drawn).save(args.annotate / f"{i:02d}_{path.stem}.png")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        score_command(args)
+    except UMOError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0

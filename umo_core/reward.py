@@ -1,0 +1,47 @@
+"""The differentiable identity reward: MIMR (or SIR) of generated images against references.
+
+This is the one GPU code path shared by the ReReFL trainer, identity guidance and the
+nodes: detection and the assignment run without gradient; the alignment warp and the
+torch face network carry the gradient back to the image pixels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .detection import Faces
+from .face_model import FaceModel, Identities
+from .images import to_rgb_uint8
+from .matching import REWARDS, assign, similarity_matrix
+
+
+@dataclass
+class RewardResult:
+    values: torch.Tensor  # [B] rewards, differentiable w.r.t. the images where faces were found
+    faces: list[Faces]
+    similarity: list[torch.Tensor]  # per image [M,N]
+    assignment: list[list[int | None]]
+
+
+def identity_reward(images: torch.Tensor, identities: Identities, face_model: FaceModel,
+                    kind: str = "mimr", faces: list[Faces] | None = None) -> RewardResult:
+    """Reward of each image in a ComfyUI-layout batch [B,H,W,3] (0..1) that may require grad.
+
+    `faces` skips detection when the caller already knows where the faces are (e.g. boxes
+    found on a cheaper preview). An image without a face gets reward 0 and no gradient.
+    """
+    reward_fn = REWARDS[kind]
+    if faces is None:
+        faces = [face_model.detector.detect(a) for a in to_rgb_uint8(images)]
+    references = identities.embeddings.to(face_model.device)
+    values, similarities, assignments = [], [], []
+    for image, image_faces in zip(images, faces):
+        embeddings = face_model.embed_faces(image, image_faces)
+        similarity = similarity_matrix(references, embeddings.to(references.device))
+        assignment = assign(similarity)
+        values.append(reward_fn(similarity, assignment).to(images.device, torch.float32))
+        similarities.append(similarity)
+        assignments.append(assignment)
+    return RewardResult(torch.stack(values), faces, similarities, assignments)
