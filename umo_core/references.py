@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .errors import UMOError
+
 SINGLE_REFERENCE_LONG_SIDE = 512
 MULTI_REFERENCE_LONG_SIDE = 320
 MULTIPLE = 16
@@ -35,7 +37,7 @@ def resize_reference(image: torch.Tensor, long_side: int) -> torch.Tensor:
     array = (image.detach().float().cpu().clamp(0, 1).numpy() * 255.0 + 0.5).astype(np.uint8)
     new_h, new_w = resized_shape(*array.shape[:2], long_side)
     if new_h < MULTIPLE or new_w < MULTIPLE:
-        raise ValueError(f"reference image {array.shape[1]}x{array.shape[0]} is too elongated for long side {long_side}")
+        raise UMOError(f"reference image {array.shape[1]}x{array.shape[0]} is too elongated for long side {long_side}")
     resized = Image.fromarray(array).resize((new_w, new_h), resample=Image.LANCZOS)
     target_h, target_w = new_h // MULTIPLE * MULTIPLE, new_w // MULTIPLE * MULTIPLE
     top, left = (new_h - target_h) // 2, (new_w - target_w) // 2
