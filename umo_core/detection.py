@@ -63,7 +63,8 @@ class FaceDetector:
         if not isinstance(model, SCRFD):
             raise UMOError(f"'{path}' is not an SCRFD face detector")
         if not model.use_kps:
-            raise UMOError(f"face detector '{path}' gives no keypoints; use an SCRFD model with keypoints (*_kps / det_*)")
+            raise UMOError(f"face detector '{path}' gives no keypoints; use an SCRFD model with keypoints "
+                           "(e.g. det_10g.onnx or scrfd_10g_bnkps.onnx)")
         self.model = model
         self.threshold = threshold
         self.providers = model.session.get_providers()

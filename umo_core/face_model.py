@@ -12,11 +12,11 @@ import numpy as np
 import torch
 
 from .alignment import align_faces
-from .detection import Faces, FaceDetector
+from .detection import FaceDetector, Faces
 from .embedding import FaceEmbedder, make_embedder
 from .errors import UMOError
 from .face_pack import FacePack, find_face_pack, resolve_providers
-from .images import ImageLike, to_rgb_uint8
+from .images import ImageLike, float_image, to_rgb_uint8
 
 
 @dataclass
@@ -70,7 +70,7 @@ class FaceModel:
         """Detect and embed every face of every image; embeddings of all faces run as one batch."""
         arrays = to_rgb_uint8(images)
         detections = [self.detector.detect(a) for a in arrays]
-        crops = [align_faces(torch.from_numpy(a).float().div_(255.0), f.keypoints) for a, f in zip(arrays, detections)]
+        crops = [align_faces(float_image(a), f.keypoints) for a, f in zip(arrays, detections)]
         embeddings = self.embedder.embed(torch.cat(crops)).cpu()
         per_image = torch.split(embeddings, [len(f) for f in detections])
         return [AnalysedImage(f, e) for f, e in zip(detections, per_image)]
@@ -97,7 +97,7 @@ class FaceModel:
                 notes.append(f"{name} has {len(faces)} faces; using the largest")
             face = faces.select([largest])
             chosen.append(face)
-            crops.append(align_faces(torch.from_numpy(array).float().div_(255.0), face.keypoints))
+            crops.append(align_faces(float_image(array), face.keypoints))
         crops = torch.cat(crops)
         faces = Faces(*(np.concatenate([getattr(f, k) for f in chosen]) for k in ("boxes", "keypoints", "scores")))
         return Identities(self.embedder.embed(crops).cpu(), faces, crops, notes)

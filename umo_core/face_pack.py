@@ -102,11 +102,8 @@ def _graph_shapes(path: Path) -> tuple[list, int]:
     return dims, len(model.graph.output)
 
 
-def _is_detector(dims: list, n_outputs: int) -> bool:
-    return n_outputs >= 5
-
-
 def _is_recogniser(dims: list, n_outputs: int) -> bool:
+    """insightface's rule: one output, a square input of at least 112 px, a multiple of 16."""
     return n_outputs == 1 and len(dims) == 4 and dims[2] == dims[3] and (dims[2] or 0) >= 112 and dims[2] % 16 == 0
 
 
@@ -119,7 +116,7 @@ def find_face_pack(pack: str | Path, roots: list[Path] | None = None) -> FacePac
     detector = recogniser = None
     for path in files:
         dims, n_outputs = _graph_shapes(path)
-        if detector is None and _is_detector(dims, n_outputs):
+        if detector is None and n_outputs >= 5:  # SCRFD: scores, boxes and keypoints per stride
             detector = path
         elif recogniser is None and _is_recogniser(dims, n_outputs):
             recogniser = path

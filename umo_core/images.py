@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 import torch
@@ -17,7 +16,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import UMOError
 
-ImageLike = Union[str, Path, np.ndarray, torch.Tensor, Image.Image]
+ImageLike = str | Path | np.ndarray | torch.Tensor | Image.Image
 
 
 def load_image(path: str | Path) -> np.ndarray:
@@ -83,6 +82,6 @@ def to_rgb_uint8(images: ImageLike | Sequence[ImageLike]) -> list[np.ndarray]:
     return result
 
 
-def to_float_tensor(images: Sequence[np.ndarray]) -> torch.Tensor:
-    """RGB uint8 arrays of one size -> ComfyUI IMAGE tensor [B,H,W,3] float 0..1."""
-    return torch.from_numpy(np.stack(images)).float() / 255.0
+def float_image(image: np.ndarray) -> torch.Tensor:
+    """RGB uint8 [H,W,3] -> float tensor [H,W,3] in 0..1 (a copy: the array may be read-only)."""
+    return torch.tensor(image, dtype=torch.float32).div_(255.0)
