@@ -93,3 +93,9 @@ def test_unavailable_provider_is_an_error_not_a_silent_cpu_run():
 def test_embedding_size_comes_from_the_model(face_model, torch_face_model):
     assert face_model.embedder.dim == 128
     assert torch_face_model.embedder.dim == 128
+
+
+def test_other_detector_in_the_pack(assets, tmp_path, photos):
+    model = load_face_model(make_pack(tmp_path / "det25", detector="det_2.5g.onnx"), provider="cpu")
+    assert model.pack.detector.name == "det_2.5g.onnx"
+    assert len(model.detect(photos / "t1_six_people.jpg")[0]) == 6

@@ -56,7 +56,11 @@ def align_faces(image: torch.Tensor, keypoints: np.ndarray) -> torch.Tensor:
         return image.new_zeros((0, 3, CROP_SIZE, CROP_SIZE))
     thetas = sampling_thetas(np.asarray(keypoints, np.float64), image.shape[:2])
     thetas = thetas.to(device=image.device, dtype=torch.float32)
+    # One sampling pass over the single image: the faces' grids are stacked along the height,
+    # which avoids expanding (and copying) the whole image once per face.
     grid = F.affine_grid(thetas, [count, 3, CROP_SIZE, CROP_SIZE], align_corners=False)
-    source = image.permute(2, 0, 1).unsqueeze(0).float().expand(count, -1, -1, -1)
-    crops = F.grid_sample(source, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    source = image.permute(2, 0, 1).unsqueeze(0).float()
+    crops = F.grid_sample(source, grid.reshape(1, count * CROP_SIZE, CROP_SIZE, 2), mode="bilinear",
+                          padding_mode="zeros", align_corners=False)
+    crops = crops.reshape(3, count, CROP_SIZE, CROP_SIZE).transpose(0, 1)
     return crops.to(image.dtype)

@@ -44,11 +44,11 @@ class Faces:
 
 
 def detection_sizes(height: int, width: int) -> list[tuple[int, int]]:
-    """Square SCRFD input sizes for an image: 128 and 640, plus its own size (<= 1280) when large."""
+    """Square SCRFD input sizes for an image: 128 and 640, and 1280 for images larger than 1280 px."""
     sizes = list(BASE_SIZES)
     long_side = max(height, width)
-    if long_side > 1.5 * BASE_SIZES[-1]:
-        sizes.append(min(MAX_SIZE, 32 * round(long_side / 32)))
+    if long_side > MAX_SIZE:
+        sizes.append(MAX_SIZE)
     return [(s, s) for s in sizes]
 
 
