@@ -16,6 +16,7 @@ from insightface.model_zoo import get_model
 from insightface.model_zoo.scrfd import SCRFD
 
 from .errors import UMOError
+from .face_pack import session_options
 
 BASE_SIZES = (128, 640)
 MAX_SIZE = 1280
@@ -57,7 +58,7 @@ class FaceDetector:
 
     def __init__(self, path: Path, providers: list[str], threshold: float = 0.5):
         try:
-            model = get_model(str(path), providers=providers)
+            model = get_model(str(path), providers=providers, sess_options=session_options())
         except Exception as error:  # onnxruntime raises its own exception types for bad graphs
             raise UMOError(f"face detector '{path}' cannot be loaded ({error}); download it again") from None
         if not isinstance(model, SCRFD):

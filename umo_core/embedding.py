@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import UMOError
+from .face_pack import session_options
 
 
 def _input_normalisation(model: onnx.ModelProto) -> tuple[float, float]:
@@ -68,7 +69,8 @@ class OnnxEmbedder(FaceEmbedder):
         model = _load_onnx(path)
         super().__init__(path, model)
         try:
-            self.session = onnxruntime.InferenceSession(model.SerializeToString(), providers=providers)
+            self.session = onnxruntime.InferenceSession(model.SerializeToString(), session_options(),
+                                                        providers=providers)
         except Exception as error:
             raise UMOError(f"face recogniser '{path}' cannot be loaded by onnxruntime ({error})") from None
         self.input_name = self.session.get_inputs()[0].name

@@ -129,6 +129,17 @@ def find_face_pack(pack: str | Path, roots: list[Path] | None = None) -> FacePac
     return FacePack(directory=directory, detector=detector, recogniser=recogniser)
 
 
+def session_options() -> onnxruntime.SessionOptions:
+    """onnxruntime options for our sessions: worker threads that sleep instead of spinning.
+
+    Spinning threads keep both cores busy after every run, which starves the torch work
+    (alignment) that alternates with detection and embedding: measured 2.3x faster on 2 CPU cores.
+    """
+    options = onnxruntime.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
 def resolve_providers(provider: str = "auto") -> list[str]:
     """ONNX Runtime providers for a user choice: auto, cpu, cuda, rocm or coreml.
 
