@@ -18,8 +18,11 @@ def test_group_photo_has_six_faces(face_model, photos):
     assert inside.all()
 
 
-def test_no_face_photo(face_model, photos):
+def test_no_face_photo(face_model, torch_face_model, photos):
     assert len(face_model.detect(photos / "no_face_view.jpg")[0]) == 0
+    for model in (face_model, torch_face_model):  # a batch without any face embeds nothing, without failing
+        (analysed,) = model.analyse(photos / "no_face_view.jpg")
+        assert len(analysed.faces) == 0 and analysed.embeddings.shape == (0, 128)
 
 
 def test_tight_head_shot_filling_the_frame(face_model, photos):

@@ -78,10 +78,12 @@ class OnnxEmbedder(FaceEmbedder):
 
     @torch.no_grad()
     def embed(self, crops: torch.Tensor) -> torch.Tensor:
+        if len(crops) == 0:
+            return crops.new_zeros((0, self.dim), dtype=torch.float32)
         blob = (crops.detach().float().cpu().numpy() * self.scale + self.offset).astype(np.float32)
         outputs = [self.session.run(None, {self.input_name: blob[s]})[0] for s in self._chunks(len(blob))]
-        features = torch.from_numpy(np.concatenate(outputs)) if outputs else torch.zeros(0, self.dim)
-        return F.normalize(features.reshape(len(blob), -1), dim=-1).to(crops.device)
+        features = torch.from_numpy(np.concatenate(outputs)).reshape(len(blob), -1)
+        return F.normalize(features, dim=-1).to(crops.device)
 
 
 @functools.lru_cache(maxsize=4)
@@ -107,9 +109,9 @@ class TorchEmbedder(FaceEmbedder):
 
     def embed(self, crops: torch.Tensor) -> torch.Tensor:
         """Differentiable when `crops` requires grad; the network's own weights stay frozen."""
-        blob = (crops.to(self.device, self.dtype) * self.scale + self.offset)
-        if len(blob) == 0:
-            return crops.new_zeros((0, self.dim))
+        if len(crops) == 0:
+            return crops.new_zeros((0, self.dim), dtype=torch.float32)
+        blob = crops.to(self.device, self.dtype) * self.scale + self.offset
         features = torch.cat([self.module(blob[s]).reshape(-1, self.dim) for s in self._chunks(len(blob))])
         return F.normalize(features.float(), dim=-1).to(crops.device)
 

@@ -1,0 +1,27 @@
+"""The UMO node pack: registration. Node logic lives in umo_core; these modules only wire it."""
+
+from comfy_api.latest import ComfyExtension, io
+
+from .backbone import ReferenceConditioning, UMOLoraLoader
+from .identity import FaceModelLoader, IdentityReport, IdentityRerank, ReferenceIdentities
+from .model_paths import register_insightface_folder
+
+register_insightface_folder()
+
+NODES: list[type[io.ComfyNode]] = [
+    FaceModelLoader,
+    ReferenceIdentities,
+    IdentityRerank,
+    IdentityReport,
+    UMOLoraLoader,
+    ReferenceConditioning,
+]
+
+
+class UMOExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return NODES
+
+
+async def comfy_entrypoint() -> UMOExtension:
+    return UMOExtension()

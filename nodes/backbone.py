@@ -1,0 +1,122 @@
+"""Backbone nodes: the UMO LoRA loader and one-node reference conditioning."""
+
+from __future__ import annotations
+
+import math
+
+import comfy.lora
+import comfy.model_base
+import folder_paths
+import node_helpers
+import torch
+from comfy.utils import ProgressBar
+from comfy_api.latest import io
+
+from umo_core.errors import UMOError
+from umo_core.lora_formats import check_family, load_lora_file, lora_family, to_comfy_lora
+from umo_core.references import reference_long_side, resize_reference
+
+OMNIGEN2_REFERENCE_PIXELS = 1024 * 1024  # the official OmniGen2 graph scales references to 1 megapixel
+REFERENCE_INPUTS = 4
+
+
+def model_family(model) -> str | None:
+    if isinstance(model.model, comfy.model_base.Omnigen2):
+        return "omnigen2"
+    if isinstance(model.model, comfy.model_base.Flux):
+        return "flux"
+    return None
+
+
+class UMOLoraLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="UMOLoraLoader",
+            display_name="UMO LoRA Loader",
+            category="UMO",
+            description="Applies a UMO LoRA: UNO/UMO_UNO processor keys (FLUX), UMO_OmniGen2 peft keys (converted "
+                        "on the fly) or this project's trained LoRAs.",
+            inputs=[
+                io.Model.Input("model"),
+                io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras")),
+                io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01),
+            ],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, lora_name, strength) -> io.NodeOutput:
+        path = folder_paths.get_full_path_or_raise("loras", lora_name)
+        state_dict, _ = load_lora_file(path)
+        family = model_family(model)
+        check_family(lora_name, lora_family(state_dict), family)
+        key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+        patches = comfy.lora.load_lora(to_comfy_lora(state_dict), key_map, log_missing=False)
+        if not patches:
+            raise UMOError(f"LoRA '{lora_name}' matches no layer of this {family or 'model'}: "
+                           "it was made for a different architecture or size")
+        patched = model.clone()
+        applied = patched.add_patches(patches, strength)
+        missing = len(patches) - len(applied)
+        if missing:
+            raise UMOError(f"LoRA '{lora_name}': {missing} of {len(patches)} layers do not exist in this model")
+        return io.NodeOutput(patched)
+
+
+def _scale_to_pixels(image: torch.Tensor, pixels: int) -> torch.Tensor:
+    """[H,W,3] -> about `pixels` pixels, sides multiples of 16 (OmniGen2's references)."""
+    h, w = image.shape[:2]
+    scale = math.sqrt(pixels / (h * w))
+    size = (max(16, round(h * scale / 16) * 16), max(16, round(w * scale / 16) * 16))
+    resized = torch.nn.functional.interpolate(image.permute(2, 0, 1)[None], size=size, mode="area")
+    return resized[0].permute(1, 2, 0)
+
+
+def _with_references(conditioning: list, latents: list[torch.Tensor], flux: bool) -> list:
+    """Append the latents to the conditioning's references (like chained ReferenceLatent nodes)."""
+    conditioning = node_helpers.conditioning_set_values(conditioning, {"reference_latents": latents}, append=True)
+    if flux:  # what FluxKontextMultiReferenceLatentMethod("uxo/uno") sets
+        conditioning = node_helpers.conditioning_set_values(conditioning, {"reference_latents_method": "uxo"})
+    return conditioning
+
+
+class ReferenceConditioning(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="UMOReferenceConditioning",
+            display_name="UMO Reference Conditioning",
+            category="UMO",
+            description="Encodes the reference photos and attaches them to the conditioning: UNO's resize rule and "
+                        "the uxo/uno placement for FLUX, the OmniGen2 convention for OmniGen2.",
+            inputs=[
+                io.Conditioning.Input("positive"),
+                io.Vae.Input("vae"),
+                io.Combo.Input("backbone", options=["flux (UNO)", "omnigen2"], default="flux (UNO)"),
+                io.Int.Input("long_side", default=0, min=0, max=2048, step=16,
+                             tooltip="FLUX: reference long side; 0 = UNO's rule (512 for one reference, 320 for more)"),
+                io.Conditioning.Input("negative", optional=True, tooltip="also gets the references (OmniGen2 CFG)"),
+                io.Image.Input("images", optional=True),
+            ]
+            + [io.Image.Input(f"image_{i}", optional=True) for i in range(1, REFERENCE_INPUTS + 1)],
+            outputs=[io.Conditioning.Output(display_name="positive"), io.Conditioning.Output(display_name="negative")],
+        )
+
+    @classmethod
+    def execute(cls, positive, vae, backbone, long_side, negative=None, images=None, **single_images) -> io.NodeOutput:
+        references = list(images) if images is not None else []
+        references += [single_images[f"image_{i}"][0] for i in range(1, REFERENCE_INPUTS + 1)
+                       if single_images.get(f"image_{i}") is not None]
+        if not references:
+            raise UMOError("UMO Reference Conditioning: connect at least one reference image")
+        flux = backbone.startswith("flux")
+        side = reference_long_side(len(references), long_side)
+        bar = ProgressBar(len(references))
+        latents = []
+        for i, reference in enumerate(references):
+            rgb = reference[..., :3]
+            prepared = resize_reference(rgb, side) if flux else _scale_to_pixels(rgb, OMNIGEN2_REFERENCE_PIXELS)
+            latents.append(vae.encode(prepared[None]))
+            bar.update_absolute(i + 1)
+        return io.NodeOutput(*(None if c is None else _with_references(c, latents, flux) for c in (positive, negative)))

@@ -1,0 +1,157 @@
+"""Identity nodes: face model loader, reference identities, rerank and report."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from comfy.utils import ProgressBar
+from comfy_api.latest import io, ui
+
+from umo_core import FaceModel, Identities, load_face_model, rank, score_images
+from umo_core.annotate import annotate
+from umo_core.images import to_rgb_uint8
+from umo_core.scoring import CRITERIA, ImageScore
+
+from .model_paths import face_pack_names, insightface_roots
+from .sockets import FaceModelSocket, IdentitiesSocket
+
+PROVIDERS = ["auto", "CPU", "CUDA", "ROCm", "CoreML"]
+REFERENCE_INPUTS = 4
+
+
+def _progress_scores(face_model: FaceModel, identities: Identities, images: torch.Tensor,
+                     ground_truth: torch.Tensor | None = None) -> list[ImageScore]:
+    """Scores image by image so the progress bar moves and Cancel stops between images."""
+    gt = ground_truth[0] if ground_truth is not None else None
+    bar = ProgressBar(len(images))
+    scores = []
+    for i, image in enumerate(images):
+        scores.extend(score_images(face_model, identities, [image], gt))
+        bar.update_absolute(i + 1)
+    return scores
+
+
+def _annotated(images: torch.Tensor, scores: list[ImageScore], order: list[int]) -> torch.Tensor:
+    arrays = to_rgb_uint8(images)
+    drawn = [annotate(arrays[i], scores[i].faces, scores[i].similarity, scores[i].assignment) for i in order]
+    return torch.from_numpy(np.stack(drawn)).float() / 255.0
+
+
+def _format(value: float | None) -> str:
+    return "null" if value is None else f"{value:.3f}"
+
+
+def _table(scores: list[ImageScore], order: list[int], criterion: str | None = None) -> str:
+    lines = []
+    if criterion:
+        lines.append(f"ranked by {criterion}, best first")
+    for place, index in enumerate(order, 1):
+        score = scores[index]
+        metrics = "  ".join(f"{k} {_format(v)}" for k, v in score.metrics.items())
+        matches = ", ".join(f"R{k + 1}->face {j + 1}" if j is not None else f"R{k + 1}->none"
+                            for k, j in enumerate(score.assignment))
+        lines.append(f"{place}. image {index + 1}: {len(score.faces)} faces; {matches}\n   {metrics}")
+    return "\n".join(lines)
+
+
+class FaceModelLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="UMOFaceModelLoader",
+            display_name="UMO Face Model Loader",
+            category="UMO",
+            description="Loads an insightface face pack (detector + ArcFace recogniser) from "
+                        "models/insightface/models.",
+            inputs=[
+                io.Combo.Input("face_pack", options=face_pack_names(), tooltip="a folder in models/insightface/models"),
+                io.Combo.Input("provider", options=PROVIDERS, default="auto"),
+                io.Combo.Input("embedder", options=["onnx", "torch"], default="onnx",
+                               tooltip="onnx: fastest; torch: differentiable (needed for identity guidance)"),
+            ],
+            outputs=[FaceModelSocket.Output(display_name="face_model")],
+        )
+
+    @classmethod
+    def execute(cls, face_pack, provider, embedder) -> io.NodeOutput:
+        return io.NodeOutput(load_face_model(face_pack, provider=provider, backend=embedder, roots=insightface_roots()))
+
+
+class ReferenceIdentities(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="UMOReferenceIdentities",
+            display_name="UMO Reference Identities",
+            category="UMO",
+            description="One reference photo per person, in order (the batch first, then image_1, image_2...). "
+                        "Each photo's largest face is that person.",
+            inputs=[FaceModelSocket.Input("face_model"), io.Image.Input("images", optional=True)]
+            + [io.Image.Input(f"image_{i}", optional=True) for i in range(1, REFERENCE_INPUTS + 1)],
+            outputs=[IdentitiesSocket.Output(display_name="identities"),
+                     io.Image.Output(display_name="aligned_faces")],
+        )
+
+    @classmethod
+    def execute(cls, face_model, images=None, **single_images) -> io.NodeOutput:
+        photos = list(images) if images is not None else []
+        photos += [single_images[f"image_{i}"][0] for i in range(1, REFERENCE_INPUTS + 1)
+                   if single_images.get(f"image_{i}") is not None]
+        identities = face_model.identities(photos)
+        preview = identities.crops.permute(0, 2, 3, 1).clamp(0, 1)
+        notes = ui.PreviewText("\n".join(identities.notes)) if identities.notes else None  # "...using the largest"
+        return io.NodeOutput(identities, preview, ui=notes)
+
+
+class IdentityRerank(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="UMOIdentityRerank",
+            display_name="UMO Identity Rerank",
+            category="UMO",
+            description="Sorts candidate images by how well they show the reference people (best first).",
+            inputs=[
+                io.Image.Input("images"),
+                FaceModelSocket.Input("face_model"),
+                IdentitiesSocket.Input("identities"),
+                io.Combo.Input("criterion", options=list(CRITERIA), default="mimr"),
+                io.Int.Input("top_k", default=1, min=0, max=4096, tooltip="how many to keep; 0 keeps all"),
+            ],
+            outputs=[io.Image.Output(display_name="best"), io.Image.Output(display_name="annotated"),
+                     io.String.Output(display_name="report")],
+        )
+
+    @classmethod
+    def execute(cls, images, face_model, identities, criterion, top_k) -> io.NodeOutput:
+        scores = _progress_scores(face_model, identities, images)
+        order = rank(scores, criterion)
+        kept = order[:top_k] if top_k > 0 else order
+        report = _table(scores, order, criterion)
+        return io.NodeOutput(images[kept], _annotated(images, scores, kept), report)
+
+
+class IdentityReport(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="UMOIdentityReport",
+            display_name="UMO Identity Report",
+            category="UMO",
+            description="ID-Sim, ID-Conf, MIMR, Sim(GT), CP and Bld of each image against the reference people.",
+            inputs=[
+                io.Image.Input("images"),
+                FaceModelSocket.Input("face_model"),
+                IdentitiesSocket.Input("identities"),
+                io.Image.Input("ground_truth", optional=True, tooltip="a photo of the same people, for Sim(GT) and CP"),
+            ],
+            outputs=[io.String.Output(display_name="report"), io.Image.Output(display_name="annotated")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, images, face_model, identities, ground_truth=None) -> io.NodeOutput:
+        scores = _progress_scores(face_model, identities, images, ground_truth)
+        order = list(range(len(scores)))
+        report = _table(scores, order)
+        return io.NodeOutput(report, _annotated(images, scores, order), ui=ui.PreviewText(report))

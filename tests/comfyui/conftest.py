@@ -1,0 +1,234 @@
+"""A real ComfyUI (--cpu) with this pack loaded and a temporary models folder.
+
+Runs only when COMFYUI_PATH points at a ComfyUI checkout (CI has none: skipped there).
+The models folder holds the fixture face pack, a FLUX-architecture diffusion model with one
+double and one single block and random weights (ComfyUI fixes FLUX's width, only the depth
+is read from the file), the FLUX autoencoder architecture with random weights, and small LoRAs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tests.conftest import ASSETS, ROOT, make_pack
+
+COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
+if not COMFYUI_PATH:
+    collect_ignore_glob = ["test_*.py"]  # noqa: F841 - read by pytest
+LORA_RANK = 4
+
+
+def comfy_import_path() -> None:
+    """Make ComfyUI's modules importable in the test process, on the CPU."""
+    if COMFYUI_PATH not in sys.path:
+        sys.path.insert(0, COMFYUI_PATH)
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+
+
+def random_state_dict(module: torch.nn.Module, dtype=torch.bfloat16, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random weights with the module's exact keys and shapes (norm scales 1, biases 0)."""
+    generator = torch.Generator().manual_seed(seed)
+    weights = {}
+    for key, value in module.state_dict().items():
+        if key.endswith((".scale", "norm.weight")) or (key.endswith(".weight") and value.ndim == 1):
+            weights[key] = torch.ones(value.shape, dtype=dtype)
+        elif key.endswith(".bias"):
+            weights[key] = torch.zeros(value.shape, dtype=dtype)
+        else:
+            weights[key] = (torch.randn(value.shape, generator=generator) * 0.02).to(dtype)
+    return weights
+
+
+def tiny_flux_module():
+    comfy_import_path()
+    import comfy.ops
+    from comfy.ldm.flux.model import Flux
+
+    with torch.device("meta"):
+        return Flux(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096,
+                    hidden_size=3072, mlp_ratio=4.0, num_heads=24, depth=1, depth_single_blocks=1,
+                    axes_dim=[16, 56, 56], theta=10000, qkv_bias=True, guidance_embed=True, patch_size=2,
+                    operations=comfy.ops.disable_weight_init)
+
+
+def flux_vae_module():
+    comfy_import_path()
+    from comfy.ldm.models.autoencoder import AutoencodingEngine
+
+    config = {"double_z": True, "z_channels": 16, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+              "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+    with torch.device("meta"):
+        return AutoencodingEngine(
+            regularizer_config={"target": "comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer"},
+            encoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Encoder", "params": config},
+            decoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Decoder", "params": config})
+
+
+def uno_lora(double_blocks: int = 1, single_blocks: int = 1, hidden: int = 3072, seed: int = 1) -> dict:
+    """A LoRA in UNO's processor layout for FLUX blocks of width `hidden`."""
+    generator = torch.Generator().manual_seed(seed)
+    shapes = {"qkv_lora1": (hidden, 3 * hidden), "proj_lora1": (hidden, hidden),
+              "qkv_lora2": (hidden, 3 * hidden), "proj_lora2": (hidden, hidden)}
+    single = {"qkv_lora": (hidden, 3 * hidden), "proj_lora": (5 * hidden, hidden)}
+    lora = {}
+    for prefix, modules, count in (("double_blocks", shapes, double_blocks), ("single_blocks", single, single_blocks)):
+        for i in range(count):
+            for name, (inputs, outputs) in modules.items():
+                key = f"{prefix}.{i}.processor.{name}"
+                lora[f"{key}.down.weight"] = torch.randn(LORA_RANK, inputs, generator=generator) * 0.1
+                lora[f"{key}.up.weight"] = torch.randn(outputs, LORA_RANK, generator=generator) * 0.1
+    return lora
+
+
+def omnigen2_peft_lora(layers: int = 2, hidden: int = 2520, kv: int = 840, seed: int = 2) -> dict:
+    """A LoRA in UMO_OmniGen2's peft layout (to_q, to_k, to_v, to_out.0 of the attention layers)."""
+    generator = torch.Generator().manual_seed(seed)
+    lora = {}
+    for i in range(layers):
+        for module, outputs in (("to_q", hidden), ("to_k", kv), ("to_v", kv), ("to_out.0", hidden)):
+            key = f"layers.{i}.attn.{module}"
+            lora[f"{key}.lora_A.default.weight"] = torch.randn(LORA_RANK, hidden, generator=generator) * 0.1
+            lora[f"{key}.lora_B.default.weight"] = torch.randn(outputs, LORA_RANK, generator=generator) * 0.1
+    return lora
+
+
+# Test scaffolding, not part of the pack: FLUX needs T5-XXL + CLIP-L text embeddings and the 4.7B
+# T5 cannot run here, so this node stands in for the text encoder with fixed random embeddings
+# of FLUX's real shapes ([1, tokens, 4096] and pooled [1, 768]).
+TEXT_EMBEDDING_NODE = """
+import torch
+
+
+class UMOTestTextEmbedding:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0})}}
+
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "make"
+    CATEGORY = "testing"
+
+    def make(self, seed):
+        generator = torch.Generator().manual_seed(seed)
+        tokens = torch.randn(1, 8, 4096, generator=generator)
+        return ([[tokens, {"pooled_output": torch.randn(1, 768, generator=generator)}]],)
+
+
+NODE_CLASS_MAPPINGS = {"UMOTestTextEmbedding": UMOTestTextEmbedding}
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ComfyServer:
+    def __init__(self, url: str, base: Path, log: Path):
+        self.url, self.base, self.log = url, base, log
+
+    def get(self, path: str):
+        with urllib.request.urlopen(self.url + path, timeout=60) as response:
+            return json.loads(response.read())
+
+    def post(self, path: str, payload: dict):
+        request = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(),
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                body = response.read()
+                return json.loads(body) if body else {}
+        except urllib.error.HTTPError as error:
+            return {"http_error": error.code, **json.loads(error.read() or b"{}")}
+
+    def run(self, prompt: dict, timeout: float = 600) -> dict:
+        """Queue an API-format prompt and wait for its history entry."""
+        queued = self.post("/prompt", {"prompt": prompt})
+        assert "prompt_id" in queued, queued
+        prompt_id = queued["prompt_id"]
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            history = self.get(f"/history/{prompt_id}")
+            if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
+                return history[prompt_id]
+            if prompt_id in history and history[prompt_id].get("status", {}).get("status_str") == "error":
+                return history[prompt_id]
+            time.sleep(0.5)
+        raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout}s; log: {self.log}")
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@pytest.fixture(scope="session")
+def comfy(tmp_path_factory) -> ComfyServer:
+    if not (ASSETS / "MANIFEST.md").is_file():
+        pytest.skip(f"face assets not found at {ASSETS}")
+    base = tmp_path_factory.mktemp("comfy")
+    models = base / "models"
+    make_pack(models / "insightface" / "models" / "fixture_pack")
+    for folder in ("diffusion_models", "vae", "loras", "checkpoints", "text_encoders"):
+        (models / folder).mkdir(parents=True, exist_ok=True)
+    save_file(random_state_dict(tiny_flux_module()), models / "diffusion_models" / "tiny_flux.safetensors")
+    save_file(random_state_dict(flux_vae_module()), models / "vae" / "tiny_ae.safetensors")
+    save_file(uno_lora(), models / "loras" / "tiny_uno.safetensors")
+    save_file(omnigen2_peft_lora(), models / "loras" / "tiny_omnigen2.safetensors")
+    custom_nodes = base / "custom_nodes"
+    custom_nodes.mkdir()
+    (custom_nodes / "comfyui-umo").symlink_to(ROOT, target_is_directory=True)
+    (custom_nodes / "umo_test_text_embedding.py").write_text(TEXT_EMBEDDING_NODE)
+    for folder in ("input", "output", "temp", "user"):
+        (base / folder).mkdir()
+    for photo in (ASSETS / "images" / "photos").glob("*.jpg"):
+        shutil.copyfile(photo, base / "input" / photo.name)
+    config = base / "extra_model_paths.yaml"
+    config.write_text(
+        "umo_test:\n"
+        f"  base_path: {base}\n"
+        "  diffusion_models: models/diffusion_models\n  vae: models/vae\n  loras: models/loras\n"
+        "  checkpoints: models/checkpoints\n  text_encoders: models/text_encoders\n"
+        "  insightface: models/insightface\n  custom_nodes: custom_nodes\n"
+    )
+    port = _free_port()
+    log = base / "comfyui.log"
+    command = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+               "--extra-model-paths-config", str(config), "--input-directory", str(base / "input"),
+               "--output-directory", str(base / "output"), "--temp-directory", str(base / "temp"),
+               "--user-directory", str(base / "user"), "--database-url", "sqlite:///:memory:",
+               "--disable-auto-launch"]
+    with log.open("w") as log_file:
+        process = subprocess.Popen(command, cwd=COMFYUI_PATH, stdout=log_file, stderr=subprocess.STDOUT)
+    server = ComfyServer(f"http://127.0.0.1:{port}", base, log)
+    try:
+        deadline = time.time() + 240
+        while True:
+            try:
+                server.get("/object_info/UMOFaceModelLoader")
+                break
+            except (urllib.error.URLError, ConnectionError, OSError):
+                if process.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"ComfyUI did not start:\n{server.log_text()[-4000:]}") from None
+                time.sleep(1)
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()

@@ -1,0 +1,212 @@
+"""The pack inside a real ComfyUI: registration, identity workflows, the FLUX graph, Cancel."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.comfyui.conftest import comfy_import_path, omnigen2_peft_lora
+from tests.conftest import PHOTOS
+
+PACK_NODES = {
+    "UMOFaceModelLoader": (["face_pack", "provider", "embedder"], ["UMO_FACE_MODEL"]),
+    "UMOReferenceIdentities": (["face_model", "images", "image_1", "image_2", "image_3", "image_4"],
+                               ["UMO_IDENTITIES", "IMAGE"]),
+    "UMOIdentityRerank": (["images", "face_model", "identities", "criterion", "top_k"], ["IMAGE", "IMAGE", "STRING"]),
+    "UMOIdentityReport": (["images", "face_model", "identities", "ground_truth"], ["STRING", "IMAGE"]),
+    "UMOLoraLoader": (["model", "lora_name", "strength"], ["MODEL"]),
+    "UMOReferenceConditioning": (["positive", "vae", "backbone", "long_side", "negative", "images",
+                                  "image_1", "image_2", "image_3", "image_4"], ["CONDITIONING", "CONDITIONING"]),
+}
+
+
+def _inputs(info: dict) -> list[str]:
+    return list(info["input"].get("required", {})) + list(info["input"].get("optional", {}))
+
+
+def test_every_node_is_registered_with_its_sockets(comfy):
+    everything = comfy.get("/object_info")
+    for node, (inputs, outputs) in PACK_NODES.items():
+        assert node in everything, node
+        info = everything[node]
+        assert info["category"] == "UMO"
+        assert _inputs(info) == inputs, node
+        assert info["output"] == outputs, node
+    assert "fixture_pack" in str(everything["UMOFaceModelLoader"]["input"]["required"]["face_pack"])
+    failures = [line for line in comfy.log_text().splitlines()
+                if ("IMPORT FAILED" in line or "Cannot import" in line) and "comfyui-umo" in line]
+    assert not failures
+
+
+def _identity_graph(reference_names: list[str], candidate_names: list[str]) -> dict:
+    prompt = {"face": {"class_type": "UMOFaceModelLoader",
+                       "inputs": {"face_pack": "fixture_pack", "provider": "CPU", "embedder": "onnx"}}}
+    refs = {"face_model": ["face", 0]}
+    for i, name in enumerate(reference_names, 1):
+        prompt[f"ref{i}"] = {"class_type": "LoadImage", "inputs": {"image": name}}
+        refs[f"image_{i}"] = [f"ref{i}", 0]
+    prompt["identities"] = {"class_type": "UMOReferenceIdentities", "inputs": refs}
+    previous = None
+    for i, name in enumerate(candidate_names):
+        prompt[f"cand{i}"] = {"class_type": "LoadImage", "inputs": {"image": name}}
+        if previous is not None:
+            prompt[f"batch{i}"] = {"class_type": "ImageBatch",
+                                   "inputs": {"image1": previous, "image2": [f"cand{i}", 0]}}
+            previous = [f"batch{i}", 0]
+        else:
+            previous = [f"cand{i}", 0]
+    prompt["candidates"] = {"class_type": "ImageScale", "inputs": {"image": previous, "upscale_method": "nearest-exact",
+                                                                   "width": 250, "height": 250, "crop": "disabled"}}
+    return prompt
+
+
+def _saved(comfy, history: dict, node: str) -> list[np.ndarray]:
+    images = history["outputs"][node]["images"]
+    return [np.asarray(Image.open(comfy.base / "output" / i["subfolder"] / i["filename"]).convert("RGB"), np.float32)
+            for i in images]
+
+
+def test_rerank_and_report_pick_the_right_people(comfy):
+    prompt = _identity_graph(["Rob_Lowe_0001.jpg", "Nathalie_Baye_0002.jpg"],
+                             ["Mary_Katherine_Smart_0001_5k.jpg", "Rob_Lowe_0002.jpg", "Teresa_Williams_0001_1k.jpg"])
+    prompt["rerank"] = {"class_type": "UMOIdentityRerank", "inputs": {
+        "images": ["candidates", 0], "face_model": ["face", 0], "identities": ["identities", 0],
+        "criterion": "mimr", "top_k": 1}}
+    prompt["save_best"] = {"class_type": "SaveImage", "inputs": {"images": ["rerank", 0], "filename_prefix": "best"}}
+    prompt["save_annotated"] = {"class_type": "SaveImage", "inputs": {"images": ["rerank", 1],
+                                                                      "filename_prefix": "annotated"}}
+    prompt["report"] = {"class_type": "UMOIdentityReport", "inputs": {
+        "images": ["candidates", 0], "face_model": ["face", 0], "identities": ["identities", 0]}}
+    history = comfy.run(prompt)
+    assert history["status"]["status_str"] == "success", history["status"]
+    best = _saved(comfy, history, "save_best")
+    assert len(best) == 1
+    rob = np.asarray(Image.open(PHOTOS / "Rob_Lowe_0002.jpg").convert("RGB"), np.float32)
+    mary = np.asarray(Image.open(PHOTOS / "Mary_Katherine_Smart_0001_5k.jpg").convert("RGB"), np.float32)
+    assert np.abs(best[0] - rob).mean() < 2 < np.abs(best[0] - mary).mean()
+    annotated = _saved(comfy, history, "save_annotated")[0]
+    assert np.abs(annotated - rob).mean() > 0.5  # boxes and labels were drawn
+    text = "".join(history["outputs"]["report"]["text"])
+    assert text.count("image ") == 3 and "mimr" in text and "id_conf" in text
+
+
+def test_reference_without_a_face_names_its_position(comfy):
+    prompt = _identity_graph(["Rob_Lowe_0001.jpg", "no_face_view.jpg"], ["Rob_Lowe_0002.jpg"])
+    prompt["report"] = {"class_type": "UMOIdentityReport", "inputs": {
+        "images": ["candidates", 0], "face_model": ["face", 0], "identities": ["identities", 0]}}
+    history = comfy.run(prompt)
+    assert history["status"]["status_str"] == "error"
+    messages = str(history["status"]["messages"])
+    assert "reference 2: no face found" in messages
+
+
+def _flux_graph(lora: str | None, prefix: str) -> dict:
+    prompt = {
+        "unet": {"class_type": "UNETLoader",
+                 "inputs": {"unet_name": "tiny_flux.safetensors", "weight_dtype": "default"}},
+        "vae": {"class_type": "VAELoader", "inputs": {"vae_name": "tiny_ae.safetensors"}},
+        "text": {"class_type": "UMOTestTextEmbedding", "inputs": {"seed": 0}},
+        "ref1": {"class_type": "LoadImage", "inputs": {"image": "Rob_Lowe_0001.jpg"}},
+        "ref2": {"class_type": "LoadImage", "inputs": {"image": "Nathalie_Baye_0002.jpg"}},
+        "refcond": {"class_type": "UMOReferenceConditioning", "inputs": {
+            "positive": ["text", 0], "vae": ["vae", 0], "backbone": "flux (UNO)", "long_side": 0,
+            "image_1": ["ref1", 0], "image_2": ["ref2", 0]}},
+        "guidance": {"class_type": "FluxGuidance", "inputs": {"conditioning": ["refcond", 0], "guidance": 4.0}},
+        "negative": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["text", 0]}},
+        "latent": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 2}},
+        "sampler": {"class_type": "KSampler", "inputs": {
+            "model": ["unet", 0], "seed": 7, "steps": 2, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
+            "positive": ["guidance", 0], "negative": ["negative", 0], "latent_image": ["latent", 0], "denoise": 1.0}},
+        "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sampler", 0], "vae": ["vae", 0]}},
+        "face": {"class_type": "UMOFaceModelLoader",
+                 "inputs": {"face_pack": "fixture_pack", "provider": "CPU", "embedder": "onnx"}},
+        "identities": {"class_type": "UMOReferenceIdentities",
+                       "inputs": {"face_model": ["face", 0], "image_1": ["ref1", 0], "image_2": ["ref2", 0]}},
+        "rerank": {"class_type": "UMOIdentityRerank", "inputs": {
+            "images": ["decode", 0], "face_model": ["face", 0], "identities": ["identities", 0],
+            "criterion": "mimr", "top_k": 0}},
+        "save": {"class_type": "SaveImage", "inputs": {"images": ["rerank", 0], "filename_prefix": prefix}},
+    }
+    if lora:
+        prompt["lora"] = {"class_type": "UMOLoraLoader",
+                          "inputs": {"model": ["unet", 0], "lora_name": lora, "strength": 1.0}}
+        prompt["sampler"]["inputs"]["model"] = ["lora", 0]
+    return prompt
+
+
+def test_flux_graph_with_uno_lora_and_two_references(comfy):
+    plain = comfy.run(_flux_graph(None, "plain"))
+    assert plain["status"]["status_str"] == "success", plain["status"]
+    with_lora = comfy.run(_flux_graph("tiny_uno.safetensors", "lora"))
+    assert with_lora["status"]["status_str"] == "success", with_lora["status"]
+    a, b = _saved(comfy, plain, "save"), _saved(comfy, with_lora, "save")
+    assert len(a) == len(b) == 2 and a[0].shape == (64, 64, 3)
+    # The same seed and graph: only the LoRA differs, so the LoRA really changed the weights.
+    assert np.abs(np.sort(np.stack(a), axis=None) - np.sort(np.stack(b), axis=None)).mean() > 0.5
+
+
+def test_lora_for_the_wrong_family_is_an_error(comfy):
+    history = comfy.run(_flux_graph("tiny_omnigen2.safetensors", "wrong"))
+    assert history["status"]["status_str"] == "error"
+    messages = str(history["status"]["messages"])
+    assert "omnigen2 LoRA but the model is flux" in messages
+
+
+def test_omnigen2_peft_lora_maps_onto_comfyui_omnigen2_layers():
+    """ComfyUI's OmniGen2 (built on the meta device: 4B parameters do not fit a CPU test) accepts
+    every converted key, and ComfyUI's own patch math changes a real layer's weight."""
+    comfy_import_path()
+    import comfy.lora
+    import comfy.model_base
+    import comfy.supported_models
+
+    from umo_core.lora_formats import to_comfy_lora
+
+    # The configuration ComfyUI's model detection gives the released OmniGen2 checkpoint.
+    config = comfy.supported_models.Omnigen2({
+        "image_model": "omnigen2", "axes_dim_rope": [40, 40, 40], "axes_lens": [1024, 1664, 1664],
+        "ffn_dim_multiplier": None, "hidden_size": 2520, "in_channels": 16, "multiple_of": 256, "norm_eps": 1e-5,
+        "num_attention_heads": 21, "num_kv_heads": 7, "num_layers": 32, "num_refiner_layers": 2,
+        "out_channels": None, "patch_size": 2, "text_feat_dim": 2048, "timestep_scale": 1000.0})
+    with torch.device("meta"):
+        model = comfy.model_base.Omnigen2(config, device="meta")
+    lora = to_comfy_lora(omnigen2_peft_lora())
+    patches = comfy.lora.load_lora(lora, comfy.lora.model_lora_keys_unet(model, {}))
+    assert len(patches) == len(lora) // 2 == 8
+    key = "diffusion_model.layers.0.attn.to_k.weight"
+    shape = model.state_dict()[key].shape
+    weight = comfy.lora.calculate_weight([(1.0, patches[key], 1.0, None, None)], torch.zeros(shape), key)
+    assert weight.abs().sum() > 0
+
+
+def test_cancel_stops_a_long_rerank(comfy):
+    prompt = _identity_graph(["Rob_Lowe_0001.jpg"], ["t1_six_people.jpg"])
+    prompt["many"] = {"class_type": "RepeatImageBatch", "inputs": {"image": ["cand0", 0], "amount": 400}}
+    prompt["rerank"] = {"class_type": "UMOIdentityRerank", "inputs": {
+        "images": ["many", 0], "face_model": ["face", 0], "identities": ["identities", 0],
+        "criterion": "mimr", "top_k": 1}}
+    prompt["save"] = {"class_type": "SaveImage", "inputs": {"images": ["rerank", 0], "filename_prefix": "cancel"}}
+    del prompt["candidates"]
+    prompt_id = comfy.post("/prompt", {"prompt": prompt})["prompt_id"]
+    deadline = time.time() + 120
+    while not comfy.get("/queue")["queue_running"] and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(4)  # well inside the rerank: 400 large images take minutes
+    comfy.post("/interrupt", {})
+    stopped = time.time()
+    while prompt_id not in comfy.get(f"/history/{prompt_id}"):
+        assert time.time() - stopped < 30, "Cancel did not stop the rerank"
+        time.sleep(0.2)
+    status = comfy.get(f"/history/{prompt_id}")[prompt_id]["status"]
+    assert status["status_str"] == "error"
+    assert "execution_interrupted" in str(status["messages"])
+
+
+@pytest.mark.parametrize("node", sorted(PACK_NODES))
+def test_node_descriptions_and_display_names(comfy, node):
+    info = comfy.get(f"/object_info/{node}")[node]
+    assert info["display_name"].startswith("UMO ") and info["description"]
