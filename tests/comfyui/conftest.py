@@ -23,12 +23,18 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.conftest import ASSETS, ROOT, make_pack
+from tests.conftest import ASSETS, PHOTOS, ROOT, make_pack
 
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
 if not COMFYUI_PATH:
     collect_ignore_glob = ["test_*.py"]  # noqa: F841 - read by pytest
 LORA_RANK = 4
+PLACEHOLDER_MODELS = [("diffusion_models", "flux1-dev.safetensors"), ("diffusion_models", "omnigen2_fp16.safetensors"),
+                      ("loras", "UMO_UNO.safetensors"), ("loras", "UMO_OmniGen2.safetensors"),
+                      ("vae", "ae.safetensors"), ("text_encoders", "clip_l.safetensors"),
+                      ("text_encoders", "t5xxl_fp16.safetensors"), ("text_encoders", "qwen_2.5_vl_fp16.safetensors")]
+EXAMPLE_INPUTS = {"reference_1.jpg": "Rob_Lowe_0001.jpg", "reference_2.jpg": "Nathalie_Baye_0002.jpg",
+                  "candidate.png": "Rob_Lowe_0002.jpg"}
 
 
 def comfy_import_path() -> None:
@@ -160,7 +166,7 @@ class ComfyServer:
     def run(self, prompt: dict, timeout: float = 600) -> dict:
         """Queue an API-format prompt and wait for its history entry."""
         queued = self.post("/prompt", {"prompt": prompt})
-        assert "prompt_id" in queued, queued
+        assert "prompt_id" in queued and not queued.get("node_errors"), queued
         prompt_id = queued["prompt_id"]
         deadline = time.time() + timeout
         while time.time() < deadline:
@@ -189,6 +195,10 @@ def comfy(tmp_path_factory) -> ComfyServer:
     save_file(random_state_dict(flux_vae_module()), models / "vae" / "tiny_ae.safetensors")
     save_file(uno_lora(), models / "loras" / "tiny_uno.safetensors")
     save_file(omnigen2_peft_lora(), models / "loras" / "tiny_omnigen2.safetensors")
+    # The example workflows' official file names, as empty placeholders: enough for /prompt's validation.
+    for folder, name in PLACEHOLDER_MODELS:
+        (models / folder / name).touch()
+    make_pack(models / "insightface" / "models" / "antelopev2")
     custom_nodes = base / "custom_nodes"
     custom_nodes.mkdir()
     (custom_nodes / "comfyui-umo").symlink_to(ROOT, target_is_directory=True)
@@ -197,6 +207,8 @@ def comfy(tmp_path_factory) -> ComfyServer:
         (base / folder).mkdir()
     for photo in (ASSETS / "images" / "photos").glob("*.jpg"):
         shutil.copyfile(photo, base / "input" / photo.name)
+    for name, photo in EXAMPLE_INPUTS.items():
+        shutil.copyfile(PHOTOS / photo, base / "input" / name)
     config = base / "extra_model_paths.yaml"
     config.write_text(
         "umo_test:\n"
