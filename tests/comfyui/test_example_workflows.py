@@ -51,3 +51,8 @@ def test_workflow_validates_in_comfyui(comfy, path):
         assert history["status"]["status_str"] == "success", history["status"]
         report = "".join(next(o["text"] for o in history["outputs"].values() if "text" in o))
         assert "R1->face 1" in report
+
+
+def test_workflows_are_listed_under_browse_templates(comfy):
+    listed = comfy.get("/api/workflow_templates")["comfyui-umo"]
+    assert sorted(listed) == sorted(path.stem for path in WORKFLOWS)
