@@ -25,6 +25,15 @@ class RewardResult:
     assignment: list[list[int | None]]
 
 
+def reward_of_faces(identities: Identities, embeddings: torch.Tensor,
+                    kind: str = "mimr") -> tuple[torch.Tensor, torch.Tensor, list[int | None]]:
+    """(reward, similarity [M,N], assignment) of one image's face embeddings [N,D] (may carry grad)."""
+    references = identities.embeddings.to(embeddings.device)
+    similarity = similarity_matrix(references, embeddings.float())
+    assignment = assign(similarity)
+    return REWARDS[kind](similarity, assignment), similarity, assignment
+
+
 def identity_reward(images: torch.Tensor, identities: Identities, face_model: FaceModel,
                     kind: str = "mimr", faces: list[Faces] | None = None) -> RewardResult:
     """Reward of each image in a ComfyUI-layout batch [B,H,W,3] (0..1) that may require grad.
@@ -32,16 +41,12 @@ def identity_reward(images: torch.Tensor, identities: Identities, face_model: Fa
     `faces` skips detection when the caller already knows where the faces are (e.g. boxes
     found on a cheaper preview). An image without a face gets reward 0 and no gradient.
     """
-    reward_fn = REWARDS[kind]
     if faces is None:
         faces = [face_model.detector.detect(a) for a in to_rgb_uint8(images)]
-    references = identities.embeddings.to(face_model.device)
     values, similarities, assignments = [], [], []
     for image, image_faces in zip(images, faces):
-        embeddings = face_model.embed_faces(image, image_faces)
-        similarity = similarity_matrix(references, embeddings.to(references.device))
-        assignment = assign(similarity)
-        values.append(reward_fn(similarity, assignment).to(images.device, torch.float32))
+        value, similarity, assignment = reward_of_faces(identities, face_model.embed_faces(image, image_faces), kind)
+        values.append(value.to(images.device, torch.float32))
         similarities.append(similarity)
         assignments.append(assignment)
     return RewardResult(torch.stack(values), faces, similarities, assignments)
