@@ -3,6 +3,7 @@
 from comfy_api.latest import ComfyExtension, io
 
 from .backbone import ReferenceConditioning, UMOLoraLoader
+from .guidance import IdentityGuidance
 from .identity import FaceModelLoader, IdentityReport, IdentityRerank, ReferenceIdentities
 from .model_paths import register_insightface_folder
 
@@ -15,6 +16,7 @@ NODES: list[type[io.ComfyNode]] = [
     IdentityReport,
     UMOLoraLoader,
     ReferenceConditioning,
+    IdentityGuidance,
 ]
 
 

@@ -100,3 +100,30 @@ def test_gradient_through_a_real_vae_decoder(torch_face_model, photos):
         assert magnitude[int(y1 // 4):int(y2 // 4), int(x1 // 4):int(x2 // 4)].sum() > 0
     without_decoder = reward_gradient(latent, decoder(0.0), identities, torch_face_model)
     assert not torch.allclose(result.gradient, without_decoder.gradient)
+
+
+def test_autograd_copy_of_weights_loaded_in_inference_mode():
+    """ComfyUI loads weights under inference mode; the gradient needs copies it can save for backward."""
+    from umo_core.guidance import autograd_copy
+
+    with torch.inference_mode():
+        loaded = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.GroupNorm(2, 4)).eval()
+        pixels = torch.rand(1, 3, 8, 8)
+    with torch.inference_mode(False), torch.enable_grad():
+        with pytest.raises(RuntimeError, match="Inference tensors"):
+            loaded(pixels.clone().requires_grad_(True)).sum().backward()
+        x = pixels.clone().requires_grad_(True)
+        autograd_copy(loaded)(x).sum().backward()
+    assert x.grad.abs().sum() > 0
+
+
+def test_face_model_built_under_inference_mode_still_gives_gradients(pack_dir, photos, degraded):
+    """ComfyUI runs the face-model loader under inference mode; guidance later needs its gradient."""
+    from umo_core import load_face_model
+
+    with torch.inference_mode():
+        face_model = load_face_model(pack_dir, provider="cpu", backend="torch")
+        identities = face_model.identities([photos / "Rob_Lowe_0001.jpg"])
+    with torch.inference_mode(False), torch.enable_grad():
+        result = reward_gradient(degraded.clone(), image_decoder, identities, face_model)
+    assert result.gradient.abs().sum() > 0

@@ -105,7 +105,10 @@ class TorchEmbedder(FaceEmbedder):
         super().__init__(path, model)
         stat = Path(path).stat()
         self.device, self.dtype = torch.device(device), dtype
-        self.module = copy.deepcopy(_converted(str(path), stat.st_mtime_ns, stat.st_size)).to(self.device, dtype)
+        # This backend exists for gradients: its weights must be ordinary tensors even when it is
+        # built under torch.inference_mode() (as ComfyUI runs nodes); a copy made outside it is.
+        with torch.inference_mode(False):
+            self.module = copy.deepcopy(_converted(str(path), stat.st_mtime_ns, stat.st_size)).to(self.device, dtype)
 
     def embed(self, crops: torch.Tensor) -> torch.Tensor:
         """Differentiable when `crops` requires grad; the network's own weights stay frozen."""

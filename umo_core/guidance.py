@@ -17,6 +17,7 @@ found: reward 0 and a zero gradient, so the estimate is left unchanged.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -35,6 +36,18 @@ class GuidanceResult:
     reward: float
     gradient: torch.Tensor  # d reward / d latent, the latent's shape; zero where no face is
     faces: Faces
+
+
+def autograd_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A frozen copy of a module whose weights can take part in autograd.
+
+    Hosts like ComfyUI load weights under `torch.inference_mode()`; such "inference tensors" cannot
+    be saved for backward, so a gradient w.r.t. the input through them fails. A copy made outside
+    inference mode holds ordinary tensors.
+    """
+    with torch.inference_mode(False):  # deepcopy clones every tensor: outside inference mode, ordinary ones
+        duplicate = copy.deepcopy(module)
+    return duplicate.requires_grad_(False)
 
 
 def _window(box: list[float], scale: int, margin: int, height: int, width: int) -> tuple[int, int, int, int]:

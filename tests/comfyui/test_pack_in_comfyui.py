@@ -21,6 +21,8 @@ PACK_NODES = {
     "UMOLoraLoader": (["model", "lora_name", "strength"], ["MODEL"]),
     "UMOReferenceConditioning": (["positive", "vae", "backbone", "long_side", "negative", "images",
                                   "image_1", "image_2", "image_3", "image_4"], ["CONDITIONING", "CONDITIONING"]),
+    "UMOIdentityGuidance": (["model", "vae", "face_model", "identities", "strength", "start", "end", "reward"],
+                            ["MODEL"]),
 }
 
 
@@ -147,6 +149,23 @@ def test_flux_graph_with_uno_lora_and_two_references(comfy):
     assert len(a) == len(b) == 2 and a[0].shape == (64, 64, 3)
     # The same seed and graph: only the LoRA differs, so the LoRA really changed the weights.
     assert np.abs(np.sort(np.stack(a), axis=None) - np.sort(np.stack(b), axis=None)).mean() > 0.5
+
+
+def test_identity_guidance_samples_and_leaves_the_model_unpatched(comfy):
+    """The guidance node on the whole schedule; the random-weight VAE draws no face, so every step
+    takes the no-face path and must leave the result identical. Afterwards the same (cached) UNET
+    loader output sampled without guidance gives the plain result: the patch stayed on the clone."""
+    guided = _flux_graph(None, "guided")
+    guided["identity_guidance"] = {"class_type": "UMOIdentityGuidance", "inputs": {
+        "model": ["unet", 0], "vae": ["vae", 0], "face_model": ["face", 0], "identities": ["identities", 0],
+        "strength": 0.5, "start": 0.0, "end": 1.0, "reward": "mimr"}}
+    guided["sampler"]["inputs"]["model"] = ["identity_guidance", 0]
+    first = comfy.run(guided)
+    assert first["status"]["status_str"] == "success", first["status"]
+    plain = comfy.run(_flux_graph(None, "after_guidance"))
+    assert plain["status"]["status_str"] == "success", plain["status"]
+    a, b = _saved(comfy, first, "save"), _saved(comfy, plain, "save")
+    assert np.array_equal(np.sort(np.stack(a), axis=None), np.sort(np.stack(b), axis=None))
 
 
 def test_lora_for_the_wrong_family_is_an_error(comfy):

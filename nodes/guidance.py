@@ -1,0 +1,72 @@
+"""Identity guidance node: patches a MODEL so the sampler nudges each clean estimate toward the references."""
+
+from __future__ import annotations
+
+import torch
+from comfy_api.latest import io
+
+from umo_core.guidance import autograd_copy, guide
+
+from .sockets import FaceModelSocket, IdentitiesSocket
+
+
+def _decoder(vae, model):
+    """Latent in the model's sampling space -> image [B,H,W,3] in 0..1, differentiable.
+
+    ComfyUI's own VAE weights are inference tensors, so the decoder used for the gradient is a copy,
+    made on the first guided step (no cost when guidance never triggers) on the latent's device.
+    """
+    copies: dict[torch.device, torch.nn.Module] = {}
+
+    def decode(latent: torch.Tensor) -> torch.Tensor:
+        if latent.device not in copies:
+            copies[latent.device] = autograd_copy(vae.first_stage_model).to(latent.device)
+        samples = model.process_latent_out(latent).to(latent.device, vae.vae_dtype)
+        return vae.process_output(copies[latent.device].decode(samples).float()).movedim(1, -1)
+
+    return decode
+
+
+class IdentityGuidance(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="UMOIdentityGuidance",
+            display_name="UMO Identity Guidance",
+            category="UMO",
+            description="During sampling, decodes the clean estimate, scores it with the MIMR reward against the "
+                        "reference identities and nudges it up the reward's gradient (any KSampler/sampler).",
+            inputs=[
+                io.Model.Input("model"),
+                io.Vae.Input("vae"),
+                FaceModelSocket.Input("face_model"),
+                IdentitiesSocket.Input("identities"),
+                io.Float.Input("strength", default=0.05, min=0.0, max=10.0, step=0.005,
+                               tooltip="step size in latent units (the gradient is RMS-normalised)"),
+                io.Float.Input("start", default=0.6, min=0.0, max=1.0, step=0.01,
+                               tooltip="fraction of the schedule where guidance starts (0 = first step)"),
+                io.Float.Input("end", default=1.0, min=0.0, max=1.0, step=0.01),
+                io.Combo.Input("reward", options=["mimr", "sir"], default="mimr"),
+            ],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, vae, face_model, identities, strength, start, end, reward) -> io.NodeOutput:
+        sampling = model.get_model_object("model_sampling")
+        sigma_start, sigma_end = sampling.percent_to_sigma(start), sampling.percent_to_sigma(end)
+        decode = _decoder(vae, model.model)
+
+        def post_cfg(args: dict) -> torch.Tensor:
+            denoised = args["denoised"]
+            sigma = float(args["sigma"].max())
+            if strength == 0 or not sigma_end <= sigma <= sigma_start:
+                return denoised
+            # Sampling runs under inference mode: leave it for the gradient, on a copy of the estimate.
+            with torch.inference_mode(False), torch.enable_grad():
+                guided, _ = guide(denoised.clone(), decode, identities, face_model, strength, reward)
+            return guided.to(denoised)
+
+        patched = model.clone()  # the input MODEL stays untouched
+        patched.set_model_sampler_post_cfg_function(post_cfg)
+        return io.NodeOutput(patched)
