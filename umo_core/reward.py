@@ -28,7 +28,8 @@ class RewardResult:
 def reward_of_faces(identities: Identities, embeddings: torch.Tensor,
                     kind: str = "mimr") -> tuple[torch.Tensor, torch.Tensor, list[int | None]]:
     """(reward, similarity [M,N], assignment) of one image's face embeddings [N,D] (may carry grad)."""
-    references = identities.embeddings.to(embeddings.device)
+    # A clone: identities made under inference mode (ComfyUI) cannot otherwise be saved for backward.
+    references = identities.embeddings.to(embeddings.device).clone()
     similarity = similarity_matrix(references, embeddings.float())
     assignment = assign(similarity)
     return REWARDS[kind](similarity, assignment), similarity, assignment
