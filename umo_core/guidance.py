@@ -59,15 +59,21 @@ def _window(box: list[float], scale: int, margin: int, height: int, width: int) 
 
 
 def reward_gradient(latent: torch.Tensor, decode: Decoder, identities: Identities, face_model: FaceModel,
-                    kind: str = "mimr", margin: int = 4) -> GuidanceResult:
-    """MIMR (or SIR) of the decoded latent [1,C,h,w] and its gradient w.r.t. the latent."""
+                    kind: str = "mimr", margin: int = 4, faces: Faces | None = None,
+                    scale: int = 8) -> GuidanceResult:
+    """MIMR (or SIR) of the decoded latent [1,C,h,w] and its gradient w.r.t. the latent.
+
+    `faces` (pixel coordinates) skips the preview decode, e.g. to reuse the faces of an earlier
+    step; `scale` is then the decoder's upsampling factor (otherwise it is measured).
+    """
     latent = latent.detach()
-    with torch.no_grad():
-        preview = decode(latent)
-    faces = face_model.detector.detect(to_rgb_uint8(preview)[0])
+    if faces is None:
+        with torch.no_grad():
+            preview = decode(latent)
+        faces = face_model.detector.detect(to_rgb_uint8(preview)[0])
+        scale = preview.shape[1] // latent.shape[2]
     if len(faces) == 0:
         return GuidanceResult(0.0, torch.zeros_like(latent), faces)
-    scale = preview.shape[1] // latent.shape[2]
     windows, embeddings = [], []
     for i, box in enumerate(faces.boxes.tolist()):
         top, left, bottom, right = _window(box, scale, margin, latent.shape[2], latent.shape[3])
