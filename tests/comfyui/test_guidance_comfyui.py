@@ -1,0 +1,76 @@
+"""The identity guidance node with ComfyUI's own classes, in the test process: its decoder against
+ComfyUI's VAE decode, the gradient through weights loaded under inference mode, and the hook as
+the sampler calls it. (Sampling a whole graph with the node runs in test_pack_in_comfyui.py.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.comfyui.conftest import comfy_import_path, flux_vae_module, import_pack, random_state_dict
+
+
+@pytest.fixture(scope="module")
+def vae():
+    """ComfyUI's VAE with the FLUX autoencoder architecture, loaded under inference mode as ComfyUI's loaders run."""
+    comfy_import_path()
+    import comfy.sd
+
+    with torch.inference_mode():
+        return comfy.sd.VAE(sd=random_state_dict(flux_vae_module()))
+
+
+@pytest.fixture(scope="module")
+def flux_model():
+    """ComfyUI's FLUX model (latent format, model sampling) on the meta device: the hook never runs the transformer."""
+    comfy_import_path()
+    import comfy.model_base
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    config = comfy.supported_models.Flux({
+        "image_model": "flux", "guidance_embed": True, "in_channels": 16, "out_channels": 16, "vec_in_dim": 768,
+        "context_in_dim": 4096, "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24, "depth": 1,
+        "depth_single_blocks": 1, "axes_dim": [16, 56, 56], "theta": 10000, "qkv_bias": True, "patch_size": 2})
+    with torch.device("meta"):
+        model = comfy.model_base.Flux(config, device="meta")
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+
+
+def _guidance_node():
+    return import_pack().nodes.guidance
+
+
+def test_decoder_matches_comfyui_vae_decode_and_carries_the_gradient(vae, flux_model):
+    """The node decodes the sampler's latent (model space: FLUX scale and shift applied) exactly like
+    VAEDecode after the sampler, and the gradient reaches the latent although ComfyUI's VAE weights
+    are inference tensors."""
+    latent = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected = vae.decode(flux_model.model.process_latent_out(latent))
+    decode = _guidance_node()._decoder(vae, flux_model.model)
+    with torch.inference_mode(False), torch.enable_grad():
+        cells = latent.clone().requires_grad_(True)
+        image = decode(cells)
+        (image * torch.linspace(0, 1, image.numel()).view(image.shape)).sum().backward()
+    assert image.shape == expected.shape == (1, 64, 64, 3)
+    assert torch.allclose(image.detach(), expected, atol=1e-4)
+    assert torch.isfinite(cells.grad).all() and cells.grad.abs().sum() > 0
+
+
+def test_hook_on_a_clone_and_no_face_leaves_the_estimate(vae, flux_model, face_model, photos):
+    """The patch lives on the returned clone only; under the sampler's inference mode a step whose
+    decoded estimate shows no face (random VAE weights) returns the denoised estimate bit for bit."""
+    with torch.inference_mode():
+        identities = face_model.identities([photos / "Rob_Lowe_0001.jpg"])
+        patched = _guidance_node().IdentityGuidance.execute(flux_model, vae, face_model, identities,
+                                                            0.5, 0.0, 1.0, "mimr")[0]
+    assert not flux_model.model_options.get("sampler_post_cfg_function")
+    hooks = patched.model_options["sampler_post_cfg_function"]
+    assert len(hooks) == 1
+    denoised = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        stepped = hooks[0]({"denoised": denoised, "cond_denoised": denoised, "uncond_denoised": None,
+                            "sigma": torch.tensor([0.5]), "input": denoised, "model": flux_model.model,
+                            "model_options": patched.model_options})
+    assert torch.equal(stepped, denoised)
