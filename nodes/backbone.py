@@ -17,7 +17,11 @@ from umo_core.lora_formats import check_family, load_lora_file, lora_family, to_
 from umo_core.references import reference_long_side, resize_reference
 
 OMNIGEN2_REFERENCE_PIXELS = 1024 * 1024  # the official OmniGen2 graph scales references to 1 megapixel
+BACKBONES = {"auto": None, "flux (UNO)": "flux", "omnigen2": "omnigen2"}
+# Width of the text embedding in the conditioning -> the backbone it was made for.
+TEXT_WIDTH_FAMILY = {4096: "flux", 2048: "omnigen2"}  # T5-XXL (FLUX), Qwen2.5-VL-3B (OmniGen2)
 REFERENCE_INPUTS = 4
+LOW_RANK_DOWN_KEYS = (".lora_down.weight", ".lora_A.weight")
 
 
 def model_family(model) -> str | None:
@@ -26,6 +30,11 @@ def model_family(model) -> str | None:
     if isinstance(model.model, comfy.model_base.Flux):
         return "flux"
     return None
+
+
+def _low_rank_modules(lora: dict[str, torch.Tensor]) -> set[str]:
+    """Names of the modules a LoRA holds low-rank pairs for (the keys of ComfyUI's LoRA key map)."""
+    return {key.removesuffix(suffix) for key in lora for suffix in LOW_RANK_DOWN_KEYS if key.endswith(suffix)}
 
 
 class UMOLoraLoader(io.ComfyNode):
@@ -51,16 +60,21 @@ class UMOLoraLoader(io.ComfyNode):
         state_dict, _ = load_lora_file(path)
         family = model_family(model)
         check_family(lora_name, lora_family(state_dict), family)
+        lora = to_comfy_lora(state_dict)
         key_map = comfy.lora.model_lora_keys_unet(model.model, {})
-        patches = comfy.lora.load_lora(to_comfy_lora(state_dict), key_map, log_missing=False)
+        # ComfyUI's loader silently skips LoRA layers the model lacks: a half-applied LoRA is an error here.
+        modules = _low_rank_modules(lora)
+        unknown = sorted(modules - key_map.keys())
+        if unknown:
+            raise UMOError(f"LoRA '{lora_name}': {len(unknown)} of {len(modules)} layers do not exist in this "
+                           f"{family or 'model'} (e.g. '{unknown[0]}'); it was made for a different architecture "
+                           "or size")
+        patches = comfy.lora.load_lora(lora, key_map, log_missing=False)
         if not patches:
             raise UMOError(f"LoRA '{lora_name}' matches no layer of this {family or 'model'}: "
                            "it was made for a different architecture or size")
         patched = model.clone()
-        applied = patched.add_patches(patches, strength)
-        missing = len(patches) - len(applied)
-        if missing:
-            raise UMOError(f"LoRA '{lora_name}': {missing} of {len(patches)} layers do not exist in this model")
+        patched.add_patches(patches, strength)
         return io.NodeOutput(patched)
 
 
@@ -71,6 +85,20 @@ def _scale_to_pixels(image: torch.Tensor, pixels: int) -> torch.Tensor:
     size = (max(16, round(h * scale / 16) * 16), max(16, round(w * scale / 16) * 16))
     resized = torch.nn.functional.interpolate(image.permute(2, 0, 1)[None], size=size, mode="area")
     return resized[0].permute(1, 2, 0)
+
+
+def conditioning_family(positive: list, backbone: str) -> str:
+    """'flux' or 'omnigen2': the `backbone` choice, checked against the text encoder that made `positive`."""
+    width = positive[0][0].shape[-1]
+    detected = TEXT_WIDTH_FAMILY.get(width)
+    chosen = BACKBONES[backbone]
+    if chosen is None and detected is None:
+        raise UMOError(f"UMO Reference Conditioning: a text embedding of width {width} is neither FLUX's T5 (4096) "
+                       "nor OmniGen2's Qwen2.5-VL (2048); set backbone to 'flux (UNO)' or 'omnigen2'")
+    if chosen is not None and detected is not None and chosen != detected:
+        raise UMOError(f"UMO Reference Conditioning: backbone is '{backbone}' but the positive conditioning comes "
+                       f"from the {detected} text encoder (width {width}); set backbone to 'auto'")
+    return chosen or detected
 
 
 def _with_references(conditioning: list, latents: list[torch.Tensor], flux: bool) -> list:
@@ -93,7 +121,8 @@ class ReferenceConditioning(io.ComfyNode):
             inputs=[
                 io.Conditioning.Input("positive"),
                 io.Vae.Input("vae"),
-                io.Combo.Input("backbone", options=["flux (UNO)", "omnigen2"], default="flux (UNO)"),
+                io.Combo.Input("backbone", options=list(BACKBONES), default="auto",
+                               tooltip="auto: told from the text encoder (T5 -> FLUX, Qwen2.5-VL -> OmniGen2)"),
                 io.Int.Input("long_side", default=0, min=0, max=2048, step=16,
                              tooltip="FLUX: reference long side; 0 = UNO's rule (512 for one reference, 320 for more)"),
                 io.Conditioning.Input("negative", optional=True, tooltip="also gets the references (OmniGen2 CFG)"),
@@ -110,7 +139,7 @@ class ReferenceConditioning(io.ComfyNode):
                        if single_images.get(f"image_{i}") is not None]
         if not references:
             raise UMOError("UMO Reference Conditioning: connect at least one reference image")
-        flux = backbone.startswith("flux")
+        flux = conditioning_family(positive, backbone) == "flux"
         side = reference_long_side(len(references), long_side)
         bar = ProgressBar(len(references))
         latents = []

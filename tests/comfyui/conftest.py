@@ -8,6 +8,7 @@ is read from the file), the FLUX autoencoder architecture with random weights, a
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -29,6 +30,7 @@ COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
 if not COMFYUI_PATH:
     collect_ignore_glob = ["test_*.py"]  # noqa: F841 - read by pytest
 LORA_RANK = 4
+PACK_MODULE = "comfyui_umo_in_process"
 PLACEHOLDER_MODELS = [("diffusion_models", "flux1-dev.safetensors"), ("diffusion_models", "omnigen2_fp16.safetensors"),
                       ("loras", "UMO_UNO.safetensors"), ("loras", "UMO_OmniGen2.safetensors"),
                       ("vae", "ae.safetensors"), ("text_encoders", "clip_l.safetensors"),
@@ -44,6 +46,18 @@ def comfy_import_path() -> None:
     import comfy.cli_args
 
     comfy.cli_args.args.cpu = True
+
+
+def import_pack():
+    """This pack imported in the test process the way ComfyUI imports a custom node folder (as a package)."""
+    comfy_import_path()
+    if PACK_MODULE not in sys.modules:
+        spec = importlib.util.spec_from_file_location(PACK_MODULE, ROOT / "__init__.py",
+                                                      submodule_search_locations=[str(ROOT)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[PACK_MODULE] = module
+        spec.loader.exec_module(module)
+    return sys.modules[PACK_MODULE]
 
 
 def random_state_dict(module: torch.nn.Module, dtype=torch.bfloat16, seed: int = 0) -> dict[str, torch.Tensor]:

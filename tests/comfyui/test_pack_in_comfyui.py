@@ -6,12 +6,12 @@ import time
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from tests.comfyui.conftest import comfy_import_path, omnigen2_peft_lora
 from tests.conftest import PHOTOS
 
+# Small references keep the full-width FLUX block fast on a CPU (UNO's 320 px rule is tested in process).
+REFERENCE_LONG_SIDE = 128
 PACK_NODES = {
     "UMOFaceModelLoader": (["face_pack", "provider", "embedder"], ["UMO_FACE_MODEL"]),
     "UMOReferenceIdentities": (["face_model", "images", "image_1", "image_2", "image_3", "image_4"],
@@ -115,7 +115,7 @@ def _flux_graph(lora: str | None, prefix: str) -> dict:
         "ref1": {"class_type": "LoadImage", "inputs": {"image": "Rob_Lowe_0001.jpg"}},
         "ref2": {"class_type": "LoadImage", "inputs": {"image": "Nathalie_Baye_0002.jpg"}},
         "refcond": {"class_type": "UMOReferenceConditioning", "inputs": {
-            "positive": ["text", 0], "vae": ["vae", 0], "backbone": "flux (UNO)", "long_side": 0,
+            "positive": ["text", 0], "vae": ["vae", 0], "backbone": "auto", "long_side": REFERENCE_LONG_SIDE,
             "image_1": ["ref1", 0], "image_2": ["ref2", 0]}},
         "guidance": {"class_type": "FluxGuidance", "inputs": {"conditioning": ["refcond", 0], "guidance": 4.0}},
         "negative": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["text", 0]}},
@@ -173,33 +173,6 @@ def test_lora_for_the_wrong_family_is_an_error(comfy):
     assert history["status"]["status_str"] == "error"
     messages = str(history["status"]["messages"])
     assert "omnigen2 LoRA but the model is flux" in messages
-
-
-def test_omnigen2_peft_lora_maps_onto_comfyui_omnigen2_layers():
-    """ComfyUI's OmniGen2 (built on the meta device: 4B parameters do not fit a CPU test) accepts
-    every converted key, and ComfyUI's own patch math changes a real layer's weight."""
-    comfy_import_path()
-    import comfy.lora
-    import comfy.model_base
-    import comfy.supported_models
-
-    from umo_core.lora_formats import to_comfy_lora
-
-    # The configuration ComfyUI's model detection gives the released OmniGen2 checkpoint.
-    config = comfy.supported_models.Omnigen2({
-        "image_model": "omnigen2", "axes_dim_rope": [40, 40, 40], "axes_lens": [1024, 1664, 1664],
-        "ffn_dim_multiplier": None, "hidden_size": 2520, "in_channels": 16, "multiple_of": 256, "norm_eps": 1e-5,
-        "num_attention_heads": 21, "num_kv_heads": 7, "num_layers": 32, "num_refiner_layers": 2,
-        "out_channels": None, "patch_size": 2, "text_feat_dim": 2048, "timestep_scale": 1000.0})
-    with torch.device("meta"):
-        model = comfy.model_base.Omnigen2(config, device="meta")
-    lora = to_comfy_lora(omnigen2_peft_lora())
-    patches = comfy.lora.load_lora(lora, comfy.lora.model_lora_keys_unet(model, {}))
-    assert len(patches) == len(lora) // 2 == 8
-    key = "diffusion_model.layers.0.attn.to_k.weight"
-    shape = model.state_dict()[key].shape
-    weight = comfy.lora.calculate_weight([(1.0, patches[key], 1.0, None, None)], torch.zeros(shape), key)
-    assert weight.abs().sum() > 0
 
 
 def test_cancel_stops_a_long_rerank(comfy):

@@ -1,0 +1,155 @@
+"""Pack nodes called in the test process with ComfyUI's own model classes, where a server run cannot reach:
+ComfyUI detects OmniGen2 only at its full 4B size, so the OmniGen2 model is built on the meta device."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tests.comfyui.conftest import (
+    comfy_import_path,
+    flux_vae_module,
+    import_pack,
+    omnigen2_peft_lora,
+    random_state_dict,
+    uno_lora,
+)
+from umo_core import UMOError
+from umo_core.references import resize_reference
+
+
+@pytest.fixture(scope="module")
+def omnigen2_model():
+    """ComfyUI's OmniGen2 with the configuration its model detection gives the released checkpoint."""
+    comfy_import_path()
+    import comfy.model_base
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    config = comfy.supported_models.Omnigen2({
+        "image_model": "omnigen2", "axes_dim_rope": [40, 40, 40], "axes_lens": [1024, 1664, 1664],
+        "ffn_dim_multiplier": None, "hidden_size": 2520, "in_channels": 16, "multiple_of": 256, "norm_eps": 1e-5,
+        "num_attention_heads": 21, "num_kv_heads": 7, "num_layers": 32, "num_refiner_layers": 2,
+        "out_channels": None, "patch_size": 2, "text_feat_dim": 2048, "timestep_scale": 1000.0})
+    with torch.device("meta"):
+        model = comfy.model_base.Omnigen2(config, device="meta")
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def loras(tmp_path_factory):
+    """A loras folder registered with ComfyUI's folder_paths, holding the test LoRAs."""
+    import_pack()
+    import folder_paths
+
+    folder = tmp_path_factory.mktemp("loras")
+    save_file(omnigen2_peft_lora(), folder / "tiny_omnigen2.safetensors")
+    save_file(omnigen2_peft_lora(layers=40), folder / "too_deep_omnigen2.safetensors")  # OmniGen2 has 32 layers
+    save_file(uno_lora(), folder / "tiny_uno.safetensors")
+    folder_paths.add_model_folder_path("loras", str(folder))
+    return folder
+
+
+def _backbone_nodes():
+    return import_pack().nodes.backbone
+
+
+def test_lora_loader_converts_omnigen2_peft_keys_and_changes_the_weights(omnigen2_model, loras):
+    comfy_import_path()
+    import comfy.lora
+
+    patched = _backbone_nodes().UMOLoraLoader.execute(omnigen2_model, "tiny_omnigen2.safetensors", 0.5)[0]
+    assert len(patched.patches) == 8  # to_q, to_k, to_v, to_out.0 of two layers
+    assert not omnigen2_model.patches  # the input MODEL is untouched
+    key = "diffusion_model.layers.1.attn.to_out.0.weight"
+    assert key in patched.patches
+    shape = omnigen2_model.model.state_dict()[key].shape
+    # ComfyUI's own patch math, as it runs when the model is loaded for sampling.
+    weight = comfy.lora.calculate_weight(patched.patches[key], torch.zeros(shape), key)
+    lora = omnigen2_peft_lora()
+    up, down = (lora[f"layers.1.attn.to_out.0.lora_{ab}.default.weight"] for ab in "BA")
+    assert torch.allclose(weight, 0.5 * up @ down, atol=1e-5)
+
+
+def test_lora_loader_refuses_a_flux_lora_on_omnigen2(omnigen2_model, loras):
+    with pytest.raises(UMOError, match="is a flux LoRA but the model is omnigen2"):
+        _backbone_nodes().UMOLoraLoader.execute(omnigen2_model, "tiny_uno.safetensors", 1.0)
+
+
+def test_lora_loader_refuses_layers_the_model_lacks(omnigen2_model, loras):
+    with pytest.raises(UMOError, match="32 of 160 layers do not exist in this omnigen2"):
+        _backbone_nodes().UMOLoraLoader.execute(omnigen2_model, "too_deep_omnigen2.safetensors", 1.0)
+
+
+def _conditioning(width: int) -> list:
+    return [[torch.zeros(1, 8, width), {}]]
+
+
+@pytest.mark.parametrize(("width", "backbone", "family"), [
+    (4096, "auto", "flux"), (2048, "auto", "omnigen2"), (4096, "flux (UNO)", "flux"), (2048, "omnigen2", "omnigen2"),
+    (3584, "omnigen2", "omnigen2"),  # an unknown text encoder: the explicit choice stands
+])
+def test_reference_conditioning_backbone(width, backbone, family):
+    assert _backbone_nodes().conditioning_family(_conditioning(width), backbone) == family
+
+
+@pytest.mark.parametrize(("width", "backbone", "message"), [
+    (3584, "auto", "neither FLUX's T5"),
+    (4096, "omnigen2", "comes from the flux text encoder"),
+    (2048, "flux (UNO)", "comes from the omnigen2 text encoder"),
+])
+def test_reference_conditioning_backbone_errors(width, backbone, message):
+    with pytest.raises(UMOError, match=message):
+        _backbone_nodes().conditioning_family(_conditioning(width), backbone)
+
+
+@pytest.fixture(scope="module")
+def flux_vae():
+    """ComfyUI's VAE built from the FLUX autoencoder architecture with random weights."""
+    comfy_import_path()
+    import comfy.sd
+
+    return comfy.sd.VAE(sd=random_state_dict(flux_vae_module(), dtype=torch.float32))
+
+
+def _native_chain(positive: list, latents: list[torch.Tensor]) -> list:
+    """UMO's official per-reference chain: ReferenceLatent per reference, then the uxo/uno method."""
+    comfy_import_path()
+    from comfy_extras.nodes_edit_model import ReferenceLatent
+    from comfy_extras.nodes_flux import FluxKontextMultiReferenceLatentMethod
+
+    for latent in latents:
+        positive = ReferenceLatent.execute(positive, {"samples": latent})[0]
+    return FluxKontextMultiReferenceLatentMethod.execute(positive, "uxo/uno")[0]
+
+
+def test_reference_conditioning_flux_matches_the_native_chain(flux_vae):
+    positive = [[torch.zeros(1, 8, 4096), {"pooled_output": torch.zeros(1, 768)}]]
+    generator = torch.Generator().manual_seed(0)
+    wide, tall = torch.rand(1, 250, 400, 3, generator=generator), torch.rand(1, 400, 250, 3, generator=generator)
+    output = _backbone_nodes().ReferenceConditioning.execute(positive, flux_vae, "auto", 0, image_1=wide, image_2=tall)
+    conditioning, negative = output[0], output[1]
+    assert negative is None and positive[0][1].keys() == {"pooled_output"}  # the input is not modified
+    latents = conditioning[0][1]["reference_latents"]
+    # UNO's rule for two references: long side 320, centre crop to multiples of 16, 8x smaller latents.
+    assert [tuple(latent.shape) for latent in latents] == [(1, 16, 24, 40), (1, 16, 40, 24)]
+    assert torch.allclose(latents[1], flux_vae.encode(resize_reference(tall[0], 320)[None]))
+    native = _native_chain(positive, latents)
+    assert conditioning[0][1].keys() == native[0][1].keys()
+    assert conditioning[0][1]["reference_latents_method"] == native[0][1]["reference_latents_method"] == "uxo"
+    assert all(ours is theirs for ours, theirs in zip(latents, native[0][1]["reference_latents"], strict=True))
+
+
+def test_reference_conditioning_batch_then_single_inputs_and_long_side_override(flux_vae):
+    positive = [[torch.zeros(1, 8, 4096), {}]]
+    batch = torch.rand(2, 64, 64, 3)
+    output = _backbone_nodes().ReferenceConditioning.execute(positive, flux_vae, "flux (UNO)", 128,
+                                                             images=batch, image_1=torch.rand(1, 96, 64, 3))
+    shapes = [tuple(latent.shape) for latent in output[0][0][1]["reference_latents"]]
+    assert shapes == [(1, 16, 16, 16), (1, 16, 16, 16), (1, 16, 16, 10)]  # 128x84 -> cropped to 128x80
+
+
+def test_reference_conditioning_needs_a_reference(flux_vae):
+    with pytest.raises(UMOError, match="connect at least one reference image"):
+        _backbone_nodes().ReferenceConditioning.execute([[torch.zeros(1, 8, 4096), {}]], flux_vae, "auto", 0)
