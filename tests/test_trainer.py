@@ -1,0 +1,140 @@
+"""The ReReFL trainer on tiny random-weight FLUX and VAE models of the real architectures (CPU)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tests.conftest import make_pack
+from training.rerefl import main
+
+TEXT_LEN, TEXT_DIM, POOLED_DIM = 4, 32, 16
+
+
+def tiny_transformer():
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                  attention_head_dim=16, num_attention_heads=2, joint_attention_dim=TEXT_DIM,
+                                  pooled_projection_dim=POOLED_DIM, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+
+
+def tiny_vae():
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(1)
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 8, 8, 8),
+                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                         layers_per_block=1, norm_num_groups=4, shift_factor=0.1159, scaling_factor=0.3611,
+                         use_quant_conv=False, use_post_quant_conv=False)
+
+
+@pytest.fixture(scope="module")
+def setup(assets, photos, tmp_path_factory):
+    root = tmp_path_factory.mktemp("rerefl")
+    tiny_transformer().save_pretrained(root / "transformer")
+    tiny_vae().save_pretrained(root / "vae")
+    pack = make_pack(root / "pack")
+    data = root / "data"
+    (data / "img").mkdir(parents=True)
+    (data / "text").mkdir()
+    for name in ("Rob_Lowe_0001.jpg", "Rob_Lowe_0002.jpg", "Nathalie_Baye_0002.jpg", "no_face_view.jpg"):
+        shutil.copyfile(photos / name, data / "img" / name)
+    generator = torch.Generator().manual_seed(0)
+    save_file({"prompt_embeds": torch.randn(TEXT_LEN, TEXT_DIM, generator=generator),
+               "pooled_prompt_embeds": torch.randn(POOLED_DIM, generator=generator)}, data / "text" / "0.safetensors")
+    rows = [{"prompt": "two people", "target": "img/Rob_Lowe_0002.jpg", "text_embedding": "text/0.safetensors",
+             "references": ["img/Rob_Lowe_0001.jpg", "img/Nathalie_Baye_0002.jpg"], "identities": ["rob", "nathalie"]}]
+    (data / "manifest.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return root, data, pack
+
+
+def _args(root, data, pack, output, steps, *extra):
+    return ["--data", str(data), "--transformer", str(root / "transformer"), "--vae", str(root / "vae"),
+            "--faces", str(pack), "--output", str(output), "--steps", str(steps), "--rank", "4",
+            "--resolution", "64", "--sampling-steps", "4", "--window", "2", "--mixed-precision", "no",
+            "--provider", "cpu", "--lr", "1e-3", "--checkpoint-every", "2", *extra]
+
+
+def test_training_steps_change_only_the_lora(setup, tmp_path):
+    root, data, pack = setup
+    assert main(_args(root, data, pack, tmp_path / "run", 2)) == 0
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2]
+    assert all(torch.isfinite(torch.tensor([r["loss"], r["diffusion_loss"], r["reward"]])).all() for r in log)
+    trained = load_file(tmp_path / "run" / "lora_diffusers.safetensors")
+    assert trained and all(".lora_A." in k or ".lora_B." in k for k in trained)
+    assert any(k.startswith("single_transformer_blocks.0.proj_out") for k in trained)
+    # lora_B starts at zero in peft; after two steps it moved.
+    assert any(v.abs().sum() > 0 for k, v in trained.items() if ".lora_B." in k)
+    uno = load_file(tmp_path / "run" / "lora_uno.safetensors")
+    from umo_core.lora_formats import detect_lora_format
+
+    assert detect_lora_format(uno) == "uno"
+    assert json.loads((tmp_path / "run" / "training_config.json").read_text())["rank"] == 4
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(setup, tmp_path):
+    root, data, pack = setup
+    assert main(_args(root, data, pack, tmp_path / "straight", 4)) == 0
+    assert main(_args(root, data, pack, tmp_path / "resumed", 2)) == 0  # stops after step 2 with a checkpoint
+    assert main(_args(root, data, pack, tmp_path / "resumed", 4, "--resume")) == 0
+    straight = load_file(tmp_path / "straight" / "lora_diffusers.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "lora_diffusers.safetensors")
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+
+
+def test_uno_layout_has_the_same_effect_as_the_peft_lora():
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from umo_core.lora_formats import UNO_TARGET_MODULES, diffusers_to_uno
+
+    model = tiny_transformer()
+    model.add_adapter(LoraConfig(r=3, lora_alpha=6, init_lora_weights="gaussian", target_modules=UNO_TARGET_MODULES))
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter)
+    peft_lora = get_peft_model_state_dict(model)
+    uno = diffusers_to_uno(peft_lora, scale=2.0)
+
+    def delta(prefix):
+        return 2.0 * peft_lora[f"{prefix}.lora_B.weight"] @ peft_lora[f"{prefix}.lora_A.weight"]
+
+    def uno_delta(key):
+        return uno[f"{key}.up.weight"] @ uno[f"{key}.down.weight"]
+
+    fused = uno_delta("double_blocks.0.processor.qkv_lora1")
+    expected = torch.cat([delta(f"transformer_blocks.0.attn.{m}") for m in ("to_q", "to_k", "to_v")])
+    torch.testing.assert_close(fused, expected)
+    single = uno_delta("single_blocks.0.processor.proj_lora")
+    torch.testing.assert_close(single, delta("single_transformer_blocks.0.proj_out"))
+    assert len(uno) == 2 * 6
+
+
+@pytest.mark.parametrize(("row", "message"), [
+    ({"target": "img/missing.jpg"}, "missing.jpg"),
+    ({"references": ["img/Rob_Lowe_0001.jpg", "img/no_face_view.jpg"], "identities": ["a", "b"]}, "no face found"),
+    ({"identities": ["only one"]}, "1 identities for 2 references"),
+    ({"target": "text/0.safetensors"}, "cannot be read as an image"),
+    ({"text_embedding": "text/absent.safetensors"}, "absent.safetensors"),
+])
+def test_bad_rows_are_named_before_training(setup, tmp_path, capsys, row, message):
+    root, data, pack = setup
+    good = json.loads((data / "manifest.jsonl").read_text().splitlines()[0])
+    bad_data = tmp_path / "data"
+    shutil.copytree(data, bad_data)
+    (bad_data / "manifest.jsonl").write_text(json.dumps(good) + "\n" + json.dumps({**good, **row}))
+    assert main(_args(root, bad_data, pack, tmp_path / "out", 1)) == 2
+    error = capsys.readouterr().err
+    assert "row 2" in error and message in error
+    assert not (tmp_path / "out" / "log.jsonl").exists()
+    assert main(_args(root, bad_data, pack, tmp_path / "skip", 1, "--on-bad-rows", "skip")) == 0
+    assert "skipped manifest.jsonl row 2" in capsys.readouterr().out

@@ -1,0 +1,1 @@
+"""The ReReFL trainer: `python -m training.rerefl` (see README)."""
