@@ -215,6 +215,13 @@ def test_missing_qkv_parts_add_nothing():
     torch.testing.assert_close(v, deltas["transformer_blocks.0.attn.to_v"])
 
 
+def test_mismatched_uno_shapes_are_an_error():
+    uno = uno_lora()
+    uno["double_blocks.0.processor.qkv_lora1.up.weight"] = torch.zeros(3 * HIDDEN, RANK + 1)
+    with pytest.raises(UMOError, match=r"qkv_lora1 has mismatched shapes \(down \[4, 32\], up \[96, 5\]\)"):
+        uno_to_diffusers(uno)
+
+
 def test_modules_uno_cannot_hold_are_an_error():
     trained = with_adapter(2, 2, target_modules=["to_q", "ff.net.2"])
     with pytest.raises(UMOError, match=r"ff\.net\.2.*no place in UNO's layout"):

@@ -290,6 +290,9 @@ def uno_to_diffusers(state_dict: dict[str, torch.Tensor], scale: float = 1.0) ->
         down, up = pair["down"], pair["up"] / scale
         modules = UNO_MODULES[uno_module][1]
         parts = len(modules)
+        if down.ndim != 2 or up.ndim != 2 or down.shape[0] != up.shape[1] or up.shape[0] % parts:
+            raise UMOError(f"LoRA module {block}.{index}.processor.{uno_module} has mismatched shapes "
+                           f"(down {list(down.shape)}, up {list(up.shape)}); the file is damaged")
         rank, outputs = down.shape[0], up.shape[0] // parts
         ups = up.split(outputs)
         if parts > 1 and rank % parts == 0:
