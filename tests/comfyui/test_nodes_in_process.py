@@ -15,6 +15,7 @@ from tests.comfyui.conftest import (
     random_state_dict,
     uno_lora,
 )
+from tests.conftest import PHOTOS, make_pack
 from umo_core import UMOError
 from umo_core.references import resize_reference
 
@@ -153,3 +154,35 @@ def test_reference_conditioning_batch_then_single_inputs_and_long_side_override(
 def test_reference_conditioning_needs_a_reference(flux_vae):
     with pytest.raises(UMOError, match="connect at least one reference image"):
         _backbone_nodes().ReferenceConditioning.execute([[torch.zeros(1, 8, 4096), {}]], flux_vae, "auto", 0)
+
+
+@pytest.fixture(scope="module")
+def insightface_folder(tmp_path_factory):
+    """An extra insightface folder registered with ComfyUI: one good pack and one broken pack."""
+    import_pack()
+    import folder_paths
+
+    folder = tmp_path_factory.mktemp("insightface")
+    make_pack(folder / "models" / "good_pack")
+    broken = folder / "models" / "broken_pack"
+    broken.mkdir(parents=True)
+    (broken / "det_10g.onnx").write_bytes(b"cut short")
+    folder_paths.add_model_folder_path("insightface", str(folder))
+    return folder
+
+
+def test_face_model_loader_lists_and_loads_packs(insightface_folder):
+    identity_nodes = import_pack().nodes.identity
+    options = identity_nodes.FaceModelLoader.define_schema().inputs[0].options
+    assert {"good_pack", "broken_pack"} <= set(options)
+    face_model = identity_nodes.FaceModelLoader.execute("good_pack", "CPU", "onnx")[0]
+    assert face_model.identities([PHOTOS / "Rob_Lowe_0001.jpg"]).embeddings.shape[0] == 1
+
+
+@pytest.mark.parametrize(("pack", "message"), [
+    ("missing_pack", r"Put one SCRFD face detector .* into ComfyUI/models/insightface/models/missing_pack/"),
+    ("broken_pack", "det_10g.onnx' is not a readable ONNX model"),
+])
+def test_face_model_loader_errors_say_what_to_do(insightface_folder, pack, message):
+    with pytest.raises(UMOError, match=message):
+        import_pack().nodes.identity.FaceModelLoader.execute(pack, "CPU", "onnx")
