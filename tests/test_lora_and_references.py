@@ -63,13 +63,13 @@ def test_omnigen2_peft_layout_is_converted_on_the_fly(tmp_path):
     tensors, _ = load_lora_file(_saved(tmp_path, "UMO_OmniGen2.safetensors", _omnigen2()))
     assert detect_lora_format(tensors) == "omnigen2_peft" and lora_family(tensors) == "omnigen2"
     converted = to_comfy_lora(tensors)
-    assert "layers.0.attn.to_out.0.lora_A.weight" in converted
+    assert "diffusion_model.layers.0.attn.to_out.0.lora_A.weight" in converted
     assert not any(".default." in key for key in converted)
 
 
 def test_comfy_layout_passes_through(tmp_path):
     tensors = {"diffusion_model.double_blocks.0.img_attn.qkv.lora_up.weight": torch.zeros(3, RANK)}
-    assert detect_lora_format(tensors) == "comfy" and lora_family(tensors) is None
+    assert detect_lora_format(tensors) == "comfy" and lora_family(tensors) == "flux"
     assert to_comfy_lora(tensors).keys() == tensors.keys()
 
 

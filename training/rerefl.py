@@ -32,7 +32,13 @@ from tqdm import tqdm
 from umo_core import UMOError, identity_reward, load_face_model
 from umo_core.flux import TextEmbedding, decode_latents, encode_images, load_transformer, predict_velocity, sample
 from umo_core.images import float_image, load_image
-from umo_core.lora_formats import UNO_TARGET_MODULES, diffusers_to_uno
+from umo_core.lora_formats import (
+    BASE_MODEL_METADATA_KEY,
+    FORMAT_METADATA_KEY,
+    UNO_TARGET_MODULES,
+    diffusers_to_uno,
+    save_lora_file,
+)
 from umo_core.references import reference_long_side, resize_reference
 from umo_core.uno import flux_sigmas
 
@@ -223,9 +229,9 @@ def train(args: argparse.Namespace) -> None:
     if accelerator.is_main_process:
         save_atomically(checkpoint, write_checkpoint)
         lora = {k: v.contiguous() for k, v in get_peft_model_state_dict(model).items()}
-        save_file(lora, args.output / "lora_diffusers.safetensors")
-        save_file(diffusers_to_uno(lora), args.output / "lora_uno.safetensors",
-                  metadata={"umo_format": "uno", "umo_base_model": "flux1-dev", "rank": str(3 * args.rank)})
+        save_lora_file(args.output / "lora_diffusers.safetensors", lora)
+        save_lora_file(args.output / "lora_uno.safetensors", diffusers_to_uno(lora),
+                       {FORMAT_METADATA_KEY: "uno", BASE_MODEL_METADATA_KEY: "flux1-dev"})
         config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
         (args.output / "training_config.json").write_text(json.dumps(config, indent=2))
 
