@@ -57,10 +57,10 @@ class UMOLoraLoader(io.ComfyNode):
     @classmethod
     def execute(cls, model, lora_name, strength) -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise("loras", lora_name)
-        state_dict, _ = load_lora_file(path)
+        state_dict, metadata = load_lora_file(path)
         family = model_family(model)
         check_family(lora_name, lora_family(state_dict), family)
-        lora = to_comfy_lora(state_dict)
+        lora = to_comfy_lora(state_dict, metadata)  # the metadata carries peft's alpha
         key_map = comfy.lora.model_lora_keys_unet(model.model, {})
         # ComfyUI's loader silently skips LoRA layers the model lacks: a half-applied LoRA is an error here.
         modules = _low_rank_modules(lora)

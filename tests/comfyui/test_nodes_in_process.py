@@ -3,6 +3,8 @@ ComfyUI detects OmniGen2 only at its full 4B size, so the OmniGen2 model is buil
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -39,6 +41,34 @@ def omnigen2_model():
 
 
 @pytest.fixture(scope="module")
+def flux_model():
+    """ComfyUI's FLUX.1-dev with one double and one single block (the full width), on the meta device."""
+    comfy_import_path()
+    import comfy.model_base
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    config = comfy.supported_models.Flux({
+        "image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 768, "context_in_dim": 4096,
+        "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24, "depth": 1, "depth_single_blocks": 1,
+        "axes_dim": [16, 56, 56], "theta": 10000, "qkv_bias": True, "guidance_embed": True, "patch_size": 2})
+    with torch.device("meta"):
+        model = comfy.model_base.Flux(config, device="meta")
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+
+
+def flux_diffusers_lora(alpha: float) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A peft LoRA of diffusers' FluxTransformer2DModel (q, k, v of block 0) with its alpha in the metadata."""
+    generator = torch.Generator().manual_seed(3)
+    lora = {}
+    for module in ("to_q", "to_k", "to_v"):
+        key = f"transformer.transformer_blocks.0.attn.{module}"
+        lora[f"{key}.lora_A.weight"] = torch.randn(4, 3072, generator=generator)
+        lora[f"{key}.lora_B.weight"] = torch.randn(3072, 4, generator=generator)
+    return lora, {"lora_adapter_metadata": json.dumps({"r": 4, "lora_alpha": alpha})}
+
+
+@pytest.fixture(scope="module")
 def loras(tmp_path_factory):
     """A loras folder registered with ComfyUI's folder_paths, holding the test LoRAs."""
     import_pack()
@@ -48,6 +78,8 @@ def loras(tmp_path_factory):
     save_file(omnigen2_peft_lora(), folder / "tiny_omnigen2.safetensors")
     save_file(omnigen2_peft_lora(layers=40), folder / "too_deep_omnigen2.safetensors")  # OmniGen2 has 32 layers
     save_file(uno_lora(), folder / "tiny_uno.safetensors")
+    tensors, metadata = flux_diffusers_lora(alpha=2.0)
+    save_file(tensors, folder / "tiny_flux_diffusers.safetensors", metadata=metadata)
     folder_paths.add_model_folder_path("loras", str(folder))
     return folder
 
@@ -57,20 +89,44 @@ def _backbone_nodes():
 
 
 def test_lora_loader_converts_omnigen2_peft_keys_and_changes_the_weights(omnigen2_model, loras):
-    comfy_import_path()
-    import comfy.lora
-
     patched = _backbone_nodes().UMOLoraLoader.execute(omnigen2_model, "tiny_omnigen2.safetensors", 0.5)[0]
     assert len(patched.patches) == 8  # to_q, to_k, to_v, to_out.0 of two layers
     assert not omnigen2_model.patches  # the input MODEL is untouched
-    key = "diffusion_model.layers.1.attn.to_out.0.weight"
-    assert key in patched.patches
-    shape = omnigen2_model.model.state_dict()[key].shape
     # ComfyUI's own patch math, as it runs when the model is loaded for sampling.
-    weight = comfy.lora.calculate_weight(patched.patches[key], torch.zeros(shape), key)
+    weight = _patched_weight(omnigen2_model, patched, "diffusion_model.layers.1.attn.to_out.0.weight")
     lora = omnigen2_peft_lora()
     up, down = (lora[f"layers.1.attn.to_out.0.lora_{ab}.default.weight"] for ab in "BA")
     assert torch.allclose(weight, 0.5 * up @ down, atol=1e-5)
+
+
+def _patched_weight(model, patched, key: str) -> torch.Tensor:
+    """The weight ComfyUI computes for `key` from the patches (here added to zeros: the LoRA's delta)."""
+    import comfy.lora
+
+    return comfy.lora.calculate_weight(patched.patches[key], torch.zeros(model.model.state_dict()[key].shape), key)
+
+
+def test_lora_loader_applies_uno_keys_to_flux(flux_model, loras):
+    patched = _backbone_nodes().UMOLoraLoader.execute(flux_model, "tiny_uno.safetensors", 1.0)[0]
+    assert len(patched.patches) == 6 and not flux_model.patches
+    lora = uno_lora()
+    delta = _patched_weight(flux_model, patched, "diffusion_model.single_blocks.0.linear2.weight")
+    up, down = (lora[f"single_blocks.0.processor.proj_lora.{d}.weight"] for d in ("up", "down"))
+    assert torch.allclose(delta, up @ down, atol=1e-5)
+
+
+def test_lora_loader_applies_a_diffusers_flux_lora_with_its_alpha(flux_model, loras):
+    patched = _backbone_nodes().UMOLoraLoader.execute(flux_model, "tiny_flux_diffusers.safetensors", 1.0)[0]
+    delta = _patched_weight(flux_model, patched, "diffusion_model.double_blocks.0.img_attn.qkv.weight")
+    lora, _ = flux_diffusers_lora(alpha=2.0)
+    rows = [lora[f"transformer.transformer_blocks.0.attn.{m}.lora_B.weight"]
+            @ lora[f"transformer.transformer_blocks.0.attn.{m}.lora_A.weight"] for m in ("to_q", "to_k", "to_v")]
+    assert torch.allclose(delta, torch.cat(rows) * 2.0 / 4, atol=1e-4)  # alpha / rank
+
+
+def test_lora_loader_refuses_an_omnigen2_lora_on_flux(flux_model, loras):
+    with pytest.raises(UMOError, match="is a omnigen2 LoRA but the model is flux"):
+        _backbone_nodes().UMOLoraLoader.execute(flux_model, "tiny_omnigen2.safetensors", 1.0)
 
 
 def test_lora_loader_refuses_a_flux_lora_on_omnigen2(omnigen2_model, loras):
