@@ -242,3 +242,18 @@ def test_face_model_loader_lists_and_loads_packs(insightface_folder):
 def test_face_model_loader_errors_say_what_to_do(insightface_folder, pack, message):
     with pytest.raises(UMOError, match=message):
         import_pack().nodes.identity.FaceModelLoader.execute(pack, "CPU", "onnx")
+
+
+def test_reference_conditioning_omnigen2_convention(flux_vae, monkeypatch):
+    """References for both conditionings (DualCFGGuider's cond1 and cond2), no FLUX placement, sides
+    multiples of 16 at the target pixel count (lowered from one megapixel to keep the CPU encode short)."""
+    backbone_nodes = _backbone_nodes()
+    monkeypatch.setattr(backbone_nodes, "OMNIGEN2_REFERENCE_PIXELS", 128 * 128)
+    positive, negative = [[torch.zeros(1, 8, 2048), {}]], [[torch.ones(1, 8, 2048), {}]]
+    output = backbone_nodes.ReferenceConditioning.execute(positive, flux_vae, "auto", 0, negative=negative,
+                                                          image_1=torch.rand(1, 100, 200, 3))
+    for conditioning in output[:2]:
+        assert conditioning[0][1].keys() == {"reference_latents"}
+        assert [tuple(latent.shape) for latent in conditioning[0][1]["reference_latents"]] == [(1, 16, 12, 22)]
+    assert output[0][0][1]["reference_latents"][0] is output[1][0][1]["reference_latents"][0]
+    assert torch.equal(output[1][0][0], negative[0][0])
