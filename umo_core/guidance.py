@@ -6,7 +6,9 @@ next to a large transformer), so the gradient never goes through a full-image de
 
 1. a preview decode of the whole latent *without* gradient finds the faces;
 2. only a latent window around each face (plus a margin, so the decoder sees context) is
-   decoded *with* gradient, and the face is embedded from that region;
+   decoded *with* gradient, and the face is embedded from that region; with several faces each
+   window is checkpointed (its activations are recomputed during the backward pass), so the
+   peak memory is that of one window, not of all of them;
 3. all faces' embeddings form one similarity matrix, so the reward is the same MIMR as the
    trainer's and the rerank node's (`reward_of_faces`), and its gradient lands in the windows.
 
@@ -22,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from .detection import Faces
 from .face_model import FaceModel, Identities
@@ -74,14 +77,20 @@ def reward_gradient(latent: torch.Tensor, decode: Decoder, identities: Identitie
         scale = preview.shape[1] // latent.shape[2]
     if len(faces) == 0:
         return GuidanceResult(0.0, torch.zeros_like(latent), faces)
+
+    def embed_window(cells: torch.Tensor, face: Faces) -> torch.Tensor:
+        return face_model.embed_faces(decode(cells)[0], face)
+
     windows, embeddings = [], []
     for i, box in enumerate(faces.boxes.tolist()):
         top, left, bottom, right = _window(box, scale, margin, latent.shape[2], latent.shape[3])
         cells = latent[:, :, top:bottom, left:right].clone().requires_grad_(True)
-        region = decode(cells)[0]
         offset = [left * scale, top * scale]
         face = Faces(faces.boxes[i:i + 1] - (offset * 2), faces.keypoints[i:i + 1] - offset, faces.scores[i:i + 1])
-        embeddings.append(face_model.embed_faces(region, face))
+        if len(faces) > 1:  # one window's activations alive at a time, for one extra window forward each
+            embeddings.append(checkpoint(embed_window, cells, face, use_reentrant=False))
+        else:
+            embeddings.append(embed_window(cells, face))
         windows.append((cells, top, left))
     reward, _, _ = reward_of_faces(identities, torch.cat(embeddings), kind)
     grads = torch.autograd.grad(reward, [cells for cells, _, _ in windows])
