@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
+from umo_core.errors import UMOError
 from umo_core.guidance import autograd_copy, guide
 
 from .sockets import FaceModelSocket, IdentitiesSocket
@@ -53,6 +54,9 @@ class IdentityGuidance(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, vae, face_model, identities, strength, start, end, reward) -> io.NodeOutput:
+        if start > end:
+            raise UMOError(f"UMO Identity Guidance: start ({start}) is after end ({end}); guidance would never run. "
+                           "Set start below end (default: start 0.6, end 1.0, the last 40% of the steps).")
         sampling = model.get_model_object("model_sampling")
         sigma_start, sigma_end = sampling.percent_to_sigma(start), sampling.percent_to_sigma(end)
         decode = _decoder(vae, model.model)

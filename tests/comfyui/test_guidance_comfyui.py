@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tests.comfyui.conftest import comfy_import_path, flux_vae_module, import_pack, random_state_dict
+from umo_core import UMOError
 
 
 @pytest.fixture(scope="module")
@@ -74,3 +75,9 @@ def test_hook_on_a_clone_and_no_face_leaves_the_estimate(vae, flux_model, face_m
                             "sigma": torch.tensor([0.5]), "input": denoised, "model": flux_model.model,
                             "model_options": patched.model_options})
     assert torch.equal(stepped, denoised)
+
+
+def test_a_window_that_ends_before_it_starts_is_an_error(vae, flux_model, face_model, photos):
+    identities = face_model.identities([photos / "Rob_Lowe_0001.jpg"])
+    with pytest.raises(UMOError, match=r"start \(0.8\) is after end \(0.5\)"):
+        _guidance_node().IdentityGuidance.execute(flux_model, vae, face_model, identities, 0.5, 0.8, 0.5, "mimr")
