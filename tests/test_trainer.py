@@ -91,34 +91,6 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(setup, tmp_path):
         assert torch.equal(straight[key], resumed[key]), key
 
 
-def test_uno_layout_has_the_same_effect_as_the_peft_lora():
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    from umo_core.lora_formats import UNO_TARGET_MODULES, diffusers_to_uno
-
-    model = tiny_transformer()
-    model.add_adapter(LoraConfig(r=3, lora_alpha=6, init_lora_weights="gaussian", target_modules=UNO_TARGET_MODULES))
-    for name, parameter in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(parameter)
-    peft_lora = get_peft_model_state_dict(model)
-    uno = diffusers_to_uno(peft_lora, scale=2.0)
-
-    def delta(prefix):
-        return 2.0 * peft_lora[f"{prefix}.lora_B.weight"] @ peft_lora[f"{prefix}.lora_A.weight"]
-
-    def uno_delta(key):
-        return uno[f"{key}.up.weight"] @ uno[f"{key}.down.weight"]
-
-    fused = uno_delta("double_blocks.0.processor.qkv_lora1")
-    expected = torch.cat([delta(f"transformer_blocks.0.attn.{m}") for m in ("to_q", "to_k", "to_v")])
-    torch.testing.assert_close(fused, expected)
-    single = uno_delta("single_blocks.0.processor.proj_lora")
-    torch.testing.assert_close(single, delta("single_transformer_blocks.0.proj_out"))
-    assert len(uno) == 2 * 6
-
-
 @pytest.mark.parametrize(("row", "message"), [
     ({"target": "img/missing.jpg"}, "missing.jpg"),
     ({"references": ["img/Rob_Lowe_0001.jpg", "img/no_face_view.jpg"], "identities": ["a", "b"]}, "no face found"),
