@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -149,3 +150,42 @@ def test_reward_gradient_reaches_the_lora_through_vae_and_face_network(assets, p
     assert sum(g.abs().sum() for g in lora_grads) > 0
     assert all(p.grad is None for n, p in transformer.named_parameters() if "lora" not in n)
     assert all(p.grad is None for p in vae.parameters())
+
+
+def test_generate_command_with_and_without_a_uno_lora(setup, photos, tmp_path):
+    """The headless twin of the ComfyUI graph: same seed, same image; a merged UNO LoRA changes it."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from PIL import Image
+
+    from umo_core.cli import main as umo_main
+    from umo_core.flux import merge_lora
+    from umo_core.lora_formats import UNO_TARGET_MODULES, diffusers_to_uno, save_lora_file
+
+    root, data, _ = setup
+    adapted = tiny_transformer()
+    adapted.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights="gaussian", target_modules=UNO_TARGET_MODULES))
+    for name, parameter in adapted.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.5)
+    lora_path = tmp_path / "lora_uno.safetensors"
+    save_lora_file(lora_path, diffusers_to_uno(get_peft_model_state_dict(adapted)))
+
+    base = tiny_transformer()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    assert merge_lora(base, lora_path) == 4 * 2 + 4  # 8 double-block and 4 single-block modules
+    changed = {k for k, v in base.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.endswith(".weight") and ("attn." in k or "proj_out" in k) for k in changed)
+    assert "proj_out.weight" not in changed  # the top-level output projection is not UNO's
+
+    def generate(out, *extra):
+        args = ["generate", "--transformer", str(root / "transformer"), "--vae", str(root / "vae"),
+                "--text-embedding", str(data / "text" / "0.safetensors"), "--ref", str(photos / "Rob_Lowe_0001.jpg"),
+                "--ref", str(photos / "Nathalie_Baye_0002.jpg"), "--size", "64", "--steps", "2", "--seed", "3",
+                "--device", "cpu", "--out", str(out), *extra]
+        assert umo_main(args) == 0
+        return np.asarray(Image.open(out / "umo_000003.png"), np.float32)
+
+    first, again = generate(tmp_path / "a"), generate(tmp_path / "b")
+    assert first.shape == (64, 64, 3) and np.array_equal(first, again)
+    assert not np.array_equal(first, generate(tmp_path / "c", "--lora", str(lora_path)))

@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+import torch
 from PIL import Image
 
 from .annotate import annotate
@@ -34,7 +35,56 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument("--annotate", type=Path, help="write annotated copies of the images into this folder")
     score.add_argument("--provider", default="auto", help="onnxruntime provider: auto, cpu, cuda, rocm, coreml")
     score.add_argument("--backend", choices=("onnx", "torch"), default="onnx", help="face embedder backend")
+    generate = commands.add_parser("generate", help="images of the reference people from a prompt (FLUX + UNO)")
+    generate.add_argument("--transformer", type=Path, required=True, help="diffusers FLUX transformer folder")
+    generate.add_argument("--vae", type=Path, required=True, help="diffusers FLUX autoencoder folder")
+    generate.add_argument("--text-embedding", type=Path, required=True,
+                          help="safetensors with prompt_embeds and pooled_prompt_embeds (see README: the trainer)")
+    generate.add_argument("--ref", action="append", required=True, type=Path, help="reference photo, one per person")
+    generate.add_argument("--lora", type=Path, help="UMO_UNO.safetensors or a LoRA from the trainer")
+    generate.add_argument("--lora-strength", type=float, default=1.0)
+    generate.add_argument("--size", type=int, default=768, help="width and height (multiple of 16)")
+    generate.add_argument("--steps", type=int, default=25)
+    generate.add_argument("--guidance", type=float, default=4.0)
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--count", type=int, default=1, help="images to make (seeds seed, seed+1, ...)")
+    generate.add_argument("--out", type=Path, required=True, help="output folder")
+    generate.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser
+
+
+def generate_command(args: argparse.Namespace) -> list[Path]:
+    """The headless twin of the UMO-UNO ComfyUI graph."""
+    from diffusers import AutoencoderKL
+    from safetensors.torch import load_file
+
+    from .flux import TextEmbedding, decode_latents, encode_images, load_transformer, merge_lora, sample
+    from .images import float_image
+    from .references import reference_long_side, resize_reference
+
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    transformer = load_transformer(args.transformer, dtype).to(args.device)
+    vae = AutoencoderKL.from_pretrained(args.vae, torch_dtype=dtype, local_files_only=True).to(args.device)
+    if args.lora:
+        merge_lora(transformer, args.lora, args.lora_strength)
+    embedding = load_file(args.text_embedding)
+    text = TextEmbedding(embedding["prompt_embeds"][None], embedding["pooled_prompt_embeds"][None])
+    side = reference_long_side(len(args.ref))
+    with torch.no_grad():
+        references = [encode_images(vae, resize_reference(float_image(load_image(p)), side)[None]) for p in args.ref]
+    args.out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for index in range(args.count):
+        generator = torch.Generator().manual_seed(args.seed + index)
+        noise = torch.randn(1, 16, args.size // 8, args.size // 8, generator=generator).to(args.device)
+        latent = sample(transformer, noise, text, references, args.steps, args.guidance)
+        with torch.no_grad():
+            image = decode_latents(vae, latent)[0]
+        path = args.out / f"umo_{args.seed + index:06d}.png"
+        Image.fromarray((image.cpu().numpy() * 255 + 0.5).astype("uint8")).save(path)
+        written.append(path)
+        print(path)
+    return written
 
 
 def _format(value: float | None) -> str:
@@ -83,7 +133,7 @@ def score_command(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        score_command(args)
+        (score_command if args.command == "score" else generate_command)(args)
     except UMOError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from .errors import UMOError
+from .lora_formats import detect_lora_format, load_lora_file, uno_to_diffusers
 from .uno import flux_sigmas, pack_latents, text_ids, uno_image_ids, unpack_latents
 
 
@@ -76,3 +77,27 @@ def sample(transformer, noise: torch.Tensor, text: TextEmbedding, references: li
         velocity = predict_velocity(transformer, latent, sigmas[i], text, references, guidance)
         latent = latent + (sigmas[i + 1] - sigmas[i]) * velocity
     return latent
+
+
+@torch.no_grad()
+def merge_lora(transformer, path: str | Path, strength: float = 1.0) -> int:
+    """Add a UNO-layout (UMO_UNO, this trainer's) or diffusers-peft FLUX LoRA into the weights: W += s * B @ A.
+
+    Merged, a LoRA costs nothing at inference. Returns the number of layers changed.
+    """
+    state_dict, _ = load_lora_file(path)
+    layout = detect_lora_format(state_dict)
+    if layout == "uno":
+        state_dict = uno_to_diffusers(state_dict)
+    elif layout != "flux_diffusers_peft":
+        raise UMOError(f"LoRA '{path}' is a {layout} LoRA; FLUX generation takes UNO or diffusers FLUX LoRAs")
+    merged = 0
+    for key, down in state_dict.items():
+        if ".lora_A." not in key:
+            continue
+        module_name = key.split(".lora_A.")[0].removeprefix("transformer.").removeprefix("base_model.model.")
+        up = state_dict[key.replace(".lora_A.", ".lora_B.")]
+        weight = transformer.get_submodule(module_name).weight
+        weight += (strength * up.float() @ down.float()).to(weight)
+        merged += 1
+    return merged
