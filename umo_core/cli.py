@@ -28,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="face pack name (looked up in ComfyUI's models/insightface/models and "
                             "~/.insightface/models) or folder; default $UMO_FACE_PACK or antelopev2")
     score.add_argument("--ref", action="append", required=True, type=Path, help="reference photo, one per person")
-    score.add_argument("--image", action="append", required=True, type=Path, help="image to score")
+    score.add_argument("--image", action="extend", nargs="+", required=True, type=Path, help="images to score")
     score.add_argument("--gt", type=Path, help="ground-truth photo of the same people (for Sim(GT) and CP)")
     score.add_argument("--criterion", choices=CRITERIA, default="mimr", help="ranking criterion (default mimr)")
     score.add_argument("--json", type=Path, help="write the full report as JSON here")
