@@ -42,16 +42,19 @@ def _format(value: float | None) -> str:
 
 
 def _table(scores: list[ImageScore], order: list[int], criterion: str | None = None) -> str:
-    lines = []
-    if criterion:
-        lines.append(f"ranked by {criterion}, best first")
+    """A text table, one row per image in `order`: its faces, the metrics and each reference's matched face."""
+    metric_names = list(scores[order[0]].metrics)
+    rows = [["rank", "image", "faces", *metric_names, "matches"]]
     for place, index in enumerate(order, 1):
         score = scores[index]
-        metrics = "  ".join(f"{k} {_format(v)}" for k, v in score.metrics.items())
         matches = ", ".join(f"R{k + 1}->face {j + 1}" if j is not None else f"R{k + 1}->none"
                             for k, j in enumerate(score.assignment))
-        lines.append(f"{place}. image {index + 1}: {len(score.faces)} faces; {matches}\n   {metrics}")
-    return "\n".join(lines)
+        rows.append([str(place), str(index + 1), str(len(score.faces)),
+                     *(_format(score.metrics[name]) for name in metric_names), matches])
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    title = f"ranked by {criterion}, best first" if criterion else "in input order"
+    return "\n".join([title, *lines])
 
 
 class FaceModelLoader(io.ComfyNode):

@@ -4,12 +4,15 @@ ComfyUI detects OmniGen2 only at its full 4B size, so the OmniGen2 model is buil
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from tests.comfyui.conftest import (
+    COMFYUI_PATH,
     comfy_import_path,
     flux_vae_module,
     import_pack,
@@ -17,7 +20,7 @@ from tests.comfyui.conftest import (
     random_state_dict,
     uno_lora,
 )
-from tests.conftest import PHOTOS, make_pack
+from tests.conftest import PHOTOS, ROOT, make_pack
 from umo_core import UMOError
 from umo_core.references import resize_reference
 
@@ -257,3 +260,30 @@ def test_reference_conditioning_omnigen2_convention(flux_vae, monkeypatch):
         assert [tuple(latent.shape) for latent in conditioning[0][1]["reference_latents"]] == [(1, 16, 12, 22)]
     assert output[0][0][1]["reference_latents"][0] is output[1][0][1]["reference_latents"][0]
     assert torch.equal(output[1][0][0], negative[0][0])
+
+
+# A ComfyUI user clones the pack into custom_nodes and installs requirements.txt only: umo_core is not
+# pip-installed there. This script hides the development install, then loads the pack with ComfyUI's loader.
+LOAD_WITHOUT_INSTALL = """
+import asyncio, importlib.util, sys
+sys.meta_path[:] = [finder for finder in sys.meta_path if "__editable__" not in finder.__module__]
+sys.path[:] = [path for path in sys.path if "__editable__" not in path]
+assert importlib.util.find_spec("umo_core") is None, "umo_core is still importable"
+comfy_path, pack = sys.argv[1:]
+sys.path.insert(0, comfy_path)
+import comfy.cli_args
+comfy.cli_args.args.cpu = True
+import nodes
+loaded = asyncio.run(nodes.load_custom_node(pack))
+print(loaded, "UMOFaceModelLoader" in nodes.NODE_CLASS_MAPPINGS, nodes.__file__, sys.modules["umo_core"].__file__)
+"""
+
+
+def test_pack_loads_in_comfyui_without_installing_umo_core(tmp_path):
+    result = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_INSTALL, COMFYUI_PATH, str(ROOT)], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded, registered, comfy_nodes, umo_core = result.stdout.split()[-4:]
+    assert loaded == registered == "True", result.stderr[-3000:]
+    assert comfy_nodes.startswith(COMFYUI_PATH)  # the pack's nodes/ folder does not shadow ComfyUI's nodes.py
+    assert umo_core.startswith(str(ROOT))

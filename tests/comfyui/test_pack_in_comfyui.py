@@ -92,8 +92,10 @@ def test_rerank_and_report_pick_the_right_people(comfy):
     assert np.abs(best[0] - rob).mean() < 2 < np.abs(best[0] - mary).mean()
     annotated = _saved(comfy, history, "save_annotated")[0]
     assert np.abs(annotated - rob).mean() > 0.5  # boxes and labels were drawn
-    text = "".join(history["outputs"]["report"]["text"])
-    assert text.count("image ") == 3 and "mimr" in text and "id_conf" in text
+    title, header, *rows = "".join(history["outputs"]["report"]["text"]).splitlines()
+    assert title == "in input order" and header.split()[:4] == ["rank", "image", "faces", "mimr"]
+    assert "id_conf" in header and len(rows) == 3
+    assert rows[1].split()[:3] == ["2", "2", "1"] and rows[1].endswith("R1->face 1, R2->none")  # Rob Lowe
 
 
 def test_reference_without_a_face_names_its_position(comfy):
