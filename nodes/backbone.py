@@ -16,11 +16,12 @@ from umo_core.errors import UMOError
 from umo_core.lora_formats import check_family, load_lora_file, lora_family, to_comfy_lora
 from umo_core.references import reference_long_side, resize_reference
 
+from .sockets import collect_references, reference_image_inputs
+
 OMNIGEN2_REFERENCE_PIXELS = 1024 * 1024  # the official OmniGen2 graph scales references to 1 megapixel
 BACKBONES = {"auto": None, "flux (UNO)": "flux", "omnigen2": "omnigen2"}
 # Width of the text embedding in the conditioning -> the backbone it was made for.
 TEXT_WIDTH_FAMILY = {4096: "flux", 2048: "omnigen2"}  # T5-XXL (FLUX), Qwen2.5-VL-3B (OmniGen2)
-REFERENCE_INPUTS = 4
 LOW_RANK_DOWN_KEYS = (".lora_down.weight", ".lora_A.weight")
 
 
@@ -126,17 +127,14 @@ class ReferenceConditioning(io.ComfyNode):
                 io.Int.Input("long_side", default=0, min=0, max=2048, step=16,
                              tooltip="FLUX: reference long side; 0 = UNO's rule (512 for one reference, 320 for more)"),
                 io.Conditioning.Input("negative", optional=True, tooltip="also gets the references (OmniGen2 CFG)"),
-                io.Image.Input("images", optional=True),
             ]
-            + [io.Image.Input(f"image_{i}", optional=True) for i in range(1, REFERENCE_INPUTS + 1)],
+            + reference_image_inputs(),
             outputs=[io.Conditioning.Output(display_name="positive"), io.Conditioning.Output(display_name="negative")],
         )
 
     @classmethod
     def execute(cls, positive, vae, backbone, long_side, negative=None, images=None, **single_images) -> io.NodeOutput:
-        references = list(images) if images is not None else []
-        references += [single_images[f"image_{i}"][0] for i in range(1, REFERENCE_INPUTS + 1)
-                       if single_images.get(f"image_{i}") is not None]
+        references = collect_references(images, single_images)
         if not references:
             raise UMOError("UMO Reference Conditioning: connect at least one reference image")
         flux = conditioning_family(positive, backbone) == "flux"

@@ -13,10 +13,9 @@ from umo_core.images import to_rgb_uint8
 from umo_core.scoring import CRITERIA, ImageScore
 
 from .model_paths import face_pack_names, insightface_roots
-from .sockets import FaceModelSocket, IdentitiesSocket
+from .sockets import FaceModelSocket, IdentitiesSocket, collect_references, reference_image_inputs
 
 PROVIDERS = ["auto", "CPU", "CUDA", "ROCm", "CoreML"]
-REFERENCE_INPUTS = 4
 
 
 def _progress_scores(face_model: FaceModel, identities: Identities, images: torch.Tensor,
@@ -89,18 +88,14 @@ class ReferenceIdentities(io.ComfyNode):
             category="UMO",
             description="One reference photo per person, in order (the batch first, then image_1, image_2...). "
                         "Each photo's largest face is that person.",
-            inputs=[FaceModelSocket.Input("face_model"), io.Image.Input("images", optional=True)]
-            + [io.Image.Input(f"image_{i}", optional=True) for i in range(1, REFERENCE_INPUTS + 1)],
+            inputs=[FaceModelSocket.Input("face_model")] + reference_image_inputs(),
             outputs=[IdentitiesSocket.Output(display_name="identities"),
                      io.Image.Output(display_name="aligned_faces")],
         )
 
     @classmethod
     def execute(cls, face_model, images=None, **single_images) -> io.NodeOutput:
-        photos = list(images) if images is not None else []
-        photos += [single_images[f"image_{i}"][0] for i in range(1, REFERENCE_INPUTS + 1)
-                   if single_images.get(f"image_{i}") is not None]
-        identities = face_model.identities(photos)
+        identities = face_model.identities(collect_references(images, single_images))
         preview = identities.crops.permute(0, 2, 3, 1).clamp(0, 1)
         notes = ui.PreviewText("\n".join(identities.notes)) if identities.notes else None  # "...using the largest"
         return io.NodeOutput(identities, preview, ui=notes)
