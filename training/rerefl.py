@@ -4,7 +4,7 @@
         --faces antelopev2 --output runs/umo           # or plain `python -m training.rerefl ...`
 
 Per step (umo-method.md section 3): L = lambda * L_diff - R, where L_diff is the flow-matching loss
-on the sample and R the reward of a ReReFL rollout: sample without gradient from noise to a random
+on the batch and R the reward of a ReReFL rollout: sample without gradient from noise to a random
 step in the last `--window` steps of the schedule, take one step with gradient, form the one-step
 clean estimate, decode it with gradient and score it with MIMR (or SIR) against the references -
 the same `identity_reward` the nodes use.
@@ -24,14 +24,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from umo_core import UMOError, identity_reward, load_face_model
-from umo_core.flux import TextEmbedding, decode_latents, encode_images, load_transformer, predict_velocity, sample
-from umo_core.images import float_image, load_image
+from umo_core import UMOError, identity_metrics, identity_reward, load_face_model
+from umo_core.flux import decode_latents, load_flux_lora, load_transformer, predict_velocity, sample
 from umo_core.lora_formats import (
     BASE_MODEL_METADATA_KEY,
     FORMAT_METADATA_KEY,
@@ -39,10 +39,15 @@ from umo_core.lora_formats import (
     diffusers_to_uno,
     save_lora_file,
 )
-from umo_core.references import reference_long_side, resize_reference
-from umo_core.uno import flux_sigmas
+from umo_core.metrics import average_metrics
+from umo_core.uno import clean_estimate, flux_sigmas
 
-from .data import Sample, load_dataset
+from .batches import Batch, load_batch
+from .buckets import BatchOrder, shape_key
+from .data import load_dataset
+from .evaluation import evaluate
+
+DEFAULT_RANK = 512
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,15 +59,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--faces", default="antelopev2", help="face pack name or folder")
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--rank", type=int, default=512)
+    parser.add_argument("--rank", type=int, help=f"LoRA rank (default {DEFAULT_RANK}, or the --init-lora file's)")
+    parser.add_argument("--init-lora", type=Path, help="start from this UNO-layout (UMO_UNO) or diffusers LoRA")
     parser.add_argument("--lr", type=float, default=5e-6)
     parser.add_argument("--weight-decay", type=float, default=0.01)
     parser.add_argument("--grad-clip", type=float, default=1.0)
-    parser.add_argument("--resolution", type=int, default=512, help="target long side in pixels (multiple of 16)")
+    parser.add_argument("--resolution", type=int, default=512,
+                        help="targets train at about RESOLUTION^2 pixels in their aspect-ratio bucket")
+    parser.add_argument("--batch-size", type=int, default=1, help="samples per process and step")
     parser.add_argument("--sampling-steps", type=int, default=25)
     parser.add_argument("--window", type=int, default=10, help="gradient step drawn from the last N sampling steps")
     parser.add_argument("--reward", choices=("mimr", "sir"), default="mimr")
     parser.add_argument("--diffusion-weight", type=float, default=1.0, help="lambda in L = lambda * L_diff - R")
+    parser.add_argument("--eval-every", type=int, default=250, help="evaluation images every N steps (0: never)")
+    parser.add_argument("--eval-count", type=int, default=4, help="evaluate the first N rows of the data")
+    parser.add_argument("--eval-guidance", type=float, default=4.0)
     parser.add_argument("--checkpoint-every", type=int, default=100)
     parser.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint")
     parser.add_argument("--seed", type=int, default=0)
@@ -73,17 +84,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def load_target(path: Path, long_side: int) -> torch.Tensor:
-    """The target image at the training resolution, centre-cropped to multiples of 16: [1,H,W,3]."""
-    return resize_reference(float_image(load_image(path)), long_side)[None]
+def check_args(args: argparse.Namespace) -> None:
+    if args.resolution % 16 or args.resolution < 16:
+        raise UMOError(f"--resolution {args.resolution} must be a positive multiple of 16")
+    if not 1 <= args.window <= args.sampling_steps:
+        raise UMOError(f"--window {args.window} must be between 1 and --sampling-steps ({args.sampling_steps})")
+    for name in ("steps", "batch_size", "checkpoint_every"):
+        if getattr(args, name) < 1:
+            raise UMOError(f"--{name.replace('_', '-')} must be at least 1")
 
 
-def save_atomically(folder: Path, write) -> None:
-    """Write into a temporary sibling folder, then swap it in: a crash never leaves a half checkpoint."""
-    temporary = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir(parents=True)
-    write(temporary)
+def lora_config(args: argparse.Namespace) -> tuple[LoraConfig, dict[str, torch.Tensor] | None]:
+    """The adapter to train and, with --init-lora, the weights it starts from (its rank is the file's)."""
+    initial, rank = None, args.rank or DEFAULT_RANK
+    if args.init_lora:
+        initial = load_flux_lora(args.init_lora)
+        ranks = {tensor.shape[0] for key, tensor in initial.items() if ".lora_A." in key}
+        if len(ranks) != 1:
+            raise UMOError(f"--init-lora '{args.init_lora}' has modules of different ranks {sorted(ranks)}; "
+                           "the trainer needs one rank")
+        rank = ranks.pop()
+        if args.rank and args.rank != rank:
+            raise UMOError(f"--rank {args.rank} differs from the rank {rank} of --init-lora '{args.init_lora}'; "
+                           "leave --rank out to continue at the file's rank")
+    # alpha = rank: the delta is B @ A, as in UNO's layout and the files this trainer writes.
+    return LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=UNO_TARGET_MODULES), initial
+
+
+def swap_in(temporary: Path, folder: Path) -> None:
+    """Replace `folder` by the complete `temporary`: a crash never leaves a half-written checkpoint."""
     old = folder.with_name(folder.name + ".old")
     if folder.exists():
         os.replace(folder, old)
@@ -91,9 +120,17 @@ def save_atomically(folder: Path, write) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def trim_log(path: Path, step: int) -> None:
+    """Drop the records after `step` (written after the checkpoint a resume continues from)."""
+    if path.is_file():
+        lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in lines))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        check_args(args)
         train(args)
     except UMOError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -103,25 +140,34 @@ def main(argv: list[str] | None = None) -> int:
 
 def train(args: argparse.Namespace) -> None:
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
-    # Seeds everything drawn outside our own generator (the LoRA's initialisation among them).
+    # Seeds everything drawn outside our own generators (the LoRA's initialisation among them).
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     device = accelerator.device
     dtype = torch.bfloat16 if args.mixed_precision == "bf16" else torch.float32
 
-    # Models: the frozen FLUX transformer with a trainable LoRA, the frozen VAE and face networks.
-    from diffusers import AutoencoderKL
-
+    # Data first: bad rows are reported before any model is loaded.
     face_model = load_face_model(args.faces, provider=args.provider, backend="torch", device=device)
     samples, skipped = load_dataset(args.data, face_model, args.on_bad_rows)
     for line in skipped:
         accelerator.print(f"skipped {line}")
+    keys = [shape_key(s.target, s.references, s.text_embedding, args.resolution) for s in samples]
+    order = BatchOrder(keys, args.batch_size, args.seed, accelerator.process_index, accelerator.num_processes)
+
+    # Models: the frozen FLUX transformer with a trainable LoRA, the frozen VAE and face networks.
+    from diffusers import AutoencoderKL
+
+    adapter, initial_lora = lora_config(args)
     transformer = load_transformer(args.transformer, dtype).to(device).requires_grad_(False)
     vae = AutoencoderKL.from_pretrained(args.vae, torch_dtype=dtype, local_files_only=True).to(device)
     vae.requires_grad_(False)
-    transformer.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian",
-                                       target_modules=UNO_TARGET_MODULES))
+    transformer.add_adapter(adapter)
+    if initial_lora is not None:
+        unexpected = set_peft_model_state_dict(transformer, initial_lora).unexpected_keys
+        if unexpected:
+            raise UMOError(f"--init-lora '{args.init_lora}' has layers this transformer lacks ({unexpected[:3]}...); "
+                           "is it a LoRA for another FLUX depth?")
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     lora_parameters = [p for p in transformer.parameters() if p.requires_grad]
@@ -131,103 +177,134 @@ def train(args: argparse.Namespace) -> None:
     transformer, optimizer = accelerator.prepare(transformer, optimizer)
     model = accelerator.unwrap_model(transformer)
 
-    # State that a resume restores exactly.
+    # State that a resume restores exactly: weights, optimizer, data position and every RNG.
     generator = torch.Generator().manual_seed(args.seed + accelerator.process_index)
-    state = {"step": 0, "position": 0, "order": []}
+    step = 0
     checkpoint = args.output / "checkpoint"
     if args.resume:
         if not (checkpoint / "state.json").is_file():
             raise UMOError(f"--resume: no checkpoint in '{checkpoint}'")
+        state = json.loads((checkpoint / "state.json").read_text())
+        if state["processes"] != accelerator.num_processes:
+            raise UMOError(f"--resume: the checkpoint was written by {state['processes']} processes; "
+                           f"resume with the same number (now {accelerator.num_processes})")
         set_peft_model_state_dict(model, load_file(checkpoint / "lora.safetensors"))
         optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
-        rng = torch.load(checkpoint / "rng.pt", weights_only=False)
+        rng = torch.load(checkpoint / f"rng_{accelerator.process_index}.pt", weights_only=False)
         generator.set_state(rng["generator"])
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
         torch.set_rng_state(rng["torch"])
-        state = json.loads((checkpoint / "state.json").read_text())
+        order.load_state_dict(state["order"])
+        step = state["step"]
 
-    def write_checkpoint(folder: Path) -> None:
-        save_file({k: v.contiguous() for k, v in get_peft_model_state_dict(model).items()}, folder / "lora.safetensors")
-        torch.save(optimizer.state_dict(), folder / "optimizer.pt")
-        torch.save({"generator": generator.get_state(), "python": random.getstate(), "numpy": np.random.get_state(),
-                    "torch": torch.get_rng_state()}, folder / "rng.pt")
-        (folder / "state.json").write_text(json.dumps(state))
-
-    def next_sample() -> Sample:
-        if state["position"] >= len(state["order"]):  # a new epoch: a new seeded order
-            state["order"] = torch.randperm(len(samples), generator=generator).tolist()
-            state["position"] = 0
-        chosen = samples[state["order"][state["position"]]]
-        state["position"] += 1
-        return chosen
-
-    stop = {"now": False}
-    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
-    args.output.mkdir(parents=True, exist_ok=True)
-    log = (args.output / "log.jsonl").open("a")
-    sigmas = None
-    progress = tqdm(range(state["step"], args.steps), initial=state["step"], total=args.steps,
-                    disable=not accelerator.is_main_process)
-    try:
-        for _ in progress:
-            chosen = next_sample()
-            with torch.no_grad():
-                target = encode_images(vae, load_target(chosen.target, args.resolution).to(device))
-                reference_images = [float_image(load_image(p)) for p in chosen.references]
-                side = reference_long_side(len(reference_images))
-                references = [encode_images(vae, resize_reference(r, side)[None].to(device)) for r in reference_images]
-                identities = face_model.identities(reference_images)
-                embedding = load_file(chosen.text_embedding)
-                text = TextEmbedding(embedding["prompt_embeds"][None].to(device),
-                                     embedding["pooled_prompt_embeds"][None].to(device))
-            if sigmas is None or len(sigmas) != args.sampling_steps + 1:
-                sigmas = flux_sigmas(args.sampling_steps, (target.shape[2] // 2) * (target.shape[3] // 2))
-
-            with accelerator.accumulate(transformer):
-                # 1. The flow-matching loss on the training sample (guidance fixed at 1).
-                t = torch.rand((), generator=generator)
-                noise = torch.randn(target.shape, generator=generator).to(device)
-                noisy = (1 - t) * target + t * noise
-                velocity = predict_velocity(transformer, noisy, t, text, references, guidance=1.0)
-                diffusion_loss = torch.nn.functional.mse_loss(velocity, noise - target)
-
-                # 2. ReReFL: roll out without gradient to a step in the window, one step with gradient.
-                step = int(torch.randint(args.sampling_steps - args.window, args.sampling_steps, (),
-                                         generator=generator))
-                start = torch.randn(target.shape, generator=generator).to(device)
-                latent = sample(model, start, text, references, args.sampling_steps, guidance=1.0, stop_at=step)
-                velocity = predict_velocity(transformer, latent, sigmas[step], text, references, guidance=1.0)
-                estimate = latent - sigmas[step] * velocity
-                images = decode_latents(vae, estimate)
-                reward = identity_reward(images, identities, face_model, kind=args.reward).values.mean()
-
-                loss = args.diffusion_weight * diffusion_loss - reward
-                accelerator.backward(loss)
-                accelerator.clip_grad_norm_(lora_parameters, args.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad()
-
-            state["step"] += 1
-            record = {"step": state["step"], "loss": loss.item(), "diffusion_loss": diffusion_loss.item(),
-                      "reward": reward.item(), "reward_step": step, "row": chosen.row}
-            if accelerator.is_main_process:
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-            progress.set_postfix(loss=f"{record['loss']:.4f}", reward=f"{record['reward']:.3f}")
-            if accelerator.is_main_process and (state["step"] % args.checkpoint_every == 0 or stop["now"]):
-                save_atomically(checkpoint, write_checkpoint)
-            if stop["now"]:
-                return
-    except KeyboardInterrupt:
+    def save_checkpoint() -> None:
+        temporary = checkpoint.with_name(checkpoint.name + ".tmp")
         if accelerator.is_main_process:
-            save_atomically(checkpoint, write_checkpoint)
-        raise
-    finally:
-        log.close()
+            shutil.rmtree(temporary, ignore_errors=True)
+            temporary.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        torch.save({"generator": generator.get_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+                    "torch": torch.get_rng_state()}, temporary / f"rng_{accelerator.process_index}.pt")
+        if accelerator.is_main_process:  # the LoRA and the optimizer are the same on every process
+            lora = {k: v.contiguous() for k, v in get_peft_model_state_dict(model).items()}
+            save_file(lora, temporary / "lora.safetensors")
+            torch.save(optimizer.state_dict(), temporary / "optimizer.pt")
+            (temporary / "state.json").write_text(json.dumps(
+                {"step": step, "order": order.state_dict(), "processes": accelerator.num_processes}))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            swap_in(temporary, checkpoint)
+        accelerator.wait_for_everyone()
+
+    def batch_of(indices: list[int]) -> Batch:
+        return load_batch([samples[i] for i in indices], keys[indices[0]][0], vae, face_model, device)
+
+    evaluation_rows = [[i] for i in range(min(args.eval_count, len(samples)))]
+
+    def run_evaluation() -> None:
+        if args.eval_every and accelerator.is_main_process:
+            summary = evaluate(step, model, vae, face_model, [batch_of(rows) for rows in evaluation_rows],
+                               args.output, args.seed, args.sampling_steps, args.eval_guidance)
+            accelerator.print(f"evaluation at step {step}: " + ", ".join(
+                f"{name} {value:.3f}" for name, value in summary.items() if name != "step" and value is not None))
+        accelerator.wait_for_everyone()
+
+    # Ctrl-C and SIGTERM (a scheduler's preemption) finish the current step, then checkpoint and stop.
+    stop = {"now": False}
+
+    def request_stop(*_) -> None:
+        stop["now"] = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    args.output.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:
+        trim_log(args.output / "log.jsonl", step)
+        trim_log(args.output / "eval.jsonl", step)
+    if step == 0:
+        run_evaluation()  # the starting point, to compare the trained LoRA against
+    progress = tqdm(total=args.steps, initial=step, disable=not accelerator.is_main_process)
+    while step < args.steps:
+        batch = batch_of(order.next_batch())
+        sigmas = flux_sigmas(args.sampling_steps, (batch.target.shape[2] // 2) * (batch.target.shape[3] // 2))
+
+        # 1. The flow-matching loss on the training batch (guidance fixed at 1).
+        shape = batch.target.shape
+        t = torch.rand((shape[0], 1, 1, 1), generator=generator).to(device)
+        noise = torch.randn(shape, generator=generator).to(device)
+        noisy = (1 - t) * batch.target + t * noise
+        velocity = predict_velocity(transformer, noisy, t.flatten(), batch.text, batch.references, guidance=1.0)
+        diffusion_loss = torch.nn.functional.mse_loss(velocity, noise - batch.target)
+
+        # 2. ReReFL: roll out without gradient to a step in the window, one step with gradient.
+        reward_step = int(torch.randint(args.sampling_steps - args.window, args.sampling_steps, (),
+                                        generator=generator))
+        start = torch.randn(shape, generator=generator).to(device)
+        latent = sample(model, start, batch.text, batch.references, args.sampling_steps, guidance=1.0,
+                        stop_at=reward_step)
+        sigma = sigmas[reward_step]
+        velocity = predict_velocity(transformer, latent, sigma, batch.text, batch.references, guidance=1.0)
+        images = decode_latents(vae, clean_estimate(latent, velocity, sigma))
+        results = [identity_reward(images[i:i + 1], batch.identities[i], face_model, kind=args.reward)
+                   for i in range(shape[0])]
+        reward = torch.cat([r.values for r in results]).mean()
+
+        loss = args.diffusion_weight * diffusion_loss - reward
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(lora_parameters, args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad()
+        step += 1
+
+        # The log: losses and the identity metrics of the decoded estimates, over all processes.
+        metrics = [identity_metrics(batch.identities[i].embeddings, r.embeddings[0].detach().cpu(),
+                                    batch.ground_truth[i].embeddings)["metrics"] for i, r in enumerate(results)]
+        metrics = average_metrics(gather_object(metrics))
+        values = accelerator.reduce(torch.stack([loss, diffusion_loss, reward]).detach(), "mean").tolist()
+        record = {"step": step, "loss": values[0], "diffusion_loss": values[1], "reward": values[2],
+                  "reward_step": reward_step, "rows": gather_object(batch.rows), **metrics}
+        if accelerator.is_main_process:
+            with (args.output / "log.jsonl").open("a") as log:
+                log.write(json.dumps(record) + "\n")
+        progress.update()
+        progress.set_postfix(loss=f"{record['loss']:.4f}", reward=f"{record['reward']:.3f}")
+
+        if args.eval_every and step % args.eval_every == 0:
+            run_evaluation()
+        # Every process stops at the same step, when any of them was asked to.
+        stop_now = accelerator.reduce(torch.tensor(float(stop["now"]), device=device), "sum").item() > 0
+        if step % args.checkpoint_every == 0 or stop_now or step == args.steps:
+            save_checkpoint()
+        if stop_now:
+            accelerator.print(f"stopped at step {step}; continue with --resume")
+            return
+    progress.close()
+    if args.eval_every and step % args.eval_every:
+        run_evaluation()
 
     if accelerator.is_main_process:
-        save_atomically(checkpoint, write_checkpoint)
         lora = {k: v.contiguous() for k, v in get_peft_model_state_dict(model).items()}
         save_lora_file(args.output / "lora_diffusers.safetensors", lora)
         save_lora_file(args.output / "lora_uno.safetensors", diffusers_to_uno(lora),

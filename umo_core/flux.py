@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .errors import UMOError
-from .lora_formats import detect_lora_format, load_lora_file, uno_to_diffusers
+from .lora_formats import detect_lora_format, load_lora_file, peft_alpha, uno_to_diffusers
 from .uno import flux_sigmas, pack_latents, text_ids, uno_image_ids, unpack_latents
 
 
@@ -52,7 +52,10 @@ def predict_velocity(transformer, latent: torch.Tensor, sigma: torch.Tensor | fl
     tokens = torch.cat([pack_latents(latent)] + [pack_latents(r) for r in references], dim=1)
     ids = uno_image_ids((h, w), [tuple(r.shape[-2:]) for r in references]).to(latent.device)
     sigma = torch.as_tensor(sigma, device=latent.device, dtype=torch.float32).expand(b)
-    dtype = transformer.dtype
+    # Under multi-process training the transformer is wrapped (DistributedDataParallel): call the
+    # wrapper, which synchronises the gradients, and read dtype and config from the model inside.
+    model = getattr(transformer, "module", transformer)
+    dtype = model.dtype
     output = transformer(
         hidden_states=tokens.to(dtype),
         encoder_hidden_states=text.prompt_embeds.to(latent.device, dtype),
@@ -60,7 +63,7 @@ def predict_velocity(transformer, latent: torch.Tensor, sigma: torch.Tensor | fl
         timestep=sigma.to(dtype),
         img_ids=ids, txt_ids=text_ids(text.prompt_embeds.shape[1]).to(latent.device),
         guidance=torch.full((b,), guidance, device=latent.device, dtype=dtype)
-        if transformer.config.guidance_embeds else None,
+        if model.config.guidance_embeds else None,
         return_dict=False,
     )[0]
     target_tokens = (h // 2) * (w // 2)
@@ -79,25 +82,39 @@ def sample(transformer, noise: torch.Tensor, text: TextEmbedding, references: li
     return latent
 
 
+def load_flux_lora(path: str | Path) -> dict[str, torch.Tensor]:
+    """A UNO-layout (UMO_UNO, this trainer's) or diffusers-peft FLUX LoRA as peft keys of
+    FluxTransformer2DModel (`transformer_blocks.0.attn.to_q.lora_A.weight`), its alpha folded into the ups
+    so that B @ A is the weight delta."""
+    state_dict, metadata = load_lora_file(path)
+    layout = detect_lora_format(state_dict)
+    if layout == "uno":
+        return uno_to_diffusers(state_dict)
+    if layout != "flux_diffusers_peft":
+        raise UMOError(f"LoRA '{path}' is a {layout} LoRA; FLUX takes UNO or diffusers FLUX LoRAs")
+    alpha = peft_alpha(metadata)
+    lora = {}
+    for key, tensor in state_dict.items():
+        key = key.removeprefix("transformer.").removeprefix("base_model.model.")
+        if alpha is not None and ".lora_B." in key:
+            tensor = tensor * (alpha / tensor.shape[1])
+        lora[key] = tensor
+    return lora
+
+
 @torch.no_grad()
 def merge_lora(transformer, path: str | Path, strength: float = 1.0) -> int:
-    """Add a UNO-layout (UMO_UNO, this trainer's) or diffusers-peft FLUX LoRA into the weights: W += s * B @ A.
+    """Add a UNO-layout or diffusers-peft FLUX LoRA into the weights: W += s * B @ A.
 
     Merged, a LoRA costs nothing at inference. Returns the number of layers changed.
     """
-    state_dict, _ = load_lora_file(path)
-    layout = detect_lora_format(state_dict)
-    if layout == "uno":
-        state_dict = uno_to_diffusers(state_dict)
-    elif layout != "flux_diffusers_peft":
-        raise UMOError(f"LoRA '{path}' is a {layout} LoRA; FLUX generation takes UNO or diffusers FLUX LoRAs")
+    state_dict = load_flux_lora(path)
     merged = 0
     for key, down in state_dict.items():
         if ".lora_A." not in key:
             continue
-        module_name = key.split(".lora_A.")[0].removeprefix("transformer.").removeprefix("base_model.model.")
         up = state_dict[key.replace(".lora_A.", ".lora_B.")]
-        weight = transformer.get_submodule(module_name).weight
+        weight = transformer.get_submodule(key.split(".lora_A.")[0]).weight
         weight += (strength * up.float() @ down.float()).to(weight)
         merged += 1
     return merged

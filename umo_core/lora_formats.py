@@ -162,7 +162,7 @@ def check_family(lora_name: str, lora_family_name: str | None, model_family: str
                        f"{model_family or 'neither FLUX nor OmniGen2'}; load it on {FAMILY_MODELS[lora_family_name]}")
 
 
-def _peft_alpha(metadata: dict[str, str]) -> float | None:
+def peft_alpha(metadata: dict[str, str]) -> float | None:
     """lora_alpha from diffusers' `lora_adapter_metadata` entry (a LoraConfig as JSON), if the file has one."""
     raw = metadata.get("lora_adapter_metadata")
     if not raw:
@@ -200,7 +200,7 @@ def to_comfy_lora(state_dict: dict[str, torch.Tensor],
             converted[f"transformer.{match['module']}.lora_{match['ab']}.weight"] = tensor
         else:
             converted[key] = tensor
-    alpha = _peft_alpha(metadata or {}) if layout == "flux_diffusers_peft" else None
+    alpha = peft_alpha(metadata or {}) if layout == "flux_diffusers_peft" else None
     if alpha is not None:
         for key in [key for key in converted if key.endswith(".lora_A.weight")]:
             converted[key.removesuffix(".lora_A.weight") + ".alpha"] = torch.tensor(alpha)

@@ -104,3 +104,9 @@ def identity_metrics(references: torch.Tensor, faces: torch.Tensor,
         "cp": cp,
     }
     return {"similarity": similarity.tolist(), "assignment": assignment, "metrics": metrics}
+
+
+def average_metrics(metrics: list[dict]) -> dict:
+    """The mean of each metric over images, over the images where it is defined (None where none is)."""
+    names = metrics[0].keys() if metrics else []
+    return {name: _mean([m[name] for m in metrics if m[name] is not None]) for name in names}

@@ -21,6 +21,7 @@ from .matching import REWARDS, assign, similarity_matrix
 class RewardResult:
     values: torch.Tensor  # [B] rewards, differentiable w.r.t. the images where faces were found
     faces: list[Faces]
+    embeddings: list[torch.Tensor]  # per image [N,D] face embeddings (may carry grad)
     similarity: list[torch.Tensor]  # per image [M,N]
     assignment: list[list[int | None]]
 
@@ -44,10 +45,11 @@ def identity_reward(images: torch.Tensor, identities: Identities, face_model: Fa
     """
     if faces is None:
         faces = [face_model.detector.detect(a) for a in to_rgb_uint8(images)]
-    values, similarities, assignments = [], [], []
+    values, embeddings, similarities, assignments = [], [], [], []
     for image, image_faces in zip(images, faces):
-        value, similarity, assignment = reward_of_faces(identities, face_model.embed_faces(image, image_faces), kind)
+        embeddings.append(face_model.embed_faces(image, image_faces))
+        value, similarity, assignment = reward_of_faces(identities, embeddings[-1], kind)
         values.append(value.to(images.device, torch.float32))
         similarities.append(similarity)
         assignments.append(assignment)
-    return RewardResult(torch.stack(values), faces, similarities, assignments)
+    return RewardResult(torch.stack(values), faces, embeddings, similarities, assignments)

@@ -1,0 +1,115 @@
+"""Aspect-ratio buckets and the resumable, seeded order of training batches.
+
+A target is trained at about `resolution**2` pixels in the bucket whose aspect ratio is nearest
+its own (resized to cover the bucket, then centre-cropped), so portrait and landscape photos are
+not squashed or cut to squares. A batch holds samples of one shape: the same bucket, the same
+reference sizes after UNO's resize rule and the same text length, as the transformer takes one
+sequence layout per batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import ExifTags, Image
+from safetensors import safe_open
+
+from umo_core.references import MULTIPLE, reference_long_side, resized_shape
+
+# width / height, from tall to wide: the usual photo formats.
+ASPECT_RATIOS = (1 / 2, 9 / 16, 2 / 3, 3 / 4, 1, 4 / 3, 3 / 2, 16 / 9, 2)
+
+
+def bucket_sizes(resolution: int) -> list[tuple[int, int]]:
+    """(height, width) of each bucket: about resolution**2 pixels, sides multiples of 16."""
+    sizes = []
+    for ratio in ASPECT_RATIOS:
+        height = max(MULTIPLE, round(resolution / math.sqrt(ratio) / MULTIPLE) * MULTIPLE)
+        width = max(MULTIPLE, round(resolution * math.sqrt(ratio) / MULTIPLE) * MULTIPLE)
+        sizes.append((height, width))
+    return sizes
+
+
+def nearest_bucket(height: int, width: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket whose aspect ratio is nearest (in log scale) to height x width."""
+    return min(buckets, key=lambda size: abs(math.log((size[1] / size[0]) / (width / height))))
+
+
+def fit_to_bucket(image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    """RGB uint8 [H,W,3] -> float [h,w,3] in 0..1: scaled to cover the bucket (LANCZOS), centre-cropped."""
+    height, width = size
+    scale = max(height / image.shape[0], width / image.shape[1])
+    scaled_w, scaled_h = max(width, round(image.shape[1] * scale)), max(height, round(image.shape[0] * scale))
+    resized = Image.fromarray(image).resize((scaled_w, scaled_h), resample=Image.LANCZOS)
+    left, top = (scaled_w - width) // 2, (scaled_h - height) // 2
+    cropped = resized.crop((left, top, left + width, top + height))
+    return torch.from_numpy(np.asarray(cropped).copy()).float().div(255.0)
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(height, width) as load_image will see it (EXIF rotation applied), reading only the header."""
+    with Image.open(path) as image:
+        width, height = image.size
+        if image.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8):  # rotated by 90 degrees
+            width, height = height, width
+    return height, width
+
+
+def shape_key(target: Path, references: list[Path], text_embedding: Path, resolution: int) -> tuple:
+    """What must be equal for two samples to share a batch."""
+    bucket = nearest_bucket(*image_size(target), bucket_sizes(resolution))
+    side = reference_long_side(len(references))
+    reference_shapes = tuple(tuple(n // MULTIPLE * MULTIPLE for n in resized_shape(*image_size(p), side))
+                             for p in references)
+    with safe_open(text_embedding, "pt") as embedding:
+        text_length = embedding.get_slice("prompt_embeds").get_shape()[0]
+    return bucket, reference_shapes, text_length
+
+
+class BatchOrder:
+    """Batches of same-shape samples in a seeded order per epoch, the same on every process.
+
+    Process r of n takes batches r, r + n, r + 2n, ... of the epoch's list (wrapping around when
+    the list is shorter), so each process sees other samples. The order depends only on the
+    seed and the epoch, so (epoch, position) is all a resume needs.
+    """
+
+    def __init__(self, keys: list, batch_size: int, seed: int, process_index: int = 0, process_count: int = 1):
+        self.groups = defaultdict(list)
+        for index, key in enumerate(keys):
+            self.groups[key].append(index)
+        self.batch_size, self.seed = batch_size, seed
+        self.process_index, self.process_count = process_index, process_count
+        self.epoch, self.position = 0, 0
+        self.batches = self._epoch_batches()
+
+    def _epoch_batches(self) -> list[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        batches = []
+        for key in sorted(self.groups, key=repr):
+            members = self.groups[key]
+            shuffled = [members[i] for i in torch.randperm(len(members), generator=generator).tolist()]
+            batches += [shuffled[i:i + self.batch_size] for i in range(0, len(shuffled), self.batch_size)]
+        return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.batches) / self.process_count)
+
+    def next_batch(self) -> list[int]:
+        if self.position >= self.steps_per_epoch():
+            self.epoch, self.position = self.epoch + 1, 0
+            self.batches = self._epoch_batches()
+        batch = self.batches[(self.position * self.process_count + self.process_index) % len(self.batches)]
+        self.position += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = state["epoch"], state["position"]
+        self.batches = self._epoch_batches()

@@ -1,0 +1,48 @@
+"""Evaluation during training: images of fixed rows at fixed seeds, with their identity report.
+
+Each evaluation writes `OUTPUT/eval/step_NNNNNN/` (one PNG per row and `report.json` with every
+image's faces, assignment and metrics against the references and the target photo) and appends
+the averaged metrics to `OUTPUT/eval.jsonl`, so the same images can be compared across steps.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from umo_core.face_model import FaceModel
+from umo_core.flux import decode_latents, sample
+from umo_core.metrics import average_metrics
+from umo_core.scoring import score_images
+
+from .batches import Batch
+
+
+@torch.no_grad()
+def evaluate(step: int, transformer, vae, face_model: FaceModel, batches: list[Batch], output: Path,
+             seed: int, sampling_steps: int, guidance: float) -> dict:
+    """Generate one image per evaluation row (seed + row), score it, write the images and the report."""
+    folder = output / "eval" / f"step_{step:06d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    images = []
+    for batch in batches:
+        generator = torch.Generator().manual_seed(seed + batch.rows[0])
+        noise = torch.randn(batch.target.shape, generator=generator).to(batch.target.device)
+        latent = sample(transformer, noise, batch.text, batch.references, sampling_steps, guidance)
+        image = decode_latents(vae, latent)[0].cpu()
+        name = f"row_{batch.rows[0]:04d}.png"
+        Image.fromarray((image.numpy() * 255 + 0.5).astype(np.uint8)).save(folder / name)
+        score = score_images(face_model, batch.identities[0], [image], ground_truth=batch.target_images[0])[0]
+        images.append({"row": batch.rows[0], "image": name, "faces": score.faces_json(),
+                       "similarity": score.similarity, "assignment": score.assignment, "metrics": score.metrics})
+    summary = {"step": step, **average_metrics([i["metrics"] for i in images])}
+    report = {"step": step, "seed": seed, "sampling_steps": sampling_steps, "guidance": guidance,
+              "summary": summary, "images": images}
+    (folder / "report.json").write_text(json.dumps(report, indent=2))
+    with (output / "eval.jsonl").open("a") as log:
+        log.write(json.dumps(summary) + "\n")
+    return summary
