@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from tests.conftest import make_pack
@@ -46,11 +52,14 @@ def setup(assets, photos, tmp_path_factory):
     (data / "text").mkdir()
     for name in ("Rob_Lowe_0001.jpg", "Rob_Lowe_0002.jpg", "Nathalie_Baye_0002.jpg", "no_face_view.jpg"):
         shutil.copyfile(photos / name, data / "img" / name)
+    with Image.open(photos / "Rob_Lowe_0002.jpg") as photo:  # a landscape target: another bucket
+        photo.resize((400, 250)).save(data / "img" / "wide.jpg")
     generator = torch.Generator().manual_seed(0)
     save_file({"prompt_embeds": torch.randn(TEXT_LEN, TEXT_DIM, generator=generator),
                "pooled_prompt_embeds": torch.randn(POOLED_DIM, generator=generator)}, data / "text" / "0.safetensors")
-    rows = [{"prompt": "two people", "target": "img/Rob_Lowe_0002.jpg", "text_embedding": "text/0.safetensors",
-             "references": ["img/Rob_Lowe_0001.jpg", "img/Nathalie_Baye_0002.jpg"], "identities": ["rob", "nathalie"]}]
+    row = {"prompt": "two people", "target": "img/Rob_Lowe_0002.jpg", "text_embedding": "text/0.safetensors",
+           "references": ["img/Rob_Lowe_0001.jpg", "img/Nathalie_Baye_0002.jpg"], "identities": ["rob", "nathalie"]}
+    rows = [row, {**row, "target": "img/wide.jpg"}, row]  # rows 1 and 3 share a shape, row 2 is wide
     (data / "manifest.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     return root, data, pack
 
@@ -59,7 +68,7 @@ def _args(root, data, pack, output, steps, *extra):
     return ["--data", str(data), "--transformer", str(root / "transformer"), "--vae", str(root / "vae"),
             "--faces", str(pack), "--output", str(output), "--steps", str(steps), "--rank", "4",
             "--resolution", "64", "--sampling-steps", "4", "--window", "2", "--mixed-precision", "no",
-            "--provider", "cpu", "--lr", "1e-3", "--checkpoint-every", "2", *extra]
+            "--provider", "cpu", "--lr", "1e-3", "--checkpoint-every", "2", "--eval-every", "0", *extra]
 
 
 def test_training_steps_change_only_the_lora(setup, tmp_path):
@@ -68,6 +77,7 @@ def test_training_steps_change_only_the_lora(setup, tmp_path):
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2]
     assert all(torch.isfinite(torch.tensor([r["loss"], r["diffusion_loss"], r["reward"]])).all() for r in log)
+    assert all({"id_sim", "id_sim_matched", "id_conf", "bld", "sim_gt", "cp"} <= r.keys() for r in log)
     trained = load_file(tmp_path / "run" / "lora_diffusers.safetensors")
     assert trained and all(".lora_A." in k or ".lora_B." in k for k in trained)
     assert any(k.startswith("single_transformer_blocks.0.proj_out") for k in trained)
@@ -84,7 +94,12 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(setup, tmp_path):
     root, data, pack = setup
     assert main(_args(root, data, pack, tmp_path / "straight", 4)) == 0
     assert main(_args(root, data, pack, tmp_path / "resumed", 2)) == 0  # stops after step 2 with a checkpoint
+    with (tmp_path / "resumed" / "log.jsonl").open("a") as log:  # a step logged after the checkpoint
+        log.write(json.dumps({"step": 3, "loss": 0.0}) + "\n")
     assert main(_args(root, data, pack, tmp_path / "resumed", 4, "--resume")) == 0
+    log = [json.loads(line) for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
+    expected = [json.loads(line) for line in (tmp_path / "straight" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and [r["rows"] for r in log] == [r["rows"] for r in expected]
     straight = load_file(tmp_path / "straight" / "lora_diffusers.safetensors")
     resumed = load_file(tmp_path / "resumed" / "lora_diffusers.safetensors")
     assert straight.keys() == resumed.keys()
@@ -119,7 +134,6 @@ def test_reward_gradient_reaches_the_lora_through_vae_and_face_network(assets, p
     photo plus the decoder's output (scaled down): detection finds the real face, and the only way
     the reward depends on the LoRA is through the decoder and the face network."""
     from peft import LoraConfig
-    from PIL import Image
 
     from umo_core import identity_reward, load_face_model
     from umo_core.flux import TextEmbedding, decode_latents, predict_velocity
@@ -156,7 +170,6 @@ def test_generate_command_with_and_without_a_uno_lora(setup, photos, tmp_path):
     """The headless twin of the ComfyUI graph: same seed, same image; a merged UNO LoRA changes it."""
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
-    from PIL import Image
 
     from umo_core.cli import main as umo_main
     from umo_core.flux import merge_lora
@@ -189,3 +202,101 @@ def test_generate_command_with_and_without_a_uno_lora(setup, photos, tmp_path):
     first, again = generate(tmp_path / "a"), generate(tmp_path / "b")
     assert first.shape == (64, 64, 3) and np.array_equal(first, again)
     assert not np.array_equal(first, generate(tmp_path / "c", "--lora", str(lora_path)))
+
+
+def _log(output):
+    return [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
+
+
+def test_batches_hold_one_aspect_ratio_bucket(setup, tmp_path):
+    root, data, pack = setup
+    assert main(_args(root, data, pack, tmp_path / "run", 2, "--batch-size", "2")) == 0
+    assert sorted(sorted(r["rows"]) for r in _log(tmp_path / "run")) == [[1, 3], [2]]
+
+
+def test_evaluation_images_and_report(setup, tmp_path):
+    root, data, pack = setup
+    output = tmp_path / "run"
+    assert main(_args(root, data, pack, output, 2, "--eval-every", "2", "--eval-count", "2")) == 0
+    assert [json.loads(line)["step"] for line in (output / "eval.jsonl").read_text().splitlines()] == [0, 2]
+    for step in ("step_000000", "step_000002"):
+        report = json.loads((output / "eval" / step / "report.json").read_text())
+        assert [i["row"] for i in report["images"]] == [1, 2]
+        assert {"mimr", "id_sim", "id_conf", "sim_gt", "cp"} <= report["images"][0]["metrics"].keys()
+    before = np.asarray(Image.open(output / "eval" / "step_000000" / "row_0002.png"))
+    after = np.asarray(Image.open(output / "eval" / "step_000002" / "row_0002.png"))
+    assert before.shape == (48, 80, 3)  # the wide row in its bucket
+    assert not np.array_equal(before, after)  # the evaluation samples with the trained LoRA
+
+
+def test_init_lora_continues_from_a_uno_file(setup, tmp_path):
+    root, data, pack = setup
+    assert main(_args(root, data, pack, tmp_path / "first", 2)) == 0
+    uno = str(tmp_path / "first" / "lora_uno.safetensors")
+    # lr 0: the step changes nothing, so the result is the loaded file itself.
+    args = _args(root, data, pack, tmp_path / "second", 1, "--init-lora", uno, "--lr", "0")
+    del args[args.index("--rank"):args.index("--rank") + 2]  # the rank comes from the file
+    assert main(args) == 0
+    first = load_file(tmp_path / "first" / "lora_diffusers.safetensors")
+    second = load_file(tmp_path / "second" / "lora_diffusers.safetensors")
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_init_lora_errors(setup, tmp_path, capsys):
+    root, data, pack = setup
+    assert main(_args(root, data, pack, tmp_path / "first", 1)) == 0
+    uno = str(tmp_path / "first" / "lora_uno.safetensors")
+    assert main(_args(root, data, pack, tmp_path / "out", 1, "--init-lora", uno, "--rank", "8")) == 2
+    assert "--rank 8 differs from the rank 4" in capsys.readouterr().err
+    omnigen2 = tmp_path / "omnigen2.safetensors"
+    save_file({"transformer.layers.0.attn.to_q.lora_A.weight": torch.zeros(2, 8),
+               "transformer.layers.0.attn.to_q.lora_B.weight": torch.zeros(8, 2)}, omnigen2)
+    assert main(_args(root, data, pack, tmp_path / "out", 1, "--init-lora", str(omnigen2))) == 2
+    assert "omnigen2.safetensors' is a omnigen2_peft LoRA" in capsys.readouterr().err
+
+
+def _command(root, data, pack, output, steps, *extra):
+    return [sys.executable, "-m", "training.rerefl", *_args(root, data, pack, output, steps, *extra)]
+
+
+def test_sigterm_checkpoints_the_finished_step_and_resume_goes_on(setup, tmp_path):
+    root, data, pack = setup
+    output = tmp_path / "run"
+    process = subprocess.Popen(_command(root, data, pack, output, 1000, "--checkpoint-every", "1000"),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not (output / "log.jsonl").is_file() or not (output / "log.jsonl").read_text():
+        assert process.poll() is None and time.monotonic() < deadline, process.stdout.read()
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    out, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, out
+    state = json.loads((output / "checkpoint" / "state.json").read_text())
+    assert f"stopped at step {state['step']}" in out and len(_log(output)) == state["step"]
+    assert main(_args(root, data, pack, output, state["step"] + 1, "--resume")) == 0
+    assert [r["step"] for r in _log(output)] == list(range(1, state["step"] + 2))
+
+
+def _torchrun(root, data, pack, output, steps, *extra):
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "-m", "training.rerefl", *_args(root, data, pack, output, steps, *extra)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_two_processes_share_the_data_and_resume_exactly(setup, tmp_path):
+    """The same command on two processes (torchrun, gloo on the CPU): each step takes one batch per
+    process, the checkpoint holds every process's RNG, and a resume continues exactly."""
+    root, data, pack = setup
+    _torchrun(root, data, pack, tmp_path / "straight", 2)
+    log = _log(tmp_path / "straight")
+    assert [len(r["rows"]) for r in log] == [2, 2]
+    assert {p.name for p in (tmp_path / "straight" / "checkpoint").iterdir()} >= {"rng_0.pt", "rng_1.pt"}
+    _torchrun(root, data, pack, tmp_path / "resumed", 1)
+    _torchrun(root, data, pack, tmp_path / "resumed", 2, "--resume")
+    straight = load_file(tmp_path / "straight" / "lora_diffusers.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "lora_diffusers.safetensors")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    assert main(_args(root, data, pack, tmp_path / "resumed", 3, "--resume")) == 2  # one process cannot resume it

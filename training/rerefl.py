@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def train(args: argparse.Namespace) -> None:
-    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    # Without a GPU, say so: accelerate would otherwise run N unconnected copies under torchrun.
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available())
     # Seeds everything drawn outside our own generators (the LoRA's initialisation among them).
     random.seed(args.seed)
     np.random.seed(args.seed)
