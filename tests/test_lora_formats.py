@@ -353,6 +353,10 @@ def _patcher(comfy, model):
 
 @pytest.fixture(scope="module")
 def comfy_flux():
+    return make_comfy_flux()
+
+
+def make_comfy_flux():
     """ComfyUI's FLUX with the tiny diffusers model's sizes (width 32, 2 heads), on the meta device."""
     comfy = _comfy()
     config = comfy.supported_models.Flux({

@@ -17,6 +17,16 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from tests.conftest import make_pack
+from tests.test_lora_formats import (
+    HIDDEN,
+    UNO_TO_COMFY,
+    UNO_TO_DIFFUSERS,
+    _comfy,
+    _comfy_deltas,
+    assert_same_deltas,
+    make_comfy_flux,
+    needs_comfyui,
+)
 from training.rerefl import main
 
 TEXT_LEN, TEXT_DIM, POOLED_DIM = 4, 32, 16
@@ -300,3 +310,35 @@ def test_two_processes_share_the_data_and_resume_exactly(setup, tmp_path):
     resumed = load_file(tmp_path / "resumed" / "lora_diffusers.safetensors")
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
     assert main(_args(root, data, pack, tmp_path / "resumed", 3, "--resume")) == 2  # one process cannot resume it
+
+
+@needs_comfyui
+def test_trained_lora_has_the_same_effect_in_diffusers_and_in_comfyui(setup, tmp_path, caplog):
+    """The trainer's own lora_uno.safetensors: merged into the diffusers model (headless generation) and
+    applied by ComfyUI's LoRA code to its fused FLUX weights (the pack's loader path), the weight
+    deltas are the ones the trainer trained (peft's B @ A of lora_diffusers.safetensors)."""
+    from umo_core.flux import merge_lora
+    from umo_core.lora_formats import load_lora_file, to_comfy_lora
+
+    root, data, pack = setup
+    assert main(_args(root, data, pack, tmp_path / "run", 2)) == 0
+    trained = load_file(tmp_path / "run" / "lora_diffusers.safetensors")
+    trained_deltas = {module: trained[f"{module}.lora_B.weight"] @ trained[f"{module}.lora_A.weight"]
+                      for module in (k.removesuffix(".lora_A.weight") for k in trained if ".lora_A." in k)}
+
+    base = tiny_transformer()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    merge_lora(base, tmp_path / "run" / "lora_uno.safetensors")
+    for module, delta in trained_deltas.items():
+        merged = base.state_dict()[f"{module}.weight"] - before[f"{module}.weight"]
+        torch.testing.assert_close(merged, delta, rtol=1e-5, atol=1e-6, msg=module)
+
+    expected = {}
+    for uno_module, comfy_module in UNO_TO_COMFY.items():
+        delta = torch.cat([trained_deltas[m] for m in UNO_TO_DIFFUSERS[uno_module]])
+        if comfy_module.endswith("linear1_qkv"):  # q, k, v are the first 3H rows of linear1 (then the MLP)
+            delta = torch.cat([delta, torch.zeros(4 * HIDDEN, HIDDEN)])
+            comfy_module = comfy_module.replace("linear1_qkv", "linear1")
+        expected[f"diffusion_model.{comfy_module}.weight"] = delta
+    uno_file = to_comfy_lora(*load_lora_file(tmp_path / "run" / "lora_uno.safetensors"))
+    assert_same_deltas(_comfy_deltas(_comfy(), make_comfy_flux(), uno_file, caplog), expected)
