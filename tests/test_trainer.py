@@ -342,3 +342,15 @@ def test_trained_lora_has_the_same_effect_in_diffusers_and_in_comfyui(setup, tmp
         expected[f"diffusion_model.{comfy_module}.weight"] = delta
     uno_file = to_comfy_lora(*load_lora_file(tmp_path / "run" / "lora_uno.safetensors"))
     assert_same_deltas(_comfy_deltas(_comfy(), make_comfy_flux(), uno_file, caplog), expected)
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--window", "9"], "--window 9 must be between 1 and --sampling-steps (4)"),
+    (["--resolution", "100"], "--resolution 100 must be a positive multiple of 16"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--resume"], "--resume: no checkpoint in"),
+])
+def test_bad_arguments_are_named(setup, tmp_path, capsys, extra, message):
+    root, data, pack = setup
+    assert main(_args(root, data, pack, tmp_path / "out", 1, *extra)) == 2
+    assert message in capsys.readouterr().err
