@@ -239,6 +239,19 @@ def test_evaluation_images_and_report(setup, tmp_path):
     assert not np.array_equal(before, after)  # the evaluation samples with the trained LoRA
 
 
+def test_evaluation_on_held_out_data(setup, tmp_path):
+    root, data, pack = setup
+    held_out = tmp_path / "held_out"
+    shutil.copytree(data, held_out)
+    wide_row = (data / "manifest.jsonl").read_text().splitlines()[1]
+    (held_out / "manifest.jsonl").write_text(wide_row + "\n")
+    output = tmp_path / "run"
+    assert main(_args(root, data, pack, output, 1, "--eval-every", "1", "--eval-data", str(held_out))) == 0
+    report = json.loads((output / "eval" / "step_000001" / "report.json").read_text())
+    assert [i["row"] for i in report["images"]] == [1]
+    assert np.asarray(Image.open(output / "eval" / "step_000001" / "row_0001.png")).shape == (48, 80, 3)
+
+
 def test_init_lora_continues_from_a_uno_file(setup, tmp_path):
     root, data, pack = setup
     assert main(_args(root, data, pack, tmp_path / "first", 2)) == 0

@@ -44,7 +44,7 @@ from umo_core.uno import clean_estimate, flux_sigmas
 
 from .batches import Batch, load_batch
 from .buckets import BatchOrder, shape_key
-from .data import load_dataset
+from .data import Sample, load_dataset
 from .evaluation import evaluate
 
 DEFAULT_RANK = 512
@@ -72,7 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reward", choices=("mimr", "sir"), default="mimr")
     parser.add_argument("--diffusion-weight", type=float, default=1.0, help="lambda in L = lambda * L_diff - R")
     parser.add_argument("--eval-every", type=int, default=250, help="evaluation images every N steps (0: never)")
-    parser.add_argument("--eval-count", type=int, default=4, help="evaluate the first N rows of the data")
+    parser.add_argument("--eval-data", type=Path, help="folder with manifest.jsonl for evaluation (default: --data)")
+    parser.add_argument("--eval-count", type=int, default=4, help="evaluate the first N rows of the evaluation data")
     parser.add_argument("--eval-guidance", type=float, default=4.0)
     parser.add_argument("--checkpoint-every", type=int, default=100)
     parser.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint")
@@ -153,6 +154,12 @@ def train(args: argparse.Namespace) -> None:
     samples, skipped = load_dataset(args.data, face_model, args.on_bad_rows)
     for line in skipped:
         accelerator.print(f"skipped {line}")
+    evaluation_samples = samples
+    if args.eval_data and args.eval_every:
+        evaluation_samples, skipped = load_dataset(args.eval_data, face_model, args.on_bad_rows)
+        for line in skipped:
+            accelerator.print(f"skipped evaluation {line}")
+    evaluation_samples = evaluation_samples[:args.eval_count]
     keys = [shape_key(s.target, s.references, s.text_embedding, args.resolution) for s in samples]
     order = BatchOrder(keys, args.batch_size, args.seed, accelerator.process_index, accelerator.num_processes)
 
@@ -218,14 +225,13 @@ def train(args: argparse.Namespace) -> None:
             swap_in(temporary, checkpoint)
         accelerator.wait_for_everyone()
 
-    def batch_of(indices: list[int]) -> Batch:
-        return load_batch([samples[i] for i in indices], keys[indices[0]][0], vae, face_model, device)
-
-    evaluation_rows = [[i] for i in range(min(args.eval_count, len(samples)))]
+    def batch_of(chosen: list[Sample]) -> Batch:
+        bucket = shape_key(chosen[0].target, chosen[0].references, chosen[0].text_embedding, args.resolution)[0]
+        return load_batch(chosen, bucket, vae, face_model, device)
 
     def run_evaluation() -> None:
         if args.eval_every and accelerator.is_main_process:
-            summary = evaluate(step, model, vae, face_model, [batch_of(rows) for rows in evaluation_rows],
+            summary = evaluate(step, model, vae, face_model, [batch_of([s]) for s in evaluation_samples],
                                args.output, args.seed, args.sampling_steps, args.eval_guidance)
             accelerator.print(f"evaluation at step {step}: " + ", ".join(
                 f"{name} {value:.3f}" for name, value in summary.items() if name != "step" and value is not None))
@@ -248,7 +254,7 @@ def train(args: argparse.Namespace) -> None:
         run_evaluation()  # the starting point, to compare the trained LoRA against
     progress = tqdm(total=args.steps, initial=step, disable=not accelerator.is_main_process)
     while step < args.steps:
-        batch = batch_of(order.next_batch())
+        batch = batch_of([samples[i] for i in order.next_batch()])
         sigmas = flux_sigmas(args.sampling_steps, (batch.target.shape[2] // 2) * (batch.target.shape[3] // 2))
 
         # 1. The flow-matching loss on the training batch (guidance fixed at 1).
