@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from umo_core import UMOError, identity_metrics, identity_reward, load_face_model
-from umo_core.flux import decode_latents, load_flux_lora, load_transformer, predict_velocity, sample
+from umo_core.flux import decode_latents, load_flux_lora, load_transformer, load_vae, predict_velocity, sample
 from umo_core.lora_formats import (
     BASE_MODEL_METADATA_KEY,
     FORMAT_METADATA_KEY,
@@ -54,8 +54,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m training.rerefl", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True, help="folder with manifest.jsonl (see README)")
-    parser.add_argument("--transformer", type=Path, required=True, help="diffusers FLUX transformer folder")
-    parser.add_argument("--vae", type=Path, required=True, help="diffusers FLUX autoencoder folder")
+    parser.add_argument("--transformer", type=Path, required=True,
+                        help="FLUX transformer: diffusers folder or single .safetensors file (flux1-dev.safetensors)")
+    parser.add_argument("--vae", type=Path, required=True,
+                        help="FLUX autoencoder: diffusers folder or single .safetensors file (ae.safetensors)")
     parser.add_argument("--faces", default="antelopev2", help="face pack name or folder")
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=1000)
@@ -164,11 +166,9 @@ def train(args: argparse.Namespace) -> None:
     order = BatchOrder(keys, args.batch_size, args.seed, accelerator.process_index, accelerator.num_processes)
 
     # Models: the frozen FLUX transformer with a trainable LoRA, the frozen VAE and face networks.
-    from diffusers import AutoencoderKL
-
     adapter, initial_lora = lora_config(args)
     transformer = load_transformer(args.transformer, dtype).to(device).requires_grad_(False)
-    vae = AutoencoderKL.from_pretrained(args.vae, torch_dtype=dtype, local_files_only=True).to(device)
+    vae = load_vae(args.vae, dtype).to(device)
     vae.requires_grad_(False)
     transformer.add_adapter(adapter)
     if initial_lora is not None:

@@ -36,8 +36,10 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument("--provider", default="auto", help="onnxruntime provider: auto, cpu, cuda, rocm, coreml")
     score.add_argument("--backend", choices=("onnx", "torch"), default="onnx", help="face embedder backend")
     generate = commands.add_parser("generate", help="images of the reference people from a prompt (FLUX + UNO)")
-    generate.add_argument("--transformer", type=Path, required=True, help="diffusers FLUX transformer folder")
-    generate.add_argument("--vae", type=Path, required=True, help="diffusers FLUX autoencoder folder")
+    generate.add_argument("--transformer", type=Path, required=True,
+                          help="FLUX transformer: diffusers folder or single .safetensors file (flux1-dev.safetensors)")
+    generate.add_argument("--vae", type=Path, required=True,
+                          help="FLUX autoencoder: diffusers folder or single .safetensors file (ae.safetensors)")
     generate.add_argument("--text-embedding", type=Path, required=True,
                           help="safetensors with prompt_embeds and pooled_prompt_embeds (see README: the trainer)")
     generate.add_argument("--ref", action="append", required=True, type=Path, help="reference photo, one per person")
@@ -55,16 +57,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def generate_command(args: argparse.Namespace) -> list[Path]:
     """The headless twin of the UMO-UNO ComfyUI graph."""
-    from diffusers import AutoencoderKL
     from safetensors.torch import load_file
 
-    from .flux import TextEmbedding, decode_latents, encode_images, load_transformer, merge_lora, sample
+    from .flux import TextEmbedding, decode_latents, encode_images, load_transformer, load_vae, merge_lora, sample
     from .images import float_image
     from .references import reference_long_side, resize_reference
 
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     transformer = load_transformer(args.transformer, dtype).to(args.device)
-    vae = AutoencoderKL.from_pretrained(args.vae, torch_dtype=dtype, local_files_only=True).to(args.device)
+    vae = load_vae(args.vae, dtype).to(args.device)
     if args.lora:
         merge_lora(transformer, args.lora, args.lora_strength)
     embedding = load_file(args.text_embedding)

@@ -5,14 +5,20 @@ The same functions serve the trainer (with gradient) and headless generation (wi
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from .errors import UMOError
 from .lora_formats import detect_lora_format, load_lora_file, peft_alpha, uno_to_diffusers
 from .uno import flux_sigmas, pack_latents, text_ids, uno_image_ids, unpack_latents
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
 
 
 @dataclass
@@ -21,15 +27,207 @@ class TextEmbedding:
     pooled_prompt_embeds: torch.Tensor  # [B, 768] CLIP
 
 
-def load_transformer(path: str | Path, dtype: torch.dtype = torch.bfloat16):
-    """FluxTransformer2DModel from a local diffusers folder (`transformer/` of FLUX.1-dev)."""
+# FLUX.1-dev's diffusers configs, shipped so that single files load without the hub; the numbers a file
+# fixes (depth, width, text dims, guidance) are read from its tensors on top of them.
+CONFIGS = Path(__file__).parent / "configs"
+TRANSFORMER_CONFIG = CONFIGS / "flux1-dev-transformer.json"
+VAE_CONFIG = CONFIGS / "flux1-vae.json"
+TRANSFORMER_FILES = ("flux1-dev.safetensors or flux1-schnell.safetensors (Black Forest Labs' layout, as in "
+                     "ComfyUI's models/diffusion_models) or the 'transformer' folder of a diffusers FLUX.1 download")
+VAE_FILES = ("FLUX's ae.safetensors (as in ComfyUI's models/vae) or the 'vae' folder of a diffusers FLUX.1 "
+             "download")
+# ComfyUI's all-in-one checkpoints keep the transformer under this prefix, beside the VAE and text encoders.
+COMFY_MODEL_PREFIX = "model.diffusion_model."
+FLUX_LATENT_CHANNELS = 16
+
+# BFL module -> diffusers module(s) of FluxTransformer2DModel. Fused weights (several targets) stack the
+# targets along the output rows, `hidden` rows each and the rest for the last (the single blocks' MLP input).
+BFL_TOP_LEVEL = {
+    "img_in": ("x_embedder",),
+    "txt_in": ("context_embedder",),
+    "time_in.in_layer": ("time_text_embed.timestep_embedder.linear_1",),
+    "time_in.out_layer": ("time_text_embed.timestep_embedder.linear_2",),
+    "vector_in.in_layer": ("time_text_embed.text_embedder.linear_1",),
+    "vector_in.out_layer": ("time_text_embed.text_embedder.linear_2",),
+    "guidance_in.in_layer": ("time_text_embed.guidance_embedder.linear_1",),
+    "guidance_in.out_layer": ("time_text_embed.guidance_embedder.linear_2",),
+    "final_layer.linear": ("proj_out",),
+    "final_layer.adaLN_modulation.1": ("norm_out.linear",),
+}
+BFL_DOUBLE_BLOCK = {
+    "img_mod.lin": ("norm1.linear",),
+    "txt_mod.lin": ("norm1_context.linear",),
+    "img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    "img_attn.norm.query_norm": ("attn.norm_q",),
+    "img_attn.norm.key_norm": ("attn.norm_k",),
+    "txt_attn.norm.query_norm": ("attn.norm_added_q",),
+    "txt_attn.norm.key_norm": ("attn.norm_added_k",),
+    "img_attn.proj": ("attn.to_out.0",),
+    "txt_attn.proj": ("attn.to_add_out",),
+    "img_mlp.0": ("ff.net.0.proj",),
+    "img_mlp.2": ("ff.net.2",),
+    "txt_mlp.0": ("ff_context.net.0.proj",),
+    "txt_mlp.2": ("ff_context.net.2",),
+}
+BFL_SINGLE_BLOCK = {
+    "modulation.lin": ("norm.linear",),
+    "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
+    "norm.query_norm": ("attn.norm_q",),
+    "norm.key_norm": ("attn.norm_k",),
+    "linear2": ("proj_out",),
+}
+BFL_BLOCKS = {"double_blocks": ("transformer_blocks", BFL_DOUBLE_BLOCK),
+              "single_blocks": ("single_transformer_blocks", BFL_SINGLE_BLOCK)}
+
+
+def load_transformer(path: str | Path, dtype: torch.dtype = torch.bfloat16) -> FluxTransformer2DModel:
+    """FluxTransformer2DModel from a diffusers `transformer/` folder or one .safetensors file in Black Forest
+    Labs' layout (flux1-dev / flux1-schnell, also with ComfyUI's `model.diffusion_model.` prefix), offline."""
     from diffusers import FluxTransformer2DModel
 
     path = Path(path)
+    if path.is_dir():
+        return _from_diffusers_folder(FluxTransformer2DModel, path, dtype, "FLUX transformer", TRANSFORMER_FILES)
+    required = ("img_in.weight", "txt_in.weight", "time_in.in_layer.weight", "vector_in.in_layer.weight",
+                "final_layer.linear.weight", "double_blocks.0.img_attn.norm.query_norm.scale")
+    state_dict = _read_single_file(path, dtype, "FLUX transformer", TRANSFORMER_FILES, required, COMFY_MODEL_PREFIX)
+    config = _transformer_config(state_dict, path)
+    state_dict = flux_bfl_to_diffusers(state_dict)
+    with torch.device("meta"):  # no memory for weights that are replaced right away
+        model = FluxTransformer2DModel.from_config(config)
+    expected = model.state_dict()
+    missing = sorted(expected.keys() - state_dict.keys())
+    unexpected = sorted(state_dict.keys() - expected.keys())
+    misshapen = sorted(key for key in expected.keys() & state_dict.keys()
+                       if state_dict[key].shape != expected[key].shape)
+    problems = "; ".join(f"{label} {names[:3]}" for label, names in
+                         (("missing", missing), ("unknown", unexpected), ("of other shapes", misshapen)) if names)
+    if problems:
+        raise UMOError(f"FLUX transformer '{path}' does not fit FLUX.1's architecture (weights {problems}, in "
+                       f"diffusers' names); give {TRANSFORMER_FILES}")
+    model.load_state_dict(state_dict, assign=True)
+    return model.eval()
+
+
+def flux_bfl_to_diffusers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A FLUX transformer state dict in Black Forest Labs' layout (`double_blocks.0.img_attn.qkv.weight`) as
+    FluxTransformer2DModel's (`transformer_blocks.0.attn.to_q.weight`); empties `state_dict` as it goes.
+
+    Keys it does not know are kept as they are, for the caller to report. (diffusers' own single-file converter
+    cuts the fused weights at FLUX.1's width of 3072, so other widths, the tests' tiny files among them, need
+    this one.)"""
+    hidden = state_dict["img_in.weight"].shape[0]
+    converted = {}
+    for key in list(state_dict):
+        tensor = state_dict.pop(key)
+        module, parameter = key.rsplit(".", 1)
+        parameter = "weight" if parameter == "scale" else parameter  # BFL's RMSNorm names its weight `scale`
+        group, _, rest = module.partition(".")
+        if group in BFL_BLOCKS and rest.partition(".")[0].isdigit():
+            index, _, inner = rest.partition(".")
+            prefix, table = f"{BFL_BLOCKS[group][0]}.{index}.", BFL_BLOCKS[group][1]
+        else:
+            prefix, inner, table = "", module, BFL_TOP_LEVEL
+        targets = table.get(inner)
+        if targets is None:
+            converted[key] = tensor
+            continue
+        if inner == "final_layer.adaLN_modulation.1":
+            # BFL's last layer reads (shift, scale) from this projection, diffusers' AdaLayerNormContinuous
+            # (scale, shift).
+            tensor = torch.cat(tensor.chunk(2)[::-1])
+        rows = [hidden] * (len(targets) - 1)
+        pieces = tensor.split(rows + [tensor.shape[0] - sum(rows)]) if rows else (tensor,)
+        for target, piece in zip(targets, pieces):
+            # Pieces of a fused weight get their own storage: parameters that share one cannot be saved.
+            converted[f"{prefix}{target}.{parameter}"] = piece.clone() if rows else piece
+    return converted
+
+
+def load_vae(path: str | Path, dtype: torch.dtype = torch.bfloat16) -> AutoencoderKL:
+    """FLUX's AutoencoderKL from a diffusers `vae/` folder or Black Forest Labs' single ae.safetensors, offline."""
+    from diffusers import AutoencoderKL
+
+    path = Path(path)
+    if path.is_dir():
+        return _from_diffusers_folder(AutoencoderKL, path, dtype, "FLUX autoencoder", VAE_FILES)
+    required = ("encoder.conv_in.weight", "encoder.conv_out.weight", "encoder.down.0.block.0.conv1.weight",
+                "decoder.conv_in.weight", "decoder.conv_out.weight")
+    state_dict = _read_single_file(path, dtype, "FLUX autoencoder", VAE_FILES, required)
+    latent_channels = state_dict["decoder.conv_in.weight"].shape[1]
+    if latent_channels != FLUX_LATENT_CHANNELS:
+        raise UMOError(f"autoencoder '{path}' has {latent_channels} latent channels, FLUX's has "
+                       f"{FLUX_LATENT_CHANNELS} (is it a Stable Diffusion VAE?); give {VAE_FILES}")
+    levels = _count_blocks(state_dict, "encoder.down.")
+    # diffusers converts the layout itself; the architecture comes from the file's shapes.
+    vae = AutoencoderKL.from_single_file(
+        state_dict, config=str(VAE_CONFIG), local_files_only=True, torch_dtype=dtype,
+        in_channels=state_dict["encoder.conv_in.weight"].shape[1],
+        out_channels=state_dict["decoder.conv_out.weight"].shape[0],
+        latent_channels=latent_channels,
+        block_out_channels=[state_dict[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in range(levels)],
+        down_block_types=["DownEncoderBlock2D"] * levels, up_block_types=["UpDecoderBlock2D"] * levels,
+        layers_per_block=_count_blocks(state_dict, "encoder.down.0.block."),
+        use_quant_conv="quant_conv.weight" in state_dict, use_post_quant_conv="post_quant_conv.weight" in state_dict,
+        mid_block_add_attention="encoder.mid.attn_1.q.weight" in state_dict)
+    missing = [name for name, parameter in vae.named_parameters() if parameter.is_meta]
+    if missing:
+        raise UMOError(f"autoencoder '{path}' lacks {missing[:3]}; give {VAE_FILES}")
+    return vae
+
+
+def _from_diffusers_folder(model_class, path: Path, dtype: torch.dtype, what: str, expected: str):
     if not (path / "config.json").is_file():
-        raise UMOError(f"FLUX transformer folder '{path}' has no config.json; give the 'transformer' folder "
-                       "of a diffusers FLUX.1-dev download")
-    return FluxTransformer2DModel.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
+        raise UMOError(f"{what} folder '{path}' has no config.json; give {expected}")
+    return model_class.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
+
+
+def _read_single_file(path: Path, dtype: torch.dtype, what: str, expected: str, required: tuple[str, ...],
+                      prefix: str = "") -> dict[str, torch.Tensor]:
+    """The tensors of the .safetensors file `path`, in `dtype`, after checking the names in `required` are there
+    (those under `prefix` only, without it, when the file has such keys)."""
+    if not path.is_file():
+        raise UMOError(f"{what} '{path}' does not exist; give {expected}")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            keys = list(handle.keys())
+            if prefix and any(key.startswith(prefix) for key in keys):
+                keys = [key for key in keys if key.startswith(prefix)]
+            names = {key.removeprefix(prefix): key for key in keys}
+            missing = [name for name in required if name not in names]
+            if missing:
+                lora = " (it looks like a LoRA)" if any("lora" in key.lower() for key in keys) else ""
+                raise UMOError(f"'{path}' is not a {what}{lora}: it has no tensor '{missing[0]}'; give {expected}")
+            return {name: handle.get_tensor(key).to(dtype) for name, key in names.items()}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise UMOError(f"{what} '{path}' is not a readable .safetensors file ({error}); give {expected}") from None
+
+
+def _count_blocks(state_dict: dict[str, torch.Tensor], prefix: str) -> int:
+    """How many numbered blocks `prefix`0., `prefix`1., ... the state dict has."""
+    return len({key.removeprefix(prefix).split(".")[0] for key in state_dict if key.startswith(prefix)})
+
+
+def _transformer_config(state_dict: dict[str, torch.Tensor], path: Path) -> dict:
+    """FLUX.1-dev's config with the numbers that the BFL-layout `state_dict` fixes."""
+    config = json.loads(TRANSFORMER_CONFIG.read_text())
+    hidden, in_channels = state_dict["img_in.weight"].shape
+    head_dim = state_dict["double_blocks.0.img_attn.norm.query_norm.scale"].shape[0]
+    if hidden % head_dim or head_dim != sum(config["axes_dims_rope"]):
+        raise UMOError(f"FLUX transformer '{path}' has attention heads of {head_dim} channels in a width of "
+                       f"{hidden}; FLUX's rotary embedding needs heads of {sum(config['axes_dims_rope'])}; "
+                       f"give {TRANSFORMER_FILES}")
+    config.update(
+        in_channels=in_channels, out_channels=state_dict["final_layer.linear.weight"].shape[0],
+        num_layers=_count_blocks(state_dict, "double_blocks."),
+        num_single_layers=_count_blocks(state_dict, "single_blocks."),
+        attention_head_dim=head_dim, num_attention_heads=hidden // head_dim,
+        joint_attention_dim=state_dict["txt_in.weight"].shape[1],
+        pooled_projection_dim=state_dict["vector_in.in_layer.weight"].shape[1],
+        guidance_embeds="guidance_in.in_layer.weight" in state_dict,  # FLUX.1-schnell has none
+    )
+    return config
 
 
 def encode_images(vae, images: torch.Tensor) -> torch.Tensor:
