@@ -3,8 +3,8 @@
 Each line: {"prompt": "...", "target": "img/0001.jpg", "references": ["ref/a.jpg", "ref/b.jpg"],
 "text_embedding": "text/0001.safetensors", "identities": ["alice", "bob"] (optional)}; paths are
 relative to the folder. The text embedding file holds `prompt_embeds` [L,4096] and
-`pooled_prompt_embeds` [768] (see `python -m training.encode_prompts`). Everything is checked
-before training starts: each bad row is named with what is wrong.
+`pooled_prompt_embeds` [768]; `python -m training.encode_prompts` writes these files and fills in
+`text_embedding`. Everything is checked before training starts: each bad row is named with what is wrong.
 """
 
 from __future__ import annotations
@@ -30,9 +30,13 @@ class Sample:
 
 
 def _row_problem(folder: Path, row: dict, face_model: FaceModel) -> str | None:
-    for key in ("prompt", "target", "references", "text_embedding"):
+    for key in ("prompt", "target", "references"):
         if key not in row:
             return f"missing '{key}'"
+    encode_hint = ("make it with: python -m training.encode_prompts "
+                   f"--data {folder} --text-encoders <diffusers FLUX folder>")
+    if "text_embedding" not in row:
+        return f"missing 'text_embedding' ({encode_hint})"
     if not isinstance(row["references"], list) or not row["references"]:
         return "'references' must be a non-empty list of image paths (one per person)"
     if "identities" in row and len(row["identities"]) != len(row["references"]):
@@ -44,7 +48,7 @@ def _row_problem(folder: Path, row: dict, face_model: FaceModel) -> str | None:
     except UMOError as error:
         return str(error)
     if not (folder / row["text_embedding"]).is_file():
-        return f"text embedding '{row['text_embedding']}' does not exist"
+        return f"text embedding '{row['text_embedding']}' does not exist ({encode_hint})"
     embedding = load_file(folder / row["text_embedding"])
     if not {"prompt_embeds", "pooled_prompt_embeds"} <= set(embedding):
         return f"text embedding '{row['text_embedding']}' lacks prompt_embeds / pooled_prompt_embeds"

@@ -10,12 +10,15 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from .annotate import annotate
 from .errors import UMOError
 from .face_model import load_face_model
+from .flux import TextEmbedding
 from .images import load_image
 from .scoring import CRITERIA, rank, score_images
+from .text_encoders import encode_prompts, load_text_encoders
 
 DEFAULT_PACK = "antelopev2"
 
@@ -40,8 +43,12 @@ def _parser() -> argparse.ArgumentParser:
                           help="FLUX transformer: diffusers folder or single .safetensors file (flux1-dev.safetensors)")
     generate.add_argument("--vae", type=Path, required=True,
                           help="FLUX autoencoder: diffusers folder or single .safetensors file (ae.safetensors)")
-    generate.add_argument("--text-embedding", type=Path, required=True,
-                          help="safetensors with prompt_embeds and pooled_prompt_embeds (see README: the trainer)")
+    prompt = generate.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--text-embedding", type=Path, help="safetensors with prompt_embeds and pooled_prompt_embeds "
+                        "(python -m training.encode_prompts writes them)")
+    prompt.add_argument("--prompt", help="the prompt, encoded with the text encoders of --text-encoders")
+    generate.add_argument("--text-encoders", type=Path, help="with --prompt: diffusers FLUX folder with text_encoder/, "
+                          "tokenizer/, text_encoder_2/ and tokenizer_2/")
     generate.add_argument("--ref", action="append", required=True, type=Path, help="reference photo, one per person")
     generate.add_argument("--lora", type=Path, help="UMO_UNO.safetensors or a LoRA from the trainer")
     generate.add_argument("--lora-strength", type=float, default=1.0)
@@ -55,21 +62,32 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _prompt_embedding(args: argparse.Namespace, dtype: torch.dtype) -> TextEmbedding:
+    """--text-embedding's file, or --prompt encoded with the text encoders of --text-encoders."""
+    if args.prompt is None:
+        if args.text_encoders:
+            raise UMOError("--text-encoders goes with --prompt; with --text-embedding leave it out")
+        embedding = load_file(args.text_embedding)
+        return TextEmbedding(embedding["prompt_embeds"][None], embedding["pooled_prompt_embeds"][None])
+    if not args.text_encoders:
+        raise UMOError("--prompt needs --text-encoders: a diffusers FLUX folder with text_encoder/, tokenizer/, "
+                       "text_encoder_2/ and tokenizer_2/")
+    return encode_prompts(load_text_encoders(args.text_encoders, dtype, args.device), [args.prompt])
+
+
 def generate_command(args: argparse.Namespace) -> list[Path]:
     """The headless twin of the UMO-UNO ComfyUI graph."""
-    from safetensors.torch import load_file
-
-    from .flux import TextEmbedding, decode_latents, encode_images, load_transformer, load_vae, merge_lora, sample
+    from .flux import decode_latents, encode_images, load_transformer, load_vae, merge_lora, sample
     from .images import float_image
     from .references import reference_long_side, resize_reference
 
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    # The prompt first: the text encoders are freed before the transformer takes the memory.
+    text = _prompt_embedding(args, dtype)
     transformer = load_transformer(args.transformer, dtype).to(args.device)
     vae = load_vae(args.vae, dtype).to(args.device)
     if args.lora:
         merge_lora(transformer, args.lora, args.lora_strength)
-    embedding = load_file(args.text_embedding)
-    text = TextEmbedding(embedding["prompt_embeds"][None], embedding["pooled_prompt_embeds"][None])
     side = reference_long_side(len(args.ref))
     with torch.no_grad():
         references = [encode_images(vae, resize_reference(float_image(load_image(p)), side)[None]) for p in args.ref]

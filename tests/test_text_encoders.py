@@ -1,0 +1,232 @@
+"""FLUX's text encoders from a local diffusers folder, `python -m training.encode_prompts` and
+`generate --prompt`, on a tiny FLUX folder: random-weight CLIP-L and T5 encoders of the real
+architectures with real tokenizers, saved in the layout of a FLUX.1-dev download (CPU)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from tokenizers.pre_tokenizers import ByteLevel
+
+from tests.test_trainer import POOLED_DIM, TEXT_DIM, tiny_transformer, tiny_vae
+from training.encode_prompts import cache_path
+from training.encode_prompts import main as encode_main
+from umo_core.errors import UMOError
+from umo_core.text_encoders import encode_prompts, load_text_encoders
+
+PROMPTS = ["two people at a cafe", "Zoé and Bob, smiling at the camera",
+           "a prompt longer than CLIP's 77 tokens: " + "two people at a table " * 5]
+CLIP_MERGES = [("t", "w"), ("tw", "o</w>"), ("a", "t</w>")]
+# FLUX.1-dev's model_index.json: what FluxPipeline.from_pretrained reads.
+MODEL_INDEX = {
+    "_class_name": "FluxPipeline", "_diffusers_version": "0.30.0.dev0",
+    "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+    "text_encoder_2": ["transformers", "T5EncoderModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+    "tokenizer_2": ["transformers", "T5TokenizerFast"], "transformer": ["diffusers", "FluxTransformer2DModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+
+
+def write_clip(folder) -> None:
+    """CLIP-L's tokenizer files as FLUX ships them (vocab.json, merges.txt: byte-level BPE with '</w>' word
+    ends) over a small vocabulary, and a small CLIPTextModel with FLUX's token ids (eos 2: the pooled
+    output is taken at the highest token id, the end of text)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    characters = sorted(ByteLevel.alphabet())
+    tokens = characters + [c + "</w>" for c in characters] + ["tw", "two</w>", "at</w>"]
+    vocab = {token: i for i, token in enumerate(tokens + ["<|startoftext|>", "<|endoftext|>"])}
+    (folder / "tokenizer").mkdir(parents=True)
+    (folder / "tokenizer" / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "tokenizer" / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in CLIP_MERGES))
+    (folder / "tokenizer" / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True,
+        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>"}))
+    torch.manual_seed(2)
+    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=POOLED_DIM, intermediate_size=32, num_hidden_layers=2,
+                            num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=2,
+                            pad_token_id=1)
+    CLIPTextModel(config).save_pretrained(folder / "text_encoder")
+
+
+def write_t5(folder) -> None:
+    """A unigram T5 tokenizer (tokenizer.json, as in FLUX's tokenizer_2) and a small T5 v1.1 encoder."""
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [(c, -3.0) for c in "abcdefghijklmnopqrstuvwxyz,:0123456789"]
+    pieces += [("▁" + word, -1.0) for word in ("two", "people", "a", "at", "the", "and", "table")]
+    tokenizer = T5Tokenizer(vocab=pieces, extra_ids=0)
+    tokenizer.save_pretrained(folder / "tokenizer_2")
+    torch.manual_seed(3)
+    config = T5Config(vocab_size=len(tokenizer), d_model=TEXT_DIM, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                      relative_attention_num_buckets=8, relative_attention_max_distance=16,
+                      feed_forward_proj="gated-gelu")
+    T5EncoderModel(config).save_pretrained(folder / "text_encoder_2")
+
+
+@pytest.fixture(scope="module")
+def flux_folder(tmp_path_factory):
+    """A diffusers FLUX folder with tiny models whose text widths fit the tiny transformer."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    root = tmp_path_factory.mktemp("flux")
+    write_clip(root)
+    write_t5(root)
+    tiny_transformer().save_pretrained(root / "transformer")
+    tiny_vae().save_pretrained(root / "vae")
+    FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True).save_pretrained(root / "scheduler")
+    (root / "model_index.json").write_text(json.dumps(MODEL_INDEX))
+    return root
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_encode_prompts_gives_what_flux_pipeline_encode_prompt_gives(flux_folder, dtype):
+    from diffusers import FluxPipeline
+
+    pipeline = FluxPipeline.from_pretrained(flux_folder, torch_dtype=dtype, local_files_only=True)
+    with torch.no_grad():  # as FluxPipeline.__call__ runs it (attention takes other kernels with gradients)
+        expected_embeds, expected_pooled, _ = pipeline.encode_prompt(PROMPTS, device=torch.device("cpu"))
+    encoders = load_text_encoders(flux_folder, dtype)
+    assert len(encoders.clip_tokenizer(PROMPTS[2]).input_ids) > 77  # CLIP cuts the long prompt
+    text = encode_prompts(encoders, PROMPTS)
+    assert text.prompt_embeds.shape == (3, 512, TEXT_DIM) and text.pooled_prompt_embeds.shape == (3, POOLED_DIM)
+    assert text.prompt_embeds.dtype == text.pooled_prompt_embeds.dtype == dtype
+    assert torch.equal(text.prompt_embeds, expected_embeds)
+    assert torch.equal(text.pooled_prompt_embeds, expected_pooled)
+
+
+def _data_folder(folder, photos, lines: list[str]):
+    (folder / "img").mkdir(parents=True)
+    for name in ("Rob_Lowe_0001.jpg", "Rob_Lowe_0002.jpg", "Nathalie_Baye_0002.jpg"):
+        shutil.copyfile(photos / name, folder / "img" / name)
+    (folder / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def _row(prompt: str, **extra) -> dict:
+    return {"prompt": prompt, "target": "img/Rob_Lowe_0002.jpg",
+            "references": ["img/Rob_Lowe_0001.jpg", "img/Nathalie_Baye_0002.jpg"], **extra}
+
+
+def test_encode_prompts_command_fills_the_cache_once(flux_folder, photos, face_model, tmp_path, capsys):
+    from training.data import load_dataset
+
+    own_row = '{"prompt":"a third prompt","text_embedding":"text/own.safetensors","target":"img/Rob_Lowe_0002.jpg",' \
+              '"references":["img/Rob_Lowe_0001.jpg","img/Nathalie_Baye_0002.jpg"]}'
+    rows = [_row(PROMPTS[0]), _row(PROMPTS[1], identities=["rob", "nathalie"]), _row(PROMPTS[0])]
+    lines = [json.dumps(rows[0]), json.dumps(rows[1]), "", own_row, json.dumps(rows[2])]
+    data = _data_folder(tmp_path / "data", photos, lines)
+    with pytest.raises(UMOError, match="missing 'text_embedding' .make it with: python -m training.encode_prompts"):
+        load_dataset(data, face_model)
+
+    args = ["--data", str(data), "--text-encoders", str(flux_folder), "--device", "cpu", "--batch-size", "2"]
+    assert encode_main(args) == 0
+    assert "3 prompt(s) encoded, 3 row(s) given a text_embedding" in capsys.readouterr().out
+    written = (data / "manifest.jsonl").read_text().splitlines()
+    assert written == [json.dumps({**rows[0], "text_embedding": cache_path(PROMPTS[0])}, ensure_ascii=False),
+                       json.dumps({**rows[1], "text_embedding": cache_path(PROMPTS[1])}, ensure_ascii=False),
+                       "", own_row,
+                       json.dumps({**rows[2], "text_embedding": cache_path(PROMPTS[0])}, ensure_ascii=False)]
+    files = {cache_path(PROMPTS[0]): PROMPTS[0], cache_path(PROMPTS[1]): PROMPTS[1],
+             "text/own.safetensors": "a third prompt"}
+    assert sorted(p.name for p in (data / "text").iterdir()) == sorted(path.removeprefix("text/") for path in files)
+    encoders = load_text_encoders(flux_folder, torch.float32)
+    for path, prompt in files.items():
+        expected = encode_prompts(encoders, [prompt])
+        cached = load_file(data / path)
+        torch.testing.assert_close(cached["prompt_embeds"], expected.prompt_embeds[0])
+        torch.testing.assert_close(cached["pooled_prompt_embeds"], expected.pooled_prompt_embeds[0])
+
+    # A second run has nothing to do: it does not even load the encoders (their folder is gone here).
+    manifest_before = (data / "manifest.jsonl").read_bytes()
+    times_before = {p.name: p.stat().st_mtime_ns for p in (data / "text").iterdir()}
+    assert encode_main(["--data", str(data), "--text-encoders", str(tmp_path / "absent")]) == 0
+    assert "0 prompt(s) encoded, 0 row(s) given a text_embedding" in capsys.readouterr().out
+    assert (data / "manifest.jsonl").read_bytes() == manifest_before
+    assert {p.name: p.stat().st_mtime_ns for p in (data / "text").iterdir()} == times_before
+
+    samples, problems = load_dataset(data, face_model)
+    assert not problems
+    assert [s.text_embedding for s in samples] == [data / cache_path(PROMPTS[0]), data / cache_path(PROMPTS[1]),
+                                                   data / "text/own.safetensors", data / cache_path(PROMPTS[0])]
+
+
+def test_rows_without_a_prompt_are_left_as_they_are_and_named(flux_folder, photos, tmp_path, capsys):
+    lines = ["{not json", json.dumps({"target": "img/Rob_Lowe_0002.jpg"}), json.dumps(_row("two people"))]
+    data = _data_folder(tmp_path / "data", photos, lines)
+    assert encode_main(["--data", str(data), "--text-encoders", str(flux_folder), "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert "manifest.jsonl row 1: not valid JSON" in captured.err and "row 2: no 'prompt' text" in captured.err
+    assert "1 prompt(s) encoded, 1 row(s)" in captured.out
+    assert (data / "manifest.jsonl").read_text().splitlines()[:2] == lines[:2]
+
+
+def _generate(flux_folder, photos, out, *text_args):
+    from umo_core.cli import main as umo_main
+
+    args = ["generate", "--transformer", str(flux_folder / "transformer"), "--vae", str(flux_folder / "vae"),
+            *text_args, "--ref", str(photos / "Rob_Lowe_0001.jpg"), "--ref", str(photos / "Nathalie_Baye_0002.jpg"),
+            "--size", "64", "--steps", "2", "--seed", "3", "--device", "cpu", "--out", str(out)]
+    assert umo_main(args) == 0
+    return np.asarray(Image.open(out / "umo_000003.png"), np.float32)
+
+
+def test_generate_with_a_prompt_is_generate_with_its_cached_embedding(flux_folder, photos, tmp_path):
+    data = _data_folder(tmp_path / "data", photos, [json.dumps(_row(PROMPTS[0]))])
+    assert encode_main(["--data", str(data), "--text-encoders", str(flux_folder), "--device", "cpu"]) == 0
+    from_prompt = _generate(flux_folder, photos, tmp_path / "a", "--prompt", PROMPTS[0],
+                            "--text-encoders", str(flux_folder))
+    from_cache = _generate(flux_folder, photos, tmp_path / "b", "--text-embedding", str(data / cache_path(PROMPTS[0])))
+    assert from_prompt.shape == (64, 64, 3) and np.array_equal(from_prompt, from_cache)
+    other = _generate(flux_folder, photos, tmp_path / "c", "--prompt", PROMPTS[1], "--text-encoders", str(flux_folder))
+    assert not np.array_equal(from_prompt, other)
+
+
+def test_generate_takes_exactly_one_of_prompt_and_text_embedding(flux_folder, tmp_path, capsys):
+    from umo_core.cli import main as umo_main
+
+    base = ["generate", "--transformer", str(flux_folder / "transformer"), "--vae", str(flux_folder / "vae"),
+            "--ref", "a.jpg", "--out", str(tmp_path / "out")]
+    embedding = ["--text-embedding", str(tmp_path / "e.safetensors")]
+    for args, message in [(["--prompt", "hi"], "--prompt needs --text-encoders: a diffusers FLUX folder"),
+                          ([*embedding, "--text-encoders", str(flux_folder)], "--text-encoders goes with --prompt")]:
+        assert umo_main(base + args) == 2
+        assert message in capsys.readouterr().err
+    for args, message in [([*embedding, "--prompt", "hi"], "--prompt: not allowed with argument --text-embedding"),
+                          ([], "one of the arguments --text-embedding --prompt is required")]:
+        with pytest.raises(SystemExit):
+            umo_main(base + args)
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_that_is_not_a_diffusers_flux_folder_is_named(flux_folder, tmp_path, capsys):
+    every_file = "text_encoder/config.json, tokenizer/tokenizer_config.json, text_encoder_2/config.json, " \
+                 "tokenizer_2/tokenizer_config.json"
+    partial = tmp_path / "partial"
+    shutil.copytree(flux_folder, partial, ignore=shutil.ignore_patterns("tokenizer_2"))
+    single_file = tmp_path / "t5xxl_fp16.safetensors"  # what ComfyUI keeps in models/text_encoders
+    single_file.write_bytes(b"not a folder")
+    for folder, lacking in [(flux_folder / "transformer", every_file), (single_file, every_file),
+                            (tmp_path / "absent", every_file),
+                            (partial, "it lacks tokenizer_2/tokenizer_config.json.")]:
+        with pytest.raises(UMOError) as error:
+            load_text_encoders(folder)
+        assert f"'{folder}' is not a diffusers FLUX folder" in str(error.value) and lacking in str(error.value)
+        assert "text_encoder/ (CLIP-L), tokenizer/, text_encoder_2/ (T5-XXL) and tokenizer_2/" in str(error.value)
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "manifest.jsonl").write_text(json.dumps({"prompt": "two people"}) + "\n")
+    assert encode_main(["--data", str(data), "--text-encoders", str(partial)]) == 2
+    assert "error: text encoders: " in capsys.readouterr().err
+    assert encode_main(["--data", str(tmp_path / "nowhere"), "--text-encoders", str(flux_folder)]) == 2
+    assert "has no manifest.jsonl" in capsys.readouterr().err
