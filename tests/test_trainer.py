@@ -88,6 +88,7 @@ def test_training_steps_change_only_the_lora(setup, tmp_path):
     assert [r["step"] for r in log] == [1, 2]
     assert all(torch.isfinite(torch.tensor([r["loss"], r["diffusion_loss"], r["reward"]])).all() for r in log)
     assert all({"id_sim", "id_sim_matched", "id_conf", "bld", "sim_gt", "cp"} <= r.keys() for r in log)
+    assert not any("gt_id_loss" in r or "contrastive_loss" in r for r in log)  # WithAnyone terms are off
     trained = load_file(tmp_path / "run" / "lora_diffusers.safetensors")
     assert trained and all(".lora_A." in k or ".lora_B." in k for k in trained)
     assert any(k.startswith("single_transformer_blocks.0.proj_out") for k in trained)
@@ -367,3 +368,49 @@ def test_bad_arguments_are_named(setup, tmp_path, capsys, extra, message):
     root, data, pack = setup
     assert main(_args(root, data, pack, tmp_path / "out", 1, *extra)) == 2
     assert message in capsys.readouterr().err
+
+
+def test_withanyone_terms_are_logged_and_gated(setup, tmp_path):
+    root, data, pack = setup
+    assert main(_args(root, data, pack, tmp_path / "run", 4, "--gt-id-weight", "1", "--contrastive-weight", "1")) == 0
+    log = _log(tmp_path / "run")
+    ran = [r for r in log if r["gt_id_loss"] is not None]  # null at steps drawn above sigma 0.6
+    assert ran and all(r["contrastive_loss"] is not None for r in ran)
+    assert all(0 <= r["gt_id_loss"] <= 2 and np.isfinite(r["contrastive_loss"]) for r in ran)
+
+
+def test_withanyone_gradient_reaches_the_lora(setup, pack_dir):
+    """The GT-aligned term on the flow-matching branch: the target photo's keypoints crop the decoded
+    clean estimate, and the loss's gradient reaches the LoRA through the VAE decoder and the face network."""
+    from peft import LoraConfig
+
+    from training.batches import load_batch
+    from training.data import load_dataset
+    from training.rerefl import parse_args, withanyone_terms
+    from umo_core import load_face_model
+    from umo_core.flux import predict_velocity
+    from umo_core.lora_formats import UNO_TARGET_MODULES
+
+    root, data, pack = setup
+    face_model = load_face_model(pack_dir, provider="cpu", backend="torch")
+    samples, _ = load_dataset(data, face_model)
+    vae = tiny_vae().requires_grad_(False)
+    batch = load_batch(samples[:1], (256, 256), vae, face_model, torch.device("cpu"))
+    assert len(batch.ground_truth[0].faces) == 1  # Rob Lowe's face in the target photo
+    transformer = tiny_transformer().requires_grad_(False)
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                       target_modules=UNO_TARGET_MODULES))
+    for name, parameter in transformer.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.1)
+    t = torch.full((1, 1, 1, 1), 0.3)
+    noisy = (1 - t) * batch.target + t * torch.randn(batch.target.shape, generator=torch.Generator().manual_seed(0))
+    velocity = predict_velocity(transformer, noisy, t.flatten(), batch.text, batch.references)
+    args = parse_args(["--data", "d", "--transformer", "t", "--vae", "v", "--output", "o", "--gt-id-weight", "1"])
+    terms = withanyone_terms(args, vae, face_model, batch, noisy, velocity, t, bank=None)
+    assert set(terms) == {"gt_id_loss"} and 0 < terms["gt_id_loss"].item() <= 2
+    terms["gt_id_loss"].backward()
+    lora_grads = [p.grad for n, p in transformer.named_parameters() if "lora" in n]
+    assert all(g is not None and torch.isfinite(g).all() for g in lora_grads)
+    assert sum(g.abs().sum() for g in lora_grads) > 0
+    assert withanyone_terms(args, vae, face_model, batch, noisy, velocity, torch.full((1, 1, 1, 1), 0.7), None) == {}

@@ -23,6 +23,7 @@ class Batch:
     target: torch.Tensor  # [B,16,H/8,W/8] normalised latents
     references: list[torch.Tensor]  # per person [B,16,hk,wk]
     identities: list[Identities]  # per sample
+    names: list[list[str] | None]  # per sample, the manifest's identity names (or None)
     ground_truth: list[AnalysedImage]  # per sample: the faces of the target photo
     text: TextEmbedding
 
@@ -43,4 +44,5 @@ def load_batch(samples: list[Sample], size: tuple[int, int], vae, face_model: Fa
     return Batch(rows=[s.row for s in samples], target_images=target_images,
                  target=encode_images(vae, target_images.to(device)), references=references,
                  identities=[face_model.identities(people) for people in photos],
+                 names=[s.identities for s in samples],
                  ground_truth=face_model.analyse(list(target_images)), text=text)

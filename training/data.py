@@ -27,6 +27,7 @@ class Sample:
     target: Path
     references: list[Path]
     text_embedding: Path
+    identities: list[str] | None  # the people's names, one per reference, where the manifest gives them
 
 
 def _row_problem(folder: Path, row: dict, face_model: FaceModel) -> str | None:
@@ -76,7 +77,8 @@ def load_dataset(folder: str | Path, face_model: FaceModel,
             problems.append(f"manifest.jsonl row {number}: {problem}")
             continue
         samples.append(Sample(number, row["prompt"], folder / row["target"],
-                              [folder / p for p in row["references"]], folder / row["text_embedding"]))
+                              [folder / p for p in row["references"]], folder / row["text_embedding"],
+                              row.get("identities")))
     if problems and on_bad_rows == "error":
         listing = "\n  ".join(problems)
         raise UMOError(f"bad training data (use --on-bad-rows skip to leave these rows out):\n  {listing}")

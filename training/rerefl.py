@@ -41,6 +41,17 @@ from umo_core.lora_formats import (
 )
 from umo_core.metrics import average_metrics
 from umo_core.uno import clean_estimate, flux_sigmas
+from umo_core.withanyone import (
+    CONTRASTIVE_TEMPERATURE,
+    ID_LOSS_MAX_SIGMA,
+    ReferenceBank,
+    contrastive_id_loss,
+    gt_aligned_embeddings,
+    gt_aligned_id_loss,
+    negatives_for,
+    paired_with_references,
+    reference_bank,
+)
 
 from .batches import Batch, load_batch
 from .buckets import BatchOrder, shape_key
@@ -48,6 +59,7 @@ from .data import Sample, load_dataset
 from .evaluation import evaluate
 
 DEFAULT_RANK = 512
+ID_TERM_WEIGHTS = {"gt_id_loss": "gt_id_weight", "contrastive_loss": "contrastive_weight"}  # term -> its flag
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -73,6 +85,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--window", type=int, default=10, help="gradient step drawn from the last N sampling steps")
     parser.add_argument("--reward", choices=("mimr", "sir"), default="mimr")
     parser.add_argument("--diffusion-weight", type=float, default=1.0, help="lambda in L = lambda * L_diff - R")
+    parser.add_argument("--gt-id-weight", type=float, default=0.0, help="WithAnyone's GT-aligned ID loss (0: off)")
+    parser.add_argument("--contrastive-weight", type=float, default=0.0,
+                        help="WithAnyone's contrastive ID loss against other identities in the data (0: off)")
+    parser.add_argument("--contrastive-temperature", type=float, default=CONTRASTIVE_TEMPERATURE)
     parser.add_argument("--eval-every", type=int, default=250, help="evaluation images every N steps (0: never)")
     parser.add_argument("--eval-data", type=Path, help="folder with manifest.jsonl for evaluation (default: --data)")
     parser.add_argument("--eval-count", type=int, default=4, help="evaluate the first N rows of the evaluation data")
@@ -90,6 +106,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def check_args(args: argparse.Namespace) -> None:
     if args.resolution % 16 or args.resolution < 16:
         raise UMOError(f"--resolution {args.resolution} must be a positive multiple of 16")
+    if args.contrastive_temperature <= 0:
+        raise UMOError(f"--contrastive-temperature must be above 0 (WithAnyone uses {CONTRASTIVE_TEMPERATURE})")
     if not 1 <= args.window <= args.sampling_steps:
         raise UMOError(f"--window {args.window} must be between 1 and --sampling-steps ({args.sampling_steps})")
     for name in ("steps", "batch_size", "checkpoint_every"):
@@ -112,6 +130,33 @@ def lora_config(args: argparse.Namespace) -> tuple[LoraConfig, dict[str, torch.T
                            "leave --rank out to continue at the file's rank")
     # alpha = rank: the delta is B @ A, as in UNO's layout and the files this trainer writes.
     return LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=UNO_TARGET_MODULES), initial
+
+
+def withanyone_terms(args: argparse.Namespace, vae, face_model, batch: Batch, noisy: torch.Tensor,
+                     velocity: torch.Tensor, t: torch.Tensor, bank: ReferenceBank | None) -> dict[str, torch.Tensor]:
+    """WithAnyone's ID losses on the flow-matching branch's clean estimate.
+
+    That estimate keeps the target photo's layout (it is denoised from the noised target), so the
+    target's face keypoints locate its faces: nothing is detected on the estimate. Samples noisier
+    than ID_LOSS_MAX_SIGMA take no part, as in WithAnyone.
+    """
+    kept = [i for i in range(len(t)) if t[i] <= ID_LOSS_MAX_SIGMA]
+    if not kept:
+        return {}
+    images = decode_latents(vae, clean_estimate(noisy[kept], velocity[kept], t[kept]))
+    truths = [batch.ground_truth[i] for i in kept]
+    terms = {}
+    if args.gt_id_weight:
+        terms["gt_id_loss"] = gt_aligned_id_loss(images, truths, face_model)
+    if args.contrastive_weight:
+        losses = []
+        for faces, i in zip(gt_aligned_embeddings(images, truths, face_model), kept):
+            references = batch.identities[i].embeddings
+            generated, positives = paired_with_references(faces, references)
+            negatives = negatives_for(bank, references, batch.names[i])
+            losses.append(contrastive_id_loss(generated, positives, negatives, args.contrastive_temperature))
+        terms["contrastive_loss"] = torch.stack(losses).mean()
+    return terms
 
 
 def swap_in(temporary: Path, folder: Path) -> None:
@@ -163,6 +208,9 @@ def train(args: argparse.Namespace) -> None:
             accelerator.print(f"skipped evaluation {line}")
     evaluation_samples = evaluation_samples[:args.eval_count]
     keys = [shape_key(s.target, s.references, s.text_embedding, args.resolution) for s in samples]
+    bank = None
+    if args.contrastive_weight:  # every reference face of the data, for the negatives
+        bank = reference_bank([face_model.identities(s.references) for s in samples], [s.identities for s in samples])
     order = BatchOrder(keys, args.batch_size, args.seed, accelerator.process_index, accelerator.num_processes)
 
     # Models: the frozen FLUX transformer with a trainable LoRA, the frozen VAE and face networks.
@@ -264,6 +312,9 @@ def train(args: argparse.Namespace) -> None:
         noisy = (1 - t) * batch.target + t * noise
         velocity = predict_velocity(transformer, noisy, t.flatten(), batch.text, batch.references, guidance=1.0)
         diffusion_loss = torch.nn.functional.mse_loss(velocity, noise - batch.target)
+        id_terms = {}
+        if args.gt_id_weight or args.contrastive_weight:
+            id_terms = withanyone_terms(args, vae, face_model, batch, noisy, velocity, t, bank)
 
         # 2. ReReFL: roll out without gradient to a step in the window, one step with gradient.
         reward_step = int(torch.randint(args.sampling_steps - args.window, args.sampling_steps, (),
@@ -279,6 +330,9 @@ def train(args: argparse.Namespace) -> None:
         reward = torch.cat([r.values for r in results]).mean()
 
         loss = args.diffusion_weight * diffusion_loss - reward
+        for name, weight in ID_TERM_WEIGHTS.items():
+            if name in id_terms:
+                loss = loss + getattr(args, weight) * id_terms[name]
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(lora_parameters, args.grad_clip)
         optimizer.step()
@@ -292,6 +346,10 @@ def train(args: argparse.Namespace) -> None:
         values = accelerator.reduce(torch.stack([loss, diffusion_loss, reward]).detach(), "mean").tolist()
         record = {"step": step, "loss": values[0], "diffusion_loss": values[1], "reward": values[2],
                   "reward_step": reward_step, "rows": gather_object(batch.rows), **metrics}
+        active = [name for name, weight in ID_TERM_WEIGHTS.items() if getattr(args, weight)]
+        # The mean over the processes where the term ran (it is off at noisy steps); null if none.
+        record.update(average_metrics(gather_object([{name: id_terms[name].item() if name in id_terms else None
+                                                      for name in active}])))
         if accelerator.is_main_process:
             with (args.output / "log.jsonl").open("a") as log:
                 log.write(json.dumps(record) + "\n")
