@@ -62,3 +62,22 @@ def torch_face_model(pack_dir):
     from umo_core import load_face_model
 
     return load_face_model(pack_dir, provider="cpu", backend="torch")
+
+
+@pytest.fixture(scope="session")
+def group(face_model, photos):
+    """The group photo, its faces, and one reference photo per person (a head-and-shoulders crop)."""
+    import numpy as np
+    from PIL import Image
+
+    from umo_core.images import load_image
+
+    image = load_image(photos / "t1_six_people.jpg")
+    faces = face_model.detect(image)[0]
+    references = []
+    for x1, y1, x2, y2 in faces.boxes:
+        w, h = x2 - x1, y2 - y1
+        height, width = image.shape[:2]
+        box = (int(max(0, x1 - w)), int(max(0, y1 - h)), int(min(width, x2 + w)), int(min(height, y2 + h)))
+        references.append(np.asarray(Image.fromarray(image).crop(box)))
+    return image, faces, references

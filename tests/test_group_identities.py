@@ -13,20 +13,6 @@ from umo_core.images import load_image
 from umo_core.matching import assign, similarity_matrix
 
 
-@pytest.fixture(scope="module")
-def group(face_model, photos):
-    """The group photo, its faces, and one reference photo per person (a head-and-shoulders crop)."""
-    image = load_image(photos / "t1_six_people.jpg")
-    faces = face_model.detect(image)[0]
-    references = []
-    for x1, y1, x2, y2 in faces.boxes:
-        w, h = x2 - x1, y2 - y1
-        height, width = image.shape[:2]
-        box = (int(max(0, x1 - w)), int(max(0, y1 - h)), int(min(width, x2 + w)), int(min(height, y2 + h)))
-        references.append(np.asarray(Image.fromarray(image).crop(box)))
-    return image, faces, references
-
-
 def _centres(boxes):
     return np.stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2], axis=1)
 

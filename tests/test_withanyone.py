@@ -108,20 +108,6 @@ def test_infonce_empty_cases_and_bad_arguments():
         contrastive_id_loss(axes[:2], axes[:1], axes[1:])
 
 
-@pytest.fixture(scope="module")
-def group(face_model, photos):
-    """The group photo, and one reference crop (head and shoulders) per person."""
-    image = load_image(photos / "t1_six_people.jpg")
-    faces = face_model.detect(image)[0]
-    references = []
-    for x1, y1, x2, y2 in faces.boxes:
-        w, h = x2 - x1, y2 - y1
-        box = (int(max(0, x1 - w)), int(max(0, y1 - h)), int(min(image.shape[1], x2 + w)),
-               int(min(image.shape[0], y2 + h)))
-        references.append(np.asarray(Image.fromarray(image).crop(box)))
-    return image, faces, references
-
-
 def test_contrastive_lower_for_the_right_people_and_gradient_to_pixels(face_model, torch_face_model, group, lfw):
     image, faces, references = group
     identities = face_model.identities(references)
