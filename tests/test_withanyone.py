@@ -111,7 +111,7 @@ def test_infonce_empty_cases_and_bad_arguments():
 def test_contrastive_lower_for_the_right_people_and_gradient_to_pixels(face_model, torch_face_model, group, lfw):
     image, faces, references = group
     identities = face_model.identities(references)
-    bank = reference_bank([face_model.identities(list(lfw.values()))], [None])
+    bank = reference_bank([face_model.identities(list(lfw.values())).embeddings], [None])
     negatives = negatives_for(bank, identities.embeddings, None)
     assert len(negatives) == 5  # none of the LFW people is in the group photo
     pixels = float_image(image).requires_grad_(True)
@@ -145,7 +145,7 @@ def _which(negatives: torch.Tensor, bank_embeddings: torch.Tensor) -> list[int]:
 
 
 def test_negatives_exclude_the_same_identity_name(rows):
-    bank = reference_bank(rows, [["rob", "nathalie"], ["rob", "mary"], ["teresa"]])
+    bank = reference_bank([r.embeddings for r in rows], [["rob", "nathalie"], ["rob", "mary"], ["teresa"]])
     negatives = negatives_for(bank, rows[0].embeddings, ["rob", "nathalie"])
     assert _which(negatives, bank.embeddings) == [3, 4]  # Mary and Teresa; not Rob's other photo
     # Names decide, not the embeddings: with the second person named "teresa", Nathalie's own photo
@@ -154,14 +154,14 @@ def test_negatives_exclude_the_same_identity_name(rows):
 
 
 def test_negatives_without_names_use_the_cosine(rows):
-    bank = reference_bank(rows, [None, ["rob", "mary"], None])
+    bank = reference_bank([r.embeddings for r in rows], [None, ["rob", "mary"], None])
     # Row 1 has no names: Rob's second photo is recognised as the same person (cosine ~0.7).
     assert _which(negatives_for(bank, rows[0].embeddings, None), bank.embeddings) == [3, 4]
     assert len(negatives_for(bank, rows[0].embeddings, None, same_person_cosine=-1.0)) == 0
-    only_own_row = reference_bank(rows[:1], [None])
+    only_own_row = reference_bank([rows[0].embeddings], [None])
     assert negatives_for(only_own_row, rows[0].embeddings, None).shape == (0, rows[0].embeddings.shape[1])
 
 
 def test_bank_names_must_fit_the_references(rows):
     with pytest.raises(UMOError, match="data row 2: 1 identity names for 2 references"):
-        reference_bank(rows, [None, ["rob"], None])
+        reference_bank([r.embeddings for r in rows], [None, ["rob"], None])

@@ -13,7 +13,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from safetensors.torch import load_file
+import torch
+from safetensors import safe_open
 
 from umo_core.errors import UMOError
 from umo_core.face_model import FaceModel
@@ -28,32 +29,31 @@ class Sample:
     references: list[Path]
     text_embedding: Path
     identities: list[str] | None  # the people's names, one per reference, where the manifest gives them
+    reference_embeddings: torch.Tensor  # [M,D] of the references' faces, from the data check
 
 
-def _row_problem(folder: Path, row: dict, face_model: FaceModel) -> str | None:
+def _check_row(folder: Path, row: dict, face_model: FaceModel) -> torch.Tensor:
+    """The embeddings [M,D] of the row's reference people; a UMOError says what is wrong with the row."""
     for key in ("prompt", "target", "references"):
         if key not in row:
-            return f"missing '{key}'"
+            raise UMOError(f"missing '{key}'")
     encode_hint = ("make it with: python -m training.encode_prompts "
                    f"--data {folder} --text-encoders <diffusers FLUX folder>")
     if "text_embedding" not in row:
-        return f"missing 'text_embedding' ({encode_hint})"
+        raise UMOError(f"missing 'text_embedding' ({encode_hint})")
     if not isinstance(row["references"], list) or not row["references"]:
-        return "'references' must be a non-empty list of image paths (one per person)"
+        raise UMOError("'references' must be a non-empty list of image paths (one per person)")
     if "identities" in row and len(row["identities"]) != len(row["references"]):
-        return f"{len(row['identities'])} identities for {len(row['references'])} references"
-    try:
-        load_image(folder / row["target"])
-        references = [load_image(folder / path) for path in row["references"]]
-        face_model.identities(references, names=[f"reference '{p}'" for p in row["references"]])
-    except UMOError as error:
-        return str(error)
+        raise UMOError(f"{len(row['identities'])} identities for {len(row['references'])} references")
+    load_image(folder / row["target"])
+    references = [load_image(folder / path) for path in row["references"]]
+    people = face_model.identities(references, names=[f"reference '{p}'" for p in row["references"]])
     if not (folder / row["text_embedding"]).is_file():
-        return f"text embedding '{row['text_embedding']}' does not exist ({encode_hint})"
-    embedding = load_file(folder / row["text_embedding"])
-    if not {"prompt_embeds", "pooled_prompt_embeds"} <= set(embedding):
-        return f"text embedding '{row['text_embedding']}' lacks prompt_embeds / pooled_prompt_embeds"
-    return None
+        raise UMOError(f"text embedding '{row['text_embedding']}' does not exist ({encode_hint})")
+    with safe_open(folder / row["text_embedding"], "pt") as embedding:  # the header only
+        if not {"prompt_embeds", "pooled_prompt_embeds"} <= set(embedding.keys()):
+            raise UMOError(f"text embedding '{row['text_embedding']}' lacks prompt_embeds / pooled_prompt_embeds")
+    return people.embeddings
 
 
 def load_dataset(folder: str | Path, face_model: FaceModel,
@@ -72,13 +72,14 @@ def load_dataset(folder: str | Path, face_model: FaceModel,
         except json.JSONDecodeError as error:
             problems.append(f"manifest.jsonl row {number}: not valid JSON ({error.msg})")
             continue
-        problem = _row_problem(folder, row, face_model)
-        if problem:
+        try:
+            reference_embeddings = _check_row(folder, row, face_model)
+        except UMOError as problem:
             problems.append(f"manifest.jsonl row {number}: {problem}")
             continue
         samples.append(Sample(number, row["prompt"], folder / row["target"],
                               [folder / p for p in row["references"]], folder / row["text_embedding"],
-                              row.get("identities")))
+                              row.get("identities"), reference_embeddings))
     if problems and on_bad_rows == "error":
         listing = "\n  ".join(problems)
         raise UMOError(f"bad training data (use --on-bad-rows skip to leave these rows out):\n  {listing}")

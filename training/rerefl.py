@@ -55,7 +55,7 @@ from umo_core.withanyone import (
 
 from .batches import Batch, load_batch
 from .buckets import BatchOrder, shape_key
-from .data import Sample, load_dataset
+from .data import load_dataset
 from .evaluation import evaluate
 
 DEFAULT_RANK = 512
@@ -208,9 +208,11 @@ def train(args: argparse.Namespace) -> None:
             accelerator.print(f"skipped evaluation {line}")
     evaluation_samples = evaluation_samples[:args.eval_count]
     keys = [shape_key(s.target, s.references, s.text_embedding, args.resolution) for s in samples]
+    evaluation_buckets = [shape_key(s.target, s.references, s.text_embedding, args.resolution)[0]
+                          for s in evaluation_samples]
     bank = None
     if args.contrastive_weight:  # every reference face of the data, for the negatives
-        bank = reference_bank([face_model.identities(s.references) for s in samples], [s.identities for s in samples])
+        bank = reference_bank([s.reference_embeddings for s in samples], [s.identities for s in samples])
     order = BatchOrder(keys, args.batch_size, args.seed, accelerator.process_index, accelerator.num_processes)
 
     # Models: the frozen FLUX transformer with a trainable LoRA, the frozen VAE and face networks.
@@ -273,14 +275,12 @@ def train(args: argparse.Namespace) -> None:
             swap_in(temporary, checkpoint)
         accelerator.wait_for_everyone()
 
-    def batch_of(chosen: list[Sample]) -> Batch:
-        bucket = shape_key(chosen[0].target, chosen[0].references, chosen[0].text_embedding, args.resolution)[0]
-        return load_batch(chosen, bucket, vae, face_model, device)
-
     def run_evaluation() -> None:
         if args.eval_every and accelerator.is_main_process:
-            summary = evaluate(step, model, vae, face_model, [batch_of([s]) for s in evaluation_samples],
-                               args.output, args.seed, args.sampling_steps, args.eval_guidance)
+            batches = [load_batch([s], bucket, vae, face_model, device)
+                       for s, bucket in zip(evaluation_samples, evaluation_buckets)]
+            summary = evaluate(step, model, vae, face_model, batches, args.output, args.seed, args.sampling_steps,
+                               args.eval_guidance)
             accelerator.print(f"evaluation at step {step}: " + ", ".join(
                 f"{name} {value:.3f}" for name, value in summary.items() if name != "step" and value is not None))
         accelerator.wait_for_everyone()
@@ -302,7 +302,8 @@ def train(args: argparse.Namespace) -> None:
         run_evaluation()  # the starting point, to compare the trained LoRA against
     progress = tqdm(total=args.steps, initial=step, disable=not accelerator.is_main_process)
     while step < args.steps:
-        batch = batch_of([samples[i] for i in order.next_batch()])
+        indices = order.next_batch()
+        batch = load_batch([samples[i] for i in indices], keys[indices[0]][0], vae, face_model, device)
         sigmas = flux_sigmas(args.sampling_steps, (batch.target.shape[2] // 2) * (batch.target.shape[3] // 2))
 
         # 1. The flow-matching loss on the training batch (guidance fixed at 1).

@@ -18,7 +18,6 @@ from .face_model import load_face_model
 from .flux import TextEmbedding
 from .images import load_image
 from .scoring import CRITERIA, rank, score_images
-from .text_encoders import encode_prompts, load_text_encoders
 
 DEFAULT_PACK = "antelopev2"
 
@@ -72,6 +71,8 @@ def _prompt_embedding(args: argparse.Namespace, dtype: torch.dtype) -> TextEmbed
     if not args.text_encoders:
         raise UMOError("--prompt needs --text-encoders: a diffusers FLUX folder with text_encoder/, tokenizer/, "
                        "text_encoder_2/ and tokenizer_2/")
+    from .text_encoders import encode_prompts, load_text_encoders
+
     return encode_prompts(load_text_encoders(args.text_encoders, dtype, args.device), [args.prompt])
 
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .detection import Faces
 from .errors import UMOError
-from .face_model import AnalysedImage, FaceModel, Identities
+from .face_model import AnalysedImage, FaceModel
 from .matching import assign, similarity_matrix
 
 ID_LOSS_MAX_SIGMA = 0.6  # both losses are off for flow-matching sigma (t) above this
@@ -120,18 +120,18 @@ class ReferenceBank:
     names: list[str | None]  # per face; None for rows without "identities"
 
 
-def reference_bank(identities: list[Identities], names: list[list[str] | None]) -> ReferenceBank:
-    """The bank of a data set: per manifest row its `FaceModel.identities` and its names (or None)."""
-    if len(names) != len(identities):
-        raise ValueError(f"{len(names)} name lists for {len(identities)} rows")
+def reference_bank(embeddings: list[torch.Tensor], names: list[list[str] | None]) -> ReferenceBank:
+    """The bank of a data set: per manifest row its reference embeddings [M,D] (`Identities.embeddings`)
+    and its names (or None)."""
+    if len(names) != len(embeddings):
+        raise ValueError(f"{len(names)} name lists for {len(embeddings)} rows")
     flat_names: list[str | None] = []
-    for row, (people, row_names) in enumerate(zip(identities, names)):
+    for row, (people, row_names) in enumerate(zip(embeddings, names)):
         if row_names is not None and len(row_names) != len(people):
             raise UMOError(f"data row {row + 1}: {len(row_names)} identity names for {len(people)} references; "
                            "give one name per reference photo, or none")
         flat_names.extend(row_names if row_names is not None else [None] * len(people))
-    embeddings = torch.cat([people.embeddings for people in identities])
-    return ReferenceBank(embeddings.detach().float(), flat_names)
+    return ReferenceBank(torch.cat(embeddings).detach().float(), flat_names)
 
 
 def negatives_for(bank: ReferenceBank, references: torch.Tensor, names: list[str] | None,
