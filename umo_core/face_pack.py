@@ -37,6 +37,7 @@ class FacePack:
     directory: Path
     detector: Path
     recogniser: Path
+    notes: tuple[str, ...] = ()  # which file was chosen, and why, where a folder offered several of a kind
 
 
 def pack_search_roots() -> list[Path]:
