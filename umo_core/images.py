@@ -1,13 +1,30 @@
 """Image inputs: files, numpy arrays, PIL images and ComfyUI IMAGE tensors.
 
 Everything becomes RGB: uint8 [H,W,3] arrays for detection, float tensors in 0..1 for
-the differentiable path. Greyscale is repeated to three channels; RGBA is composited
-over white (transparent pixels often hold arbitrary colours).
+the differentiable path. How each PIL mode is read:
+- 8-bit modes (L, RGB, P, YCbCr, CMYK, 1, ...): PIL's own conversion to RGB. 16-bit RGB(A)
+  PNG and TIFF files already open as 8-bit RGB(A) in PIL (its decoders keep the high byte).
+- 16-bit grey (I;16, I;16B, ...): 0..65535 scaled to 0..255 (PIL's own conversion clips at 255
+  instead, which turns most of a photo white).
+- 32-bit I and F: their scale is not in the file, so it is read from the values: the smallest of
+  0..1 (float only: tifffile, scikit-image, OpenCV floats), 0..255 (PIL's L.convert('I'/'F')) and
+  0..65535 (16-bit data) that holds every value; anything else is an error.
+- With transparency (RGBA, LA, PA, a palette or grey with a transparent colour): composited
+  over white, as transparent pixels often hold arbitrary colours. Greyscale is repeated to
+  three channels.
+- Animated files (GIF, WebP, APNG): the first frame, with a note saying so.
+
+Image files larger than MAX_PIXELS are refused with a message that says how to raise the
+limit (`max_pixels`, $UMO_MAX_PIXELS, the CLI's --max-pixels): this is the project's one check;
+PIL's own decompression-bomb warning and error never reach the user.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import os
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -18,22 +35,100 @@ from .errors import UMOError
 
 ImageLike = str | Path | np.ndarray | torch.Tensor | Image.Image
 
+# 100 megapixels (10000 x 10000): 300 MB as RGB uint8 and 1.2 GB as the float copy that face
+# alignment reads, so a few such images fit in memory at once. 0 turns the check off.
+MAX_PIXELS = 100_000_000
+MAX_PIXELS_ENV = "UMO_MAX_PIXELS"
 
-def load_image(path: str | Path) -> np.ndarray:
-    """Read an image file as RGB uint8 [H,W,3], honouring EXIF rotation."""
+_PIL_LIMIT_LOCK = threading.Lock()
+
+
+def pixel_limit(max_pixels: int | None = None) -> int:
+    """The pixel limit in force: `max_pixels` if given, else $UMO_MAX_PIXELS, else MAX_PIXELS; 0 = none."""
+    if max_pixels is None:
+        setting = os.environ.get(MAX_PIXELS_ENV, "").strip()
+        if not setting:
+            return MAX_PIXELS
+        try:
+            max_pixels = int(setting)
+        except ValueError:
+            raise UMOError(f"${MAX_PIXELS_ENV} is '{setting}'; set it to a whole number of pixels "
+                           "(0 for no limit) or unset it") from None
+    if max_pixels < 0:
+        raise UMOError(f"the pixel limit (--max-pixels or ${MAX_PIXELS_ENV}) is {max_pixels}; give a positive "
+                       "number of pixels, or 0 for no limit")
+    return max_pixels
+
+
+def _check_pixels(size: tuple[int, int], label: str, max_pixels: int | None) -> None:
+    limit = pixel_limit(max_pixels)
+    width, height = size
+    if limit and width * height > limit:
+        raise UMOError(
+            f"{label} is {width}x{height} = {width * height / 1e6:.1f} megapixels, above the limit of "
+            f"{limit / 1e6:.1f} megapixels; pass --max-pixels {width * height} (or set "
+            f"{MAX_PIXELS_ENV}={width * height}, 0 for no limit) to read it anyway, or use a smaller copy")
+
+
+@contextlib.contextmanager
+def _pil_pixel_check_off() -> Iterator[None]:
+    """PIL's decompression-bomb check off while we read a file: ours replaces it (with the file's
+    name and how to raise the limit). PIL reads a module-wide setting, so it is restored right
+    after the read, and the lock keeps two of our reads from interleaving."""
+    with _PIL_LIMIT_LOCK:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def load_image(path: str | Path, label: str | None = None, notes: list[str] | None = None,
+               max_pixels: int | None = None) -> np.ndarray:
+    """Read an image file as RGB uint8 [H,W,3], honouring EXIF rotation.
+
+    `label` names the file in messages (e.g. "reference 2 'a.png'"; default "image '<path>'").
+    `notes`, when given, gets a line for what the caller should tell the user (an animated file's
+    first frame is used). `max_pixels` overrides the pixel limit (see `pixel_limit`).
+    """
     path = Path(path)
+    label = label or f"image '{path}'"
     if not path.is_file():
-        raise UMOError(f"image '{path}' does not exist or is not a file")
+        raise UMOError(f"{label} does not exist or is not a file")
     try:
-        with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image)
-            return _pil_to_rgb(image)
+        with _pil_pixel_check_off(), Image.open(path) as image:
+            _check_pixels(image.size, label, max_pixels)
+            frames = getattr(image, "n_frames", 1)
+            if frames > 1 and notes is not None:
+                notes.append(f"{label} is animated ({frames} frames); using the first frame")
+            return _pil_to_rgb(ImageOps.exif_transpose(image), label)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise UMOError(f"image '{path}' cannot be read as an image ({error})") from None
+        raise UMOError(f"{label} cannot be read as an image ({error})") from None
 
 
-def _pil_to_rgb(image: Image.Image) -> np.ndarray:
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+def _value_scale(values: np.ndarray, mode: str, name: str) -> float:
+    """The full-scale value of a 32-bit I or F image (see the module docstring)."""
+    low, high = float(values.min(initial=0)), float(values.max(initial=0))
+    if not (np.isfinite(low) and np.isfinite(high)) or low < 0 or high > 65535:
+        raise UMOError(f"{name} is a 32-bit {mode} image with values from {low:g} to {high:g} has no known brightness "
+                       "scale (expected 0..1, 0..255 or 0..65535); save it as an 8- or 16-bit image")
+    scales = (1.0, 255.0, 65535.0) if mode == "F" else (255.0, 65535.0)
+    return next(scale for scale in scales if high <= scale)
+
+
+def _grey_to_rgb(image: Image.Image, name: str) -> np.ndarray:
+    """RGB uint8 from a 16-bit or 32-bit single-channel image."""
+    values = np.asarray(image)
+    scale = 65535.0 if image.mode.startswith("I;16") else _value_scale(values, image.mode, name)
+    grey = np.clip(values.astype(np.float64) * (255.0 / scale) + 0.5, 0, 255).astype(np.uint8)
+    return np.repeat(grey[:, :, None], 3, axis=2)
+
+
+def _pil_to_rgb(image: Image.Image, name: str) -> np.ndarray:
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        return _grey_to_rgb(image, name)
+    if image.mode in ("RGBA", "RGBa", "LA", "PA") or "transparency" in image.info:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
@@ -58,8 +153,8 @@ def _array_to_rgb(array: np.ndarray, name: str) -> np.ndarray:
 def to_rgb_uint8(images: ImageLike | Sequence[ImageLike]) -> list[np.ndarray]:
     """Turn one image or a batch into a list of RGB uint8 [H,W,3] arrays.
 
-    Accepts paths, PIL images, uint8 or float (0..1) numpy arrays, and torch tensors in
-    ComfyUI's IMAGE layout ([B,H,W,C] or [H,W,C], float 0..1).
+    Accepts paths, PIL images (any mode, see above), uint8 or float (0..1) numpy arrays, and
+    torch tensors in ComfyUI's IMAGE layout ([B,H,W,C] or [H,W,C], float 0..1).
     """
     if isinstance(images, torch.Tensor):
         array = images.detach().float().cpu().numpy()
@@ -72,7 +167,7 @@ def to_rgb_uint8(images: ImageLike | Sequence[ImageLike]) -> list[np.ndarray]:
         if isinstance(image, (str, Path)):
             result.append(load_image(image))
         elif isinstance(image, Image.Image):
-            result.append(_pil_to_rgb(image))
+            result.append(_pil_to_rgb(image, f"image {i}"))
         elif isinstance(image, torch.Tensor):
             result.extend(to_rgb_uint8(image))
         elif isinstance(image, np.ndarray):
