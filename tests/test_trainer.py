@@ -69,7 +69,8 @@ def setup(assets, photos, tmp_path_factory):
                "pooled_prompt_embeds": torch.randn(POOLED_DIM, generator=generator)}, data / "text" / "0.safetensors")
     row = {"prompt": "two people", "target": "img/Rob_Lowe_0002.jpg", "text_embedding": "text/0.safetensors",
            "references": ["img/Rob_Lowe_0001.jpg", "img/Nathalie_Baye_0002.jpg"], "identities": ["rob", "nathalie"]}
-    rows = [row, {**row, "target": "img/wide.jpg"}, row]  # rows 1 and 3 share a shape, row 2 is wide
+    # Rows 1 and 3 share a shape (another prompt: an identical row is refused as a duplicate), row 2 is wide.
+    rows = [row, {**row, "target": "img/wide.jpg"}, {**row, "prompt": "two people, again"}]
     (data / "manifest.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     return root, data, pack
 

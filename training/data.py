@@ -1,24 +1,38 @@
 """The training data folder: `manifest.jsonl` plus images and cached text embeddings.
 
 Each line: {"prompt": "...", "target": "img/0001.jpg", "references": ["ref/a.jpg", "ref/b.jpg"],
-"text_embedding": "text/0001.safetensors", "identities": ["alice", "bob"] (optional)}; paths are
-relative to the folder. The text embedding file holds `prompt_embeds` [L,4096] and
-`pooled_prompt_embeds` [768]; `python -m training.encode_prompts` writes these files and fills in
-`text_embedding`. Everything is checked before training starts: each bad row is named with what is wrong.
+"text_embedding": "text/0001.safetensors", "identities": ["alice", "bob"] (optional)}. Paths are
+relative to the folder and stay inside it (no absolute paths, no `..` out of it: the folder must move to
+a training machine as one; link big collections into it). The text embedding file holds `prompt_embeds`
+[L, T5 width] and `pooled_prompt_embeds` [CLIP width] (4096 and 768 for FLUX.1; the widths the transformer
+takes, or the same in every row when no transformer is given); `python -m training.encode_prompts`
+writes these files and fills in `text_embedding`.
+
+Everything is checked before training starts (and by `python -m training.rerefl --check-data`): each
+bad row is one line naming the row and what is wrong with which of its files; the structural checks of
+a row come first, then its text embedding (header only), its target (an image with a face) and its
+references (each an image with a face).
 """
 
 from __future__ import annotations
 
 import json
+import posixpath
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
+from typing import TypeVar
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from umo_core.errors import UMOError
 from umo_core.face_model import FaceModel
 from umo_core.images import load_image
+
+Result = TypeVar("Result")
+MANIFEST = "manifest.jsonl"
 
 
 @dataclass
@@ -32,57 +46,181 @@ class Sample:
     reference_embeddings: torch.Tensor  # [M,D] of the references' faces, from the data check
 
 
-def _check_row(folder: Path, row: dict, face_model: FaceModel) -> torch.Tensor:
-    """The embeddings [M,D] of the row's reference people; a UMOError says what is wrong with the row."""
+def manifest_file(folder: str | Path) -> Path:
+    """The manifest of a data folder; a UMOError when there is none."""
+    manifest = Path(folder) / MANIFEST
+    if not manifest.is_file():
+        raise UMOError(f"data folder '{folder}' has no {MANIFEST} (one JSON object per line, see README)")
+    return manifest
+
+
+def _as_json(value: object) -> str:
+    """A short JSON rendering of a bad manifest value, for messages."""
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _relative_path(value: object, what: str) -> str:
+    """`value` as a path inside the data folder, normalised (`img/./a.jpg` -> `img/a.jpg`)."""
+    if not isinstance(value, str) or not value:
+        raise UMOError(f"{what} must be a path (text) relative to the data folder, not {_as_json(value)}")
+    if PurePath(value).is_absolute():
+        raise UMOError(f"{what} '{value}' is an absolute path; paths are relative to the data folder, which holds "
+                       "(or links to) every file, so that it can be moved as one")
+    normal = posixpath.normpath(value)
+    if normal == ".." or normal.startswith("../"):
+        raise UMOError(f"{what} '{value}' points outside the data folder; paths stay inside it (link the file "
+                       "into the folder instead)")
+    return normal
+
+
+def _check_fields(row: object) -> tuple[str, list[str]]:
+    """The row's fields and their types, before any file is opened; its target and references, normalised."""
+    if not isinstance(row, dict):
+        raise UMOError(f"is {_as_json(row)}, not a JSON object; each line is one object like "
+                       '{"prompt": ..., "target": ..., "references": [...], "text_embedding": ...}')
     for key in ("prompt", "target", "references"):
         if key not in row:
             raise UMOError(f"missing '{key}'")
+    if not isinstance(row["prompt"], str):
+        raise UMOError(f"'prompt' must be text, not {_as_json(row['prompt'])}")
+    target = _relative_path(row["target"], "target")
+    references = row["references"]
+    if not isinstance(references, list) or not references:
+        raise UMOError("'references' must be a non-empty list of image paths (one per person)")
+    references = [_relative_path(path, f"reference {number}") for number, path in enumerate(references, 1)]
+    identities = row.get("identities")  # optional; null counts as left out
+    if identities is not None:
+        if not isinstance(identities, list) or not all(isinstance(name, str) for name in identities):
+            raise UMOError("'identities' must be a list of names (text), one per reference, "
+                           f"not {_as_json(identities)}")
+        if len(identities) != len(references):
+            raise UMOError(f"{len(identities)} identities for {len(references)} references")
+    return target, references
+
+
+def _check_text_embedding(folder: Path, row: dict, widths: tuple[int, int] | None) -> tuple[str, tuple[int, int]]:
+    """The row's text embedding file (normalised) and its (T5, CLIP) widths, read from the file's header."""
     encode_hint = ("make it with: python -m training.encode_prompts "
                    f"--data {folder} --text-encoders <diffusers FLUX folder>")
     if "text_embedding" not in row:
         raise UMOError(f"missing 'text_embedding' ({encode_hint})")
-    if not isinstance(row["references"], list) or not row["references"]:
-        raise UMOError("'references' must be a non-empty list of image paths (one per person)")
-    if "identities" in row and len(row["identities"]) != len(row["references"]):
-        raise UMOError(f"{len(row['identities'])} identities for {len(row['references'])} references")
-    load_image(folder / row["target"])
-    references = [load_image(folder / path) for path in row["references"]]
-    people = face_model.identities(references, names=[f"reference '{p}'" for p in row["references"]])
-    if not (folder / row["text_embedding"]).is_file():
-        raise UMOError(f"text embedding '{row['text_embedding']}' does not exist ({encode_hint})")
-    with safe_open(folder / row["text_embedding"], "pt") as embedding:  # the header only
-        if not {"prompt_embeds", "pooled_prompt_embeds"} <= set(embedding.keys()):
-            raise UMOError(f"text embedding '{row['text_embedding']}' lacks prompt_embeds / pooled_prompt_embeds")
-    return people.embeddings
+    relative = _relative_path(row["text_embedding"], "text embedding")
+    path = folder / relative
+    if not path.is_file():
+        raise UMOError(f"text embedding '{relative}' does not exist ({encode_hint})")
+    try:
+        with safe_open(path, "pt") as embedding:
+            names = set(embedding.keys())
+            if not {"prompt_embeds", "pooled_prompt_embeds"} <= names:
+                raise UMOError(f"text embedding '{relative}' lacks prompt_embeds / pooled_prompt_embeds "
+                               f"({encode_hint})")
+            prompt = embedding.get_slice("prompt_embeds").get_shape()
+            pooled = embedding.get_slice("pooled_prompt_embeds").get_shape()
+    except (SafetensorError, OSError) as error:
+        raise UMOError(f"text embedding '{relative}' is not a readable .safetensors file ({error}); "
+                       f"delete it and {encode_hint}") from None
+    if len(prompt) != 2 or prompt[0] < 1 or len(pooled) != 1:
+        raise UMOError(f"text embedding '{relative}' has prompt_embeds {prompt} and pooled_prompt_embeds {pooled}; "
+                       "they must be [L, width] and [width] (one prompt, no batch dimension)")
+    found = (prompt[1], pooled[0])
+    if widths is not None and found != widths:
+        raise UMOError(f"text embedding '{relative}' has prompt_embeds of width {found[0]} and pooled_prompt_embeds "
+                       f"of {found[1]}; the transformer takes {widths[0]} and {widths[1]} (made with other text "
+                       f"encoders? delete it and {encode_hint})")
+    return relative, found
 
 
-def load_dataset(folder: str | Path, face_model: FaceModel,
-                 on_bad_rows: str = "error") -> tuple[list[Sample], list[str]]:
-    """Validated samples and, with on_bad_rows='skip', the report of skipped rows."""
+def _read_image(folder: Path, relative: str, what: str):
+    path = folder / relative
+    if not path.is_file():
+        raise UMOError(f"{what} '{relative}' does not exist in the data folder")
+    try:
+        return load_image(path)
+    except UMOError as error:
+        raise UMOError(f"{what} '{relative}': {error}") from None
+
+
+def _check_target(folder: Path, relative: str, face_model: FaceModel) -> None:
+    if not len(face_model.detect(_read_image(folder, relative, "target"))[0]):
+        raise UMOError(f"target '{relative}': no face found; the target photo must show the references' people")
+
+
+def _check_references(folder: Path, paths: list[str], face_model: FaceModel) -> torch.Tensor:
+    """The embeddings [M,D] of the references' people (the largest face of each photo)."""
+    photos = [_read_image(folder, path, f"reference {number}") for number, path in enumerate(paths, 1)]
+    names = [f"reference {number} '{path}'" for number, path in enumerate(paths, 1)]
+    return face_model.identities(photos, names=names).embeddings
+
+
+def _attempt(problems: list[str], check: Callable[..., Result], *args) -> Result | None:
+    """check(*args), or None with its UMOError's message added to `problems` (the row's other checks still run)."""
+    try:
+        return check(*args)
+    except UMOError as problem:
+        problems.append(str(problem))
+        return None
+
+
+def check_dataset(folder: str | Path, face_model: FaceModel,
+                  text_widths: tuple[int, int] | None = None) -> tuple[list[Sample], list[str]]:
+    """Every row of the folder checked: the usable samples and one line per bad row, in row order.
+
+    `text_widths`: the (T5, CLIP) widths the transformer takes; without them every row's text
+    embedding must have the widths most rows have.
+    """
     folder = Path(folder)
-    manifest = folder / "manifest.jsonl"
-    if not manifest.is_file():
-        raise UMOError(f"data folder '{folder}' has no manifest.jsonl (one JSON object per line, see README)")
-    samples, problems = [], []
-    for number, line in enumerate(manifest.read_text().splitlines(), 1):
+    samples, problems = [], {}  # problems: row number -> message
+    first_rows: dict[tuple, int] = {}  # (prompt, target, references) -> the first row that has them
+    found_widths: dict[int, tuple[int, int]] = {}
+    for number, line in enumerate(manifest_file(folder).read_text().splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
+            target, references = _check_fields(row)
         except json.JSONDecodeError as error:
-            problems.append(f"manifest.jsonl row {number}: not valid JSON ({error.msg})")
+            problems[number] = f"not valid JSON ({error.msg})"
             continue
-        try:
-            reference_embeddings = _check_row(folder, row, face_model)
         except UMOError as problem:
-            problems.append(f"manifest.jsonl row {number}: {problem}")
+            problems[number] = str(problem)
             continue
-        samples.append(Sample(number, row["prompt"], folder / row["target"],
-                              [folder / p for p in row["references"]], folder / row["text_embedding"],
-                              row.get("identities"), reference_embeddings))
+        key = (row["prompt"], target, tuple(references))
+        if key in first_rows:
+            problems[number] = (f"the same prompt, target and references as row {first_rows[key]} (a duplicate "
+                                "would train twice as often; remove it)")
+            continue
+        first_rows[key] = number
+        row_problems: list[str] = []
+        text_embedding = _attempt(row_problems, _check_text_embedding, folder, row, text_widths)
+        _attempt(row_problems, _check_target, folder, target, face_model)
+        embeddings = _attempt(row_problems, _check_references, folder, references, face_model)
+        if row_problems:
+            problems[number] = "; ".join(row_problems)
+            continue
+        text_path, found_widths[number] = text_embedding
+        samples.append(Sample(number, row["prompt"], folder / target, [folder / p for p in references],
+                              folder / text_path, row.get("identities"), embeddings))
+    if text_widths is None and samples:  # no transformer to compare with: the rows must agree
+        usual = Counter(found_widths.values()).most_common(1)[0][0]
+        for sample in samples:
+            if found_widths[sample.row] != usual:
+                width, pooled = found_widths[sample.row]
+                problems[sample.row] = (
+                    f"text embedding '{sample.text_embedding.relative_to(folder)}' has prompt_embeds of width {width} "
+                    f"and pooled_prompt_embeds of {pooled}; most rows have {usual[0]} and {usual[1]} (made with "
+                    "other text encoders?)")
+        samples = [sample for sample in samples if sample.row not in problems]
+    return samples, [f"{MANIFEST} row {number}: {problems[number]}" for number in sorted(problems)]
+
+
+def load_dataset(folder: str | Path, face_model: FaceModel, on_bad_rows: str = "error",
+                 text_widths: tuple[int, int] | None = None) -> tuple[list[Sample], list[str]]:
+    """Validated samples (see check_dataset) and, with on_bad_rows='skip', the report of skipped rows."""
+    samples, problems = check_dataset(folder, face_model, text_widths)
     if problems and on_bad_rows == "error":
         listing = "\n  ".join(problems)
         raise UMOError(f"bad training data (use --on-bad-rows skip to leave these rows out):\n  {listing}")
     if not samples:
-        raise UMOError(f"no usable rows in '{manifest}'")
+        raise UMOError(f"no usable rows in '{manifest_file(folder)}'")
     return samples, problems

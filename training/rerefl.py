@@ -8,6 +8,11 @@ on the batch and R the reward of a ReReFL rollout: sample without gradient from 
 step in the last `--window` steps of the schedule, take one step with gradient, form the one-step
 clean estimate, decode it with gradient and score it with MIMR (or SIR) against the references -
 the same `identity_reward` the nodes use.
+
+    python -m training.rerefl --data DATA --check-data [--faces antelopev2] [--transformer ...]
+
+checks the data folder exactly as training does, without loading FLUX or text encoders: one line per
+bad row and a summary; exit status 0 when every row is usable, 2 otherwise.
 """
 
 from __future__ import annotations
@@ -30,8 +35,19 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from umo_core import UMOError, identity_metrics, identity_reward, load_face_model
-from umo_core.flux import decode_latents, load_flux_lora, load_transformer, load_vae, predict_velocity, sample
+from umo_core import UMOError, identity_metrics, identity_reward
+from umo_core.face_model import FaceModel
+from umo_core.face_pack import FacePack, find_face_pack
+from umo_core.flux import (
+    check_vae,
+    decode_latents,
+    load_flux_lora,
+    load_transformer,
+    load_vae,
+    predict_velocity,
+    sample,
+    transformer_text_widths,
+)
 from umo_core.lora_formats import (
     BASE_MODEL_METADATA_KEY,
     FORMAT_METADATA_KEY,
@@ -55,7 +71,7 @@ from umo_core.withanyone import (
 
 from .batches import Batch, load_batch
 from .buckets import BatchOrder, shape_key
-from .data import load_dataset
+from .data import check_dataset, load_dataset, manifest_file
 from .evaluation import evaluate
 
 DEFAULT_RANK = 512
@@ -66,12 +82,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m training.rerefl", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True, help="folder with manifest.jsonl (see README)")
-    parser.add_argument("--transformer", type=Path, required=True,
+    parser.add_argument("--check-data", action="store_true",
+                        help="check --data (and --eval-data) as training would and exit: 0 when clean, 2 with "
+                             "problems; needs no --transformer, --vae or --output (a given --transformer sets the "
+                             "text-embedding widths to check)")
+    parser.add_argument("--transformer", type=Path,
                         help="FLUX transformer: diffusers folder or single .safetensors file (flux1-dev.safetensors)")
-    parser.add_argument("--vae", type=Path, required=True,
+    parser.add_argument("--vae", type=Path,
                         help="FLUX autoencoder: diffusers folder or single .safetensors file (ae.safetensors)")
     parser.add_argument("--faces", default="antelopev2", help="face pack name or folder")
-    parser.add_argument("--output", type=Path, required=True)
+    parser.add_argument("--output", type=Path)
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--rank", type=int, help=f"LoRA rank (default {DEFAULT_RANK}, or the --init-lora file's)")
     parser.add_argument("--init-lora", type=Path, help="start from this UNO-layout (UMO_UNO) or diffusers LoRA")
@@ -100,7 +120,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--on-bad-rows", choices=("error", "skip"), default="error")
     parser.add_argument("--provider", default="auto", help="onnxruntime provider for face detection")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    missing = [f"--{name}" for name in ("transformer", "vae", "output") if getattr(args, name) is None]
+    if missing and not args.check_data:
+        parser.error(f"the following arguments are required: {', '.join(missing)} (or give --check-data)")
+    return args
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -113,6 +137,55 @@ def check_args(args: argparse.Namespace) -> None:
     for name in ("steps", "batch_size", "checkpoint_every"):
         if getattr(args, name) < 1:
             raise UMOError(f"--{name.replace('_', '-')} must be at least 1")
+
+
+def check_paths(args: argparse.Namespace) -> tuple[FacePack, tuple[int, int] | None]:
+    """Every path given, from its existence and file headers, before the data check (which runs face detection on
+    every photo: minutes on a big set). The face pack and the text widths the transformer takes (None without one)."""
+    for folder in (args.data, args.eval_data):
+        if folder:
+            manifest_file(folder)
+    text_widths = transformer_text_widths(args.transformer) if args.transformer else None
+    if args.vae:
+        check_vae(args.vae)
+    pack = find_face_pack(args.faces)
+    if args.output:
+        check_output_folder(args.output)
+        if args.resume and not (args.output / "checkpoint" / "state.json").is_file():
+            raise UMOError(f"--resume: no checkpoint in '{args.output / 'checkpoint'}'")
+    return pack, text_widths
+
+
+def check_output_folder(output: Path) -> None:
+    """--output is a folder that exists and can be written to, or one that can be made."""
+    existing = next(folder for folder in (output, *output.parents) if folder.exists())
+    if not existing.is_dir():
+        raise UMOError(f"--output '{output}': '{existing}' is a file, not a folder; give a folder for the run")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UMOError(f"--output '{output}': '{existing}' is not writable; give a folder you can write to")
+
+
+def check_data(args: argparse.Namespace) -> int:
+    """--check-data: the data check of training, without FLUX or text encoders; prints one line per bad row and
+    a summary per folder. 0 when every row is usable, 2 otherwise."""
+    pack, text_widths = check_paths(args)
+    # Detection (which decides the check) is the same ONNX detector for either embedding backend.
+    face_model = FaceModel(pack, provider=args.provider, backend="onnx")
+    clean = True
+    for what, folder in (("data", args.data), ("evaluation data", args.eval_data)):
+        if folder is None:
+            continue
+        samples, problems = check_dataset(folder, face_model, text_widths)
+        for line in problems:
+            print(line)
+        rows = len(samples) + len(problems)
+        if problems or not samples:
+            clean = False
+            print(f"{what} '{folder}': {rows} rows, {len(problems)} with problems, {len(samples)} usable "
+                  "(training stops at these problems; --on-bad-rows skip leaves those rows out)")
+        else:
+            print(f"{what} '{folder}': {rows} rows, all usable")
+    return 0 if clean else 2
 
 
 def lora_config(args: argparse.Namespace) -> tuple[LoraConfig, dict[str, torch.Tensor] | None]:
@@ -179,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         check_args(args)
+        if args.check_data:
+            return check_data(args)
         train(args)
     except UMOError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -187,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def train(args: argparse.Namespace) -> None:
+    # Paths and file headers first (seconds), then the data (minutes on a big set), then the models.
+    pack, text_widths = check_paths(args)
+    adapter, initial_lora = lora_config(args)
     # Without a GPU, say so: accelerate would otherwise run N unconnected copies under torchrun.
     accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available())
     # Seeds everything drawn outside our own generators (the LoRA's initialisation among them).
@@ -196,14 +274,14 @@ def train(args: argparse.Namespace) -> None:
     device = accelerator.device
     dtype = torch.bfloat16 if args.mixed_precision == "bf16" else torch.float32
 
-    # Data first: bad rows are reported before any model is loaded.
-    face_model = load_face_model(args.faces, provider=args.provider, backend="torch", device=device)
-    samples, skipped = load_dataset(args.data, face_model, args.on_bad_rows)
+    # Data before the models: bad rows are reported before any model is loaded.
+    face_model = FaceModel(pack, provider=args.provider, backend="torch", device=device)
+    samples, skipped = load_dataset(args.data, face_model, args.on_bad_rows, text_widths)
     for line in skipped:
         accelerator.print(f"skipped {line}")
     evaluation_samples = samples
     if args.eval_data and args.eval_every:
-        evaluation_samples, skipped = load_dataset(args.eval_data, face_model, args.on_bad_rows)
+        evaluation_samples, skipped = load_dataset(args.eval_data, face_model, args.on_bad_rows, text_widths)
         for line in skipped:
             accelerator.print(f"skipped evaluation {line}")
     evaluation_samples = evaluation_samples[:args.eval_count]
@@ -216,7 +294,6 @@ def train(args: argparse.Namespace) -> None:
     order = BatchOrder(keys, args.batch_size, args.seed, accelerator.process_index, accelerator.num_processes)
 
     # Models: the frozen FLUX transformer with a trainable LoRA, the frozen VAE and face networks.
-    adapter, initial_lora = lora_config(args)
     transformer = load_transformer(args.transformer, dtype).to(device).requires_grad_(False)
     vae = load_vae(args.vae, dtype).to(device)
     vae.requires_grad_(False)
@@ -240,8 +317,6 @@ def train(args: argparse.Namespace) -> None:
     step = 0
     checkpoint = args.output / "checkpoint"
     if args.resume:
-        if not (checkpoint / "state.json").is_file():
-            raise UMOError(f"--resume: no checkpoint in '{checkpoint}'")
         state = json.loads((checkpoint / "state.json").read_text())
         if state["processes"] != accelerator.num_processes:
             raise UMOError(f"--resume: the checkpoint was written by {state['processes']} processes; "

@@ -6,6 +6,8 @@ The same functions serve the trainer (with gradient) and headless generation (wi
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -39,6 +41,11 @@ VAE_FILES = ("FLUX's ae.safetensors (as in ComfyUI's models/vae) or the 'vae' fo
 # ComfyUI's all-in-one checkpoints keep the transformer under this prefix, beside the VAE and text encoders.
 COMFY_MODEL_PREFIX = "model.diffusion_model."
 FLUX_LATENT_CHANNELS = 16
+# Tensors a single file must have to be taken for a FLUX transformer / autoencoder (BFL names).
+TRANSFORMER_REQUIRED = ("img_in.weight", "txt_in.weight", "time_in.in_layer.weight", "vector_in.in_layer.weight",
+                        "final_layer.linear.weight", "double_blocks.0.img_attn.norm.query_norm.scale")
+VAE_REQUIRED = ("encoder.conv_in.weight", "encoder.conv_out.weight", "encoder.down.0.block.0.conv1.weight",
+                "decoder.conv_in.weight", "decoder.conv_out.weight")
 
 # BFL module -> diffusers module(s) of FluxTransformer2DModel. Fused weights (several targets) stack the
 # targets along the output rows, `hidden` rows each and the rest for the last (the single blocks' MLP input).
@@ -89,9 +96,8 @@ def load_transformer(path: str | Path, dtype: torch.dtype = torch.bfloat16) -> F
     path = Path(path)
     if path.is_dir():
         return _from_diffusers_folder(FluxTransformer2DModel, path, dtype, "FLUX transformer", TRANSFORMER_FILES)
-    required = ("img_in.weight", "txt_in.weight", "time_in.in_layer.weight", "vector_in.in_layer.weight",
-                "final_layer.linear.weight", "double_blocks.0.img_attn.norm.query_norm.scale")
-    state_dict = _read_single_file(path, dtype, "FLUX transformer", TRANSFORMER_FILES, required, COMFY_MODEL_PREFIX)
+    state_dict = _read_single_file(path, dtype, "FLUX transformer", TRANSFORMER_FILES, TRANSFORMER_REQUIRED,
+                                   COMFY_MODEL_PREFIX)
     config = _transformer_config(state_dict, path)
     state_dict = flux_bfl_to_diffusers(state_dict)
     with torch.device("meta"):  # no memory for weights that are replaced right away
@@ -150,15 +156,11 @@ def load_vae(path: str | Path, dtype: torch.dtype = torch.bfloat16) -> Autoencod
     from diffusers import AutoencoderKL
 
     path = Path(path)
+    check_vae(path)
     if path.is_dir():
         return _from_diffusers_folder(AutoencoderKL, path, dtype, "FLUX autoencoder", VAE_FILES)
-    required = ("encoder.conv_in.weight", "encoder.conv_out.weight", "encoder.down.0.block.0.conv1.weight",
-                "decoder.conv_in.weight", "decoder.conv_out.weight")
-    state_dict = _read_single_file(path, dtype, "FLUX autoencoder", VAE_FILES, required)
+    state_dict = _read_single_file(path, dtype, "FLUX autoencoder", VAE_FILES, VAE_REQUIRED)
     latent_channels = state_dict["decoder.conv_in.weight"].shape[1]
-    if latent_channels != FLUX_LATENT_CHANNELS:
-        raise UMOError(f"autoencoder '{path}' has {latent_channels} latent channels, FLUX's has "
-                       f"{FLUX_LATENT_CHANNELS} (is it a Stable Diffusion VAE?); give {VAE_FILES}")
     levels = _count_blocks(state_dict, "encoder.down.")
     # diffusers converts the layout itself; the architecture comes from the file's shapes.
     vae = AutoencoderKL.from_single_file(
@@ -177,16 +179,60 @@ def load_vae(path: str | Path, dtype: torch.dtype = torch.bfloat16) -> Autoencod
     return vae
 
 
+def transformer_text_widths(path: str | Path) -> tuple[int, int]:
+    """The widths of the text embeddings (T5 `prompt_embeds`, CLIP `pooled_prompt_embeds`) the FLUX transformer at
+    `path` takes, from its folder's config.json or its file's header: a check of the path that loads no weights."""
+    path = Path(path)
+    if path.is_dir():
+        config = {**json.loads(TRANSFORMER_CONFIG.read_text()),
+                  **_diffusers_config(path, "FluxTransformer2DModel", "FLUX transformer", TRANSFORMER_FILES)}
+        return config["joint_attention_dim"], config["pooled_projection_dim"]
+    with _open_single_file(path, "FLUX transformer", TRANSFORMER_FILES, TRANSFORMER_REQUIRED,
+                           COMFY_MODEL_PREFIX) as (handle, names):
+        return (handle.get_slice(names["txt_in.weight"]).get_shape()[1],
+                handle.get_slice(names["vector_in.in_layer.weight"]).get_shape()[1])
+
+
+def check_vae(path: str | Path) -> None:
+    """A UMOError unless `path` is a FLUX autoencoder (16 latent channels), read from its folder's config.json or
+    its file's header without loading weights."""
+    path = Path(path)
+    if path.is_dir():
+        config = _diffusers_config(path, "AutoencoderKL", "FLUX autoencoder", VAE_FILES)
+        latent_channels = config.get("latent_channels", FLUX_LATENT_CHANNELS)
+    else:
+        with _open_single_file(path, "FLUX autoencoder", VAE_FILES, VAE_REQUIRED) as (handle, names):
+            latent_channels = handle.get_slice(names["decoder.conv_in.weight"]).get_shape()[1]
+    if latent_channels != FLUX_LATENT_CHANNELS:
+        raise UMOError(f"autoencoder '{path}' has {latent_channels} latent channels, FLUX's has "
+                       f"{FLUX_LATENT_CHANNELS} (is it a Stable Diffusion VAE?); give {VAE_FILES}")
+
+
+def _diffusers_config(path: Path, class_name: str, what: str, expected: str) -> dict:
+    """The config.json of a diffusers model folder, checked to be one of `class_name`."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except FileNotFoundError:
+        raise UMOError(f"{what} folder '{path}' has no config.json; give {expected}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UMOError(f"{what} folder '{path}': config.json is not readable JSON ({error}); give {expected}") from None
+    if not isinstance(config, dict) or config.get("_class_name", class_name) != class_name:
+        found = config.get("_class_name") if isinstance(config, dict) else None
+        raise UMOError(f"{what} folder '{path}' holds a {found or 'model of an unknown kind'}, not a {class_name}; "
+                       f"give {expected}")
+    return config
+
+
 def _from_diffusers_folder(model_class, path: Path, dtype: torch.dtype, what: str, expected: str):
-    if not (path / "config.json").is_file():
-        raise UMOError(f"{what} folder '{path}' has no config.json; give {expected}")
+    _diffusers_config(path, model_class.__name__, what, expected)
     return model_class.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
 
 
-def _read_single_file(path: Path, dtype: torch.dtype, what: str, expected: str, required: tuple[str, ...],
-                      prefix: str = "") -> dict[str, torch.Tensor]:
-    """The tensors of the .safetensors file `path`, in `dtype`, after checking the names in `required` are there
-    (those under `prefix` only, without it, when the file has such keys)."""
+@contextmanager
+def _open_single_file(path: Path, what: str, expected: str, required: tuple[str, ...],
+                      prefix: str = "") -> Iterator[tuple[object, dict[str, str]]]:
+    """The open .safetensors file `path` and its tensor names -> keys, after checking the names in `required` are
+    there (those under `prefix` only, without it, when the file has such keys); reads the header only."""
     if not path.is_file():
         raise UMOError(f"{what} '{path}' does not exist; give {expected}")
     try:
@@ -199,9 +245,16 @@ def _read_single_file(path: Path, dtype: torch.dtype, what: str, expected: str, 
             if missing:
                 lora = " (it looks like a LoRA)" if any("lora" in key.lower() for key in keys) else ""
                 raise UMOError(f"'{path}' is not a {what}{lora}: it has no tensor '{missing[0]}'; give {expected}")
-            return {name: handle.get_tensor(key).to(dtype) for name, key in names.items()}
+            yield handle, names
     except (SafetensorError, OSError, ValueError) as error:
         raise UMOError(f"{what} '{path}' is not a readable .safetensors file ({error}); give {expected}") from None
+
+
+def _read_single_file(path: Path, dtype: torch.dtype, what: str, expected: str, required: tuple[str, ...],
+                      prefix: str = "") -> dict[str, torch.Tensor]:
+    """The tensors of the .safetensors file `path` (see _open_single_file), in `dtype`."""
+    with _open_single_file(path, what, expected, required, prefix) as (handle, names):
+        return {name: handle.get_tensor(key).to(dtype) for name, key in names.items()}
 
 
 def _count_blocks(state_dict: dict[str, torch.Tensor], prefix: str) -> int:
