@@ -67,3 +67,27 @@ def test_image_conversion_shapes():
     assert to_rgb_uint8(grey)[0].shape == (10, 12, 3)
     assert (to_rgb_uint8(rgba)[0] == 255).all()
     assert len(to_rgb_uint8(batch)) == 3
+
+
+def test_nms_is_torchvision_nms(face_model, photos):
+    """Our NMS (torchvision's import costs 2.5 s of start-up) keeps exactly what torchvision.ops.nms keeps:
+    on the raw candidates of real photos, and on random boxes with tied scores and empty boxes."""
+    from torchvision.ops import nms as torchvision_nms
+
+    from umo_core.detection import NMS_IOU, detection_sizes, nms
+
+    cases = []
+    for name in ("t1_six_people.jpg", "Rob_Lowe_0001.jpg"):
+        image = load_image(photos / name)
+        passes = [face_model.detector._detect_at(image, size) for size in detection_sizes(*image.shape[:2])]
+        boxes, _, scores = (np.concatenate(parts) for parts in zip(*passes))
+        cases.append((boxes.astype(np.float32), scores.astype(np.float32)))
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        corners = rng.uniform(0, 100, (rng.integers(0, 60), 2)).round()
+        boxes = np.concatenate([corners, corners + rng.uniform(0, 40, corners.shape).round()], axis=1)
+        cases.append((boxes.astype(np.float32), rng.uniform(0, 1, len(boxes)).round(1).astype(np.float32)))
+    assert len(cases[0][1]) > 6  # the photos' passes overlap: NMS has work to do
+    for boxes, scores in cases:
+        expected = torchvision_nms(torch.from_numpy(boxes), torch.from_numpy(scores), NMS_IOU).numpy()
+        np.testing.assert_array_equal(nms(boxes, scores, NMS_IOU), expected)

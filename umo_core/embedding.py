@@ -13,31 +13,26 @@ from __future__ import annotations
 import copy
 import functools
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx
 import onnxruntime
 import torch
 import torch.nn.functional as F
 
 from .errors import UMOError
-from .face_pack import session_options
+from .face_pack import read_onnx_model, session_options
+
+if TYPE_CHECKING:
+    from onnx import ModelProto
 
 
-def _input_normalisation(model: onnx.ModelProto) -> tuple[float, float]:
+def _input_normalisation(model: ModelProto) -> tuple[float, float]:
     """(mean, std) in 0..255 units, insightface's rule: MXNet exports normalise inside the graph."""
     names = [node.name for node in model.graph.node[:8]]
     has_sub = any(n.startswith(("Sub", "_minus")) for n in names)
     has_mul = any(n.startswith(("Mul", "_mul")) for n in names)
     return (0.0, 1.0) if has_sub and has_mul else (127.5, 127.5)
-
-
-def _load_onnx(path: Path) -> onnx.ModelProto:
-    try:
-        return onnx.load(str(path))
-    except Exception as error:  # protobuf's DecodeError and friends
-        raise UMOError(f"face recogniser '{path}' is not a readable ONNX model ({type(error).__name__}); "
-                       "download it again") from None
 
 
 class FaceEmbedder:
@@ -47,7 +42,7 @@ class FaceEmbedder:
     dim: int
     batch_size: int | None  # None = any batch
 
-    def __init__(self, path: Path, model: onnx.ModelProto):
+    def __init__(self, path: Path, model: ModelProto):
         self.path = path
         mean, std = _input_normalisation(model)
         # Crops arrive in 0..1: x * 255 - mean, divided by std.
@@ -66,11 +61,10 @@ class FaceEmbedder:
 
 class OnnxEmbedder(FaceEmbedder):
     def __init__(self, path: Path, providers: list[str]):
-        model = _load_onnx(path)
+        model = read_onnx_model(path, "face recogniser")
         super().__init__(path, model)
         try:
-            self.session = onnxruntime.InferenceSession(model.SerializeToString(), session_options(),
-                                                        providers=providers)
+            self.session = onnxruntime.InferenceSession(str(path), session_options(), providers=providers)
         except Exception as error:
             raise UMOError(f"face recogniser '{path}' cannot be loaded by onnxruntime ({error})") from None
         self.input_name = self.session.get_inputs()[0].name
@@ -89,10 +83,10 @@ class OnnxEmbedder(FaceEmbedder):
 @functools.lru_cache(maxsize=4)
 def _converted(path: str, mtime_ns: int, size: int) -> torch.nn.Module:
     """onnx2torch conversion, done once per file version and process (keyed by mtime and size)."""
-    from onnx2torch import convert
+    from onnx2torch import convert  # imports onnx (and torchvision): only this backend pays for them
 
     try:
-        module = convert(onnx.load(path))
+        module = convert(read_onnx_model(Path(path), "face recogniser"))
     except Exception as error:  # onnx2torch raises NotImplementedError and others for odd graphs
         raise UMOError(f"face recogniser '{path}' cannot be converted to torch ({error}); "
                        "use the onnx embedder backend") from None
@@ -101,7 +95,7 @@ def _converted(path: str, mtime_ns: int, size: int) -> torch.nn.Module:
 
 class TorchEmbedder(FaceEmbedder):
     def __init__(self, path: Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-        model = _load_onnx(path)
+        model = read_onnx_model(path, "face recogniser")
         super().__init__(path, model)
         stat = Path(path).stat()
         self.device, self.dtype = torch.device(device), dtype

@@ -1,21 +1,28 @@
 """Finding an insightface-style face pack on disk and choosing ONNX execution providers.
 
-A pack is a folder of ONNX files: one SCRFD detector and one ArcFace-style recogniser
-(plus, in the official packs, landmark and attribute models we do not need). Files are
-told apart by their graph shapes, the way insightface routes them, so any names work.
-Nothing here ever downloads: a missing pack is an error that says what to put where.
+A pack is a folder of ONNX files: one SCRFD detector and one ArcFace-style recogniser, plus,
+in the official packs, landmark and gender/age models, and in ComfyUI folders often a face
+swapper, which we set aside. Files are told apart by their graph shapes in insightface's order
+(`model_zoo/model_zoo.py`), so any names work. Nothing here ever downloads: a missing pack is
+an error that says what to put where.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
 
-import onnx
 import onnxruntime
 
 from .errors import UMOError
+
+if TYPE_CHECKING:
+    from onnx import ModelProto
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -28,6 +35,7 @@ EXPECTED_FILES = (
     "one SCRFD face detector (e.g. scrfd_10g_bnkps.onnx or det_10g.onnx) and one ArcFace "
     "recogniser (e.g. glintr100.onnx or w600k_r50.onnx)"
 )
+DETECTOR, RECOGNISER = "face detector", "face recogniser"
 
 
 @dataclass(frozen=True)
@@ -56,7 +64,8 @@ def pack_search_roots() -> list[Path]:
 
 
 def _onnx_files(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.glob("*.onnx") if p.is_file())
+    """The folder's .onnx files sorted by name, the order insightface's FaceAnalysis reads them in."""
+    return sorted((p for p in directory.glob("*.onnx") if p.is_file()), key=lambda p: p.name)
 
 
 def _unnest(directory: Path) -> Path:
@@ -72,6 +81,20 @@ def _unnest(directory: Path) -> Path:
     return directory
 
 
+def _not_found(pack: str, roots: list[Path], default_roots: bool) -> UMOError:
+    """Every folder searched, and how to search others (the environment variables, or a folder path)."""
+    searched = ", ".join(str(root / "models" / pack) for root in roots)
+    where = "put them into one of these folders"
+    if default_roots:
+        unset = [name for name in ("COMFYUI_PATH", "INSIGHTFACE_HOME") if not os.environ.get(name)]
+        if unset:
+            searched += f" ({' and '.join(unset)} {'is' if len(unset) == 1 else 'are'} not set)"
+        where += (f", set COMFYUI_PATH to your ComfyUI folder (to search ComfyUI/models/insightface/models/{pack}) "
+                  f"or INSIGHTFACE_HOME to an insightface root (to search $INSIGHTFACE_HOME/models/{pack})")
+    return UMOError(f"face pack '{pack}' not found; looked in {searched}. It needs {EXPECTED_FILES}: {where}, "
+                    "or pass the pack's folder path instead of a name")
+
+
 def locate_pack_directory(pack: str | Path, roots: list[Path] | None = None) -> Path:
     """The folder of a pack given as a directory path or as a pack name looked up in `roots`."""
     candidate = Path(pack).expanduser()
@@ -79,55 +102,110 @@ def locate_pack_directory(pack: str | Path, roots: list[Path] | None = None) -> 
         return _unnest(candidate)
     if len(candidate.parts) > 1 or candidate.is_absolute():
         raise UMOError(f"face pack folder '{candidate}' does not exist; create it with {EXPECTED_FILES}")
-    roots = pack_search_roots() if roots is None else roots
-    for root in roots:
+    search = pack_search_roots() if roots is None else roots
+    for root in search:
         folder = root / "models" / str(pack)
         if folder.is_dir():
             return _unnest(folder)
-    searched = ", ".join(str(root / "models" / str(pack)) for root in roots)
-    raise UMOError(
-        f"face pack '{pack}' not found (looked in {searched}). Put {EXPECTED_FILES} into "
-        f"ComfyUI/models/insightface/models/{pack}/, or pass the pack's folder path instead of a name"
-    )
+    raise _not_found(str(pack), search, default_roots=roots is None)
 
 
-def _graph_shapes(path: Path) -> tuple[list, int]:
-    """The first input's shape and the number of outputs of an ONNX graph."""
+def _onnx_schema() -> ModuleType:
+    """onnx's generated protobuf module (ModelProto and the rest), without running `import onnx`.
+
+    `import onnx` also imports ml_dtypes for helpers we do not use, which alone costs 1-2.5 s of
+    every start; the generated module needs only protobuf. It is registered under its own name,
+    so a later `import onnx` (the torch backend's onnx2torch) reuses it rather than loading it twice.
+    """
+    name = "onnx.onnx_ml_pb2"
+    if name not in sys.modules:
+        package = importlib.util.find_spec("onnx")
+        if package is None or not package.submodule_search_locations:
+            raise UMOError("the onnx package is not installed; install it with: pip install onnx")
+        location = Path(package.submodule_search_locations[0]) / "onnx_ml_pb2.py"
+        spec = importlib.util.spec_from_file_location(name, location)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def read_onnx_model(path: Path, what: str = "model file") -> ModelProto:
+    """The ONNX graph of `path` (weights included: official files keep them inside); `what` names it in errors."""
+    model = _onnx_schema().ModelProto()
     try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as error:  # onnx raises protobuf's DecodeError and others
-        raise UMOError(f"model file '{path}' is not a readable ONNX model ({type(error).__name__}); "
-                       "download it again") from None
-    graph_input = model.graph.input[0]
-    dims = [d.dim_value if d.HasField("dim_value") else None for d in graph_input.type.tensor_type.shape.dim]
-    return dims, len(model.graph.output)
+        model.ParseFromString(Path(path).read_bytes())
+    except Exception as error:  # protobuf's DecodeError, and OSError for an unreadable file
+        raise UMOError(f"{what} '{path}' is not a readable ONNX model ({type(error).__name__}); download it "
+                       "again or move it out of the face pack folder") from None
+    return model
 
 
-def _is_recogniser(dims: list, n_outputs: int) -> bool:
-    """insightface's rule: one output, a square input of at least 112 px, a multiple of 16."""
-    return n_outputs == 1 and len(dims) == 4 and dims[2] == dims[3] and (dims[2] or 0) >= 112 and dims[2] % 16 == 0
+def _dims(value_info) -> list[int | None]:
+    """A graph input's shape, None for a dynamic axis."""
+    return [d.dim_value if d.HasField("dim_value") else None for d in value_info.type.tensor_type.shape.dim]
+
+
+def model_kind(model: ModelProto) -> str | None:
+    """What an ONNX graph is, by insightface's routing rule (`model_zoo.py`), tested in this order.
+
+    >=5 outputs: SCRFD detector (scores, boxes and keypoints per stride); a 192x192 input: landmark
+    model (1k3d68, 2d106det); 96x96: gender/age; two inputs at 128x128: face swapper (inswapper_128);
+    only then a square input of at least 112 px, a multiple of 16: ArcFace recogniser. Checking the
+    recogniser rule first would take the 192 px landmark models for recognisers. None: unknown.
+    """
+    inputs = [i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
+    dims = _dims(inputs[0]) if inputs else []
+    if len(model.graph.output) >= 5:
+        return DETECTOR
+    if len(dims) != 4:
+        return None
+    height, width = dims[2:]
+    if (height, width) == (192, 192):
+        return "landmark model"
+    if (height, width) == (96, 96):
+        return "gender/age model"
+    if len(inputs) == 2 and (height, width) == (128, 128):
+        return "face swapper"
+    if height == width and (height or 0) >= 112 and height % 16 == 0:
+        return RECOGNISER
+    return None
+
+
+def _choose(kind: str, candidates: list[Path], directory: Path) -> tuple[Path, list[str]]:
+    """The first candidate by file name, as insightface's FaceAnalysis takes it, with a note when there were several.
+
+    Taking the one insightface takes keeps this pack on the same file as other insightface-based
+    nodes (PuLID, InstantID) that read the same folder.
+    """
+    chosen = candidates[0]
+    if len(candidates) == 1:
+        return chosen, []
+    names = ", ".join(p.name for p in candidates)
+    return chosen, [f"face pack '{directory}' has {len(candidates)} {kind}s ({names}); using {chosen.name}, the "
+                    f"first by file name as insightface does (to use another, move the others out of the folder)"]
 
 
 def find_face_pack(pack: str | Path, roots: list[Path] | None = None) -> FacePack:
-    """Locate a pack and pick its detector and recogniser (first of each, by file name)."""
+    """Locate a pack and pick its detector and recogniser, routing every .onnx by its graph like insightface."""
     directory = locate_pack_directory(pack, roots)
     files = _onnx_files(directory)
     if not files:
         raise UMOError(f"face pack folder '{directory}' has no .onnx files; it needs {EXPECTED_FILES}")
-    detector = recogniser = None
+    found: dict[str, list[Path]] = {DETECTOR: [], RECOGNISER: []}
     for path in files:
-        dims, n_outputs = _graph_shapes(path)
-        if detector is None and n_outputs >= 5:  # SCRFD: scores, boxes and keypoints per stride
-            detector = path
-        elif recogniser is None and _is_recogniser(dims, n_outputs):
-            recogniser = path
-    if detector is None:
+        kind = model_kind(read_onnx_model(path))
+        if kind in found:
+            found[kind].append(path)
+    if not found[DETECTOR]:
         raise UMOError(f"face pack '{directory}' has no face detector: add an SCRFD detector .onnx "
                        "(e.g. det_10g.onnx) next to the recogniser")
-    if recogniser is None:
+    if not found[RECOGNISER]:
         raise UMOError(f"face pack '{directory}' has no face recogniser: add an ArcFace .onnx "
                        "(e.g. glintr100.onnx or w600k_r50.onnx) next to the detector")
-    return FacePack(directory=directory, detector=detector, recogniser=recogniser)
+    detector, detector_notes = _choose(DETECTOR, found[DETECTOR], directory)
+    recogniser, recogniser_notes = _choose(RECOGNISER, found[RECOGNISER], directory)
+    return FacePack(directory, detector, recogniser, tuple(detector_notes + recogniser_notes))
 
 
 def session_options() -> onnxruntime.SessionOptions:
