@@ -10,7 +10,7 @@ from comfy_api.latest import io, ui
 from umo_core import FaceModel, Identities, load_face_model, rank, score_images
 from umo_core.annotate import annotate
 from umo_core.images import to_rgb_uint8
-from umo_core.scoring import CRITERIA, ImageScore
+from umo_core.scoring import CRITERIA, ImageScore, score_table
 
 from .model_paths import face_pack_names, insightface_roots
 from .sockets import FaceModelSocket, IdentitiesSocket, collect_references, reference_image_inputs
@@ -32,28 +32,14 @@ def _progress_scores(face_model: FaceModel, identities: Identities, images: torc
 
 def _annotated(images: torch.Tensor, scores: list[ImageScore], order: list[int]) -> torch.Tensor:
     arrays = to_rgb_uint8(images)
-    drawn = [annotate(arrays[i], scores[i].faces, scores[i].similarity, scores[i].assignment) for i in order]
+    drawn = [annotate(arrays[i], scores[i]) for i in order]
     return torch.from_numpy(np.stack(drawn)).float() / 255.0
 
 
-def _format(value: float | None) -> str:
-    return "null" if value is None else f"{value:.3f}"
-
-
 def _table(scores: list[ImageScore], order: list[int], criterion: str | None = None) -> str:
-    """A text table, one row per image in `order`: its faces, the metrics and each reference's matched face."""
-    metric_names = list(scores[order[0]].metrics)
-    rows = [["rank", "image", "faces", *metric_names, "matches"]]
-    for place, index in enumerate(order, 1):
-        score = scores[index]
-        matches = ", ".join(f"R{k + 1}->face {j + 1}" if j is not None else f"R{k + 1}->none"
-                            for k, j in enumerate(score.assignment))
-        rows.append([str(place), str(index + 1), str(len(score.faces)),
-                     *(_format(score.metrics[name]) for name in metric_names), matches])
-    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    """The score table (umo_core.scoring.score_table; doubtful matches marked '?'), images by input number."""
     title = f"ranked by {criterion}, best first" if criterion else "in input order"
-    return "\n".join([title, *lines])
+    return "\n".join([title, *score_table(scores, order, [str(i + 1) for i in range(len(scores))])])
 
 
 class FaceModelLoader(io.ComfyNode):

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import pty
+import shutil
+import struct
 import subprocess
 import sys
+import termios
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import ROOT, make_pack
+from tests.conftest import ASSETS, ROOT, make_pack
+from tests.test_images import huge_png
 from umo_core.cli import main
 
 METRIC_KEYS = {"mimr", "sir", "id_sim", "id_sim_matched", "id_conf", "bld", "sim_gt", "cp"}
@@ -72,14 +78,26 @@ def test_score_ranks_the_right_people_first_and_writes_json(pack_dir, case, caps
     left_face = int(np.argmin([f["bbox"][0] for f in right["faces"]]))
     assert right["assignment"] == [1 - left_face, left_face]
     assert right["metrics"]["id_sim_matched"] > 40
+    # The strangers of image 0 are matched too (Hungarian), but doubtful: below the 128-d network's 0.45.
+    assert report["same_person_threshold"] == 0.45
+    assert [m["doubtful"] for m in right["matches"]] == [False, False]
+    others = report["images"][0]
+    assert [(m["reference"], m["doubtful"]) for m in others["matches"]] == [(0, True), (1, True)]
+    assert all(m["similarity"] == others["similarity"][m["reference"]][m["face"]] for m in others["matches"])
     empty = report["images"][2]
     assert empty["faces"] == [] and empty["assignment"] == [None, None]
     assert empty["metrics"]["mimr"] == 0 and empty["metrics"]["id_conf"] is None
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert printed.index("right_people.png") < printed.index("others.png") < printed.index("no_face_view.jpg")
+    rows = {line.split()[1]: line for line in printed.splitlines() if line[:1].isdigit()}
+    assert "?" not in rows[str(images[1])] and rows[str(images[0])].count("?") == 2
+    assert "? = doubtful match: cosine below 0.45" in printed
+    assert "scoring" not in captured.err  # no progress bar when stderr is not a terminal
     annotated = sorted((folder / "annotated").iterdir())
-    assert [p.name for p in annotated] == ["00_others.png", "01_right_people.png", "02_no_face_view.png"]
-    assert Image.open(annotated[1]).size == Image.open(images[1]).size
+    assert [p.name for p in annotated] == ["rank01_img02_right_people.png", "rank02_img01_others.png",
+                                           "rank03_img03_no_face_view.png"]
+    assert Image.open(annotated[0]).size == Image.open(images[1]).size
 
 
 def test_criteria_and_ground_truth(pack_dir, case, photos):
@@ -94,15 +112,32 @@ def test_criteria_and_ground_truth(pack_dir, case, photos):
     assert right["cp"] is not None and right["cp"] < -0.5  # closer to the target than to the reference
 
 
-def test_real_command_line(pack_dir, case, tmp_path):
-    """The command as a user types it, in a fresh interpreter, with the pack from $UMO_FACE_PACK."""
+def test_real_command_line_in_a_terminal(pack_dir, case, tmp_path):
+    """The command as a user types it, in a fresh interpreter, with the pack from $UMO_FACE_PACK and
+    stderr on a terminal (a pseudo-terminal): a progress bar counts the images there."""
     _, refs, images = case
     env = dict(os.environ, UMO_FACE_PACK=str(pack_dir))
     args = [sys.executable, "-m", "umo_core", "score", "--provider", "cpu",
-            "--ref", str(refs[0]), "--ref", str(refs[1]), "--image", str(images[1])]
-    done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert "ranking by mimr" in done.stdout and "right_people.png" in done.stdout
+            "--ref", str(refs[0]), "--ref", str(refs[1]), "--image", *map(str, images)]
+    terminal, terminal_end = pty.openpty()
+    fcntl.ioctl(terminal_end, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # 24 x 100 characters
+    with open(tmp_path / "stdout.txt", "w") as stdout:
+        process = subprocess.Popen(args, cwd=ROOT, env=env, stdout=stdout, stderr=terminal_end)
+    os.close(terminal_end)
+    stderr = b""
+    while True:  # read while it runs: a full terminal buffer would block the command
+        try:
+            chunk = os.read(terminal, 4096)
+        except OSError:  # the command has closed its end
+            break
+        if not chunk:
+            break
+        stderr += chunk
+    os.close(terminal)
+    assert process.wait(timeout=300) == 0, stderr.decode()
+    printed = (tmp_path / "stdout.txt").read_text()
+    assert "ranking by mimr" in printed and "right_people.png" in printed
+    assert b"scoring:" in stderr and b"/3" in stderr  # tqdm's bar: "scoring:  33%|###   | 1/3 ..."
 
 
 def _error_line(capsys):
@@ -125,14 +160,17 @@ def test_reference_with_several_faces_says_so(pack_dir, case, photos, capsys):
     assert "6 faces; using the largest" in capsys.readouterr().err
 
 
-def test_unreadable_and_missing_images(pack_dir, case, tmp_path, capsys):
+def test_unreadable_and_missing_files_are_named_by_role(pack_dir, case, tmp_path, capsys):
     _, refs, images = case
-    assert main(_args(pack_dir, refs, [tmp_path / "missing.png"])) == 2
-    assert "missing.png" in _error_line(capsys)
+    missing = tmp_path / "missing.png"
+    assert main(_args(pack_dir, refs, [images[0], missing])) == 2
+    assert _error_line(capsys) == f"error: image 2 '{missing}' does not exist or is not a file"
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8 not really a jpeg")
-    assert main(_args(pack_dir, [broken], images)) == 2
-    assert "broken.jpg" in _error_line(capsys)
+    assert main(_args(pack_dir, [refs[0], broken], images)) == 2
+    assert _error_line(capsys).startswith(f"error: reference 2 '{broken}' cannot be read as an image")
+    assert main(_args(pack_dir, refs, images, "--gt", missing)) == 2
+    assert _error_line(capsys) == f"error: --gt '{missing}' does not exist or is not a file"
 
 
 def test_missing_pack(case, capsys, monkeypatch, tmp_path):
@@ -150,3 +188,101 @@ def test_corrupt_onnx(assets, case, tmp_path, capsys):
     (pack / "det_500m.onnx").write_bytes(b"garbage" * 100)
     assert main(_args(pack, refs, images)) == 2
     assert "det_500m.onnx" in _error_line(capsys)
+
+
+def _notes(capsys) -> list[str]:
+    return [line for line in capsys.readouterr().err.splitlines() if line.startswith(("note: ", "warning: "))]
+
+
+def test_ground_truth_without_a_face_says_why_sim_gt_is_null(pack_dir, case, photos, capsys):
+    folder, refs, images = case
+    out = folder / "gt_without_face.json"
+    landscape = photos / "no_face_view.jpg"
+    assert main(_args(pack_dir, refs, images[:2], "--gt", landscape, "--json", out)) == 0
+    assert f"note: --gt '{landscape}' shows no face, so sim_gt and cp are null for every image; give a photo " \
+           "where the people's faces are clearly visible" in _notes(capsys)
+    report = json.loads(out.read_text())
+    assert all(entry["metrics"]["sim_gt"] is None and entry["metrics"]["cp"] is None for entry in report["images"])
+    assert report["notes"] == [f"--gt '{landscape}' shows no face, so sim_gt and cp are null for every image; "
+                               "give a photo where the people's faces are clearly visible"]
+
+
+def test_same_reference_twice_warns(pack_dir, case, photos, tmp_path, capsys):
+    _, refs, images = case
+    copy = shutil.copyfile(refs[0], tmp_path / "rob_copy.jpg")
+    assert main(_args(pack_dir, [refs[0], refs[1], refs[0], copy], images[1:2])) == 0
+    lines = _notes(capsys)
+    first = f"reference 1 '{refs[0]}'"
+    assert f"warning: reference 3 '{refs[0]}' is the same file as {first}; each reference should be a " \
+           "different person (one person's two references split its faces between them)" in lines
+    assert any(line.startswith(f"warning: reference 4 '{copy}' has the same content as {first};") for line in lines)
+    # The face network says so too, for every pair of references that look like one person.
+    assert sum("look like the same person (cosine 1.00, same person from 0.45" in line for line in lines) == 3
+    assert not any("reference 2" in line for line in lines)
+
+
+def test_two_detectors_in_the_pack_say_which_is_used(case, tmp_path, capsys):
+    _, refs, images = case
+    pack = make_pack(tmp_path / "two_detectors")
+    shutil.copyfile(ASSETS / "models" / "det_2.5g.onnx", pack / "det_2.5g.onnx")
+    assert main(_args(pack, refs, images[1:2])) == 0
+    assert any(line.startswith("note: ") and "det_2.5g.onnx" in line and "det_500m.onnx" in line
+               for line in _notes(capsys))
+
+
+def test_animated_image_says_the_first_frame_is_used(pack_dir, case, photos, tmp_path, capsys):
+    _, refs, _ = case
+    frames = [Image.open(photos / name) for name in ("Rob_Lowe_0002.jpg", "Nathalie_Baye_0002.jpg")]
+    animated = tmp_path / "animated.gif"
+    frames[0].save(animated, save_all=True, append_images=frames[1:], duration=100)
+    assert main(_args(pack_dir, refs, [photos / "Rob_Lowe_0002.jpg", animated])) == 0
+    assert f"note: image 2 '{animated}' is animated (2 frames); using the first frame" in _notes(capsys)
+
+
+def test_too_large_images_are_a_clear_error(pack_dir, case, tmp_path, capsys):
+    _, refs, images = case
+    bomb = huge_png(tmp_path / "bomb.png", 20000, 20000)  # PIL alone: DecompressionBombError
+    assert main(_args(pack_dir, refs, [images[0], bomb])) == 2
+    line = _error_line(capsys)
+    assert line.startswith(f"error: image 2 '{bomb}' is 20000x20000 = 400.0 megapixels, above the limit of 100.0 "
+                           "megapixels; pass --max-pixels 400000000 (or set UMO_MAX_PIXELS=400000000")
+    assert main(_args(pack_dir, refs, images[:1], "--max-pixels", 62499)) == 2  # the references are 250 x 250
+    assert _error_line(capsys).startswith(f"error: reference 1 '{refs[0]}' is 250x250")
+    assert main(_args(pack_dir, refs, images[:1], "--max-pixels", -3)) == 2
+    assert "--max-pixels" in _error_line(capsys)
+
+
+BAD_OUTPUTS = {
+    "json onto a folder": ("--json", lambda tmp, inputs: tmp, "is a folder; give a file name such as"),
+    "json into /proc": ("--json", lambda tmp, inputs: "/proc/umo_report.json", "cannot create files in '/proc'"),
+    "json below a file": ("--json", lambda tmp, inputs: inputs[0] / "report.json", "is a file, not a folder"),
+    "json onto an input photo": ("--json", lambda tmp, inputs: inputs[1], "is one of the input photos"),
+    "annotate onto a file": ("--annotate", lambda tmp, inputs: inputs[0], "is a file; give a folder"),
+    "annotate into /proc": ("--annotate", lambda tmp, inputs: "/proc/umo_annotated", "cannot create files in '/proc'"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_OUTPUTS))
+def test_bad_output_paths_fail_before_any_work(name, case, tmp_path, capsys):
+    """One error line, exit 2, before the face pack is loaded: the pack path given does not even exist."""
+    _, refs, images = case
+    flag, target, message = BAD_OUTPUTS[name]
+    target = target(tmp_path, images)
+    assert main(_args(tmp_path / "no_pack_here", refs, images, flag, target)) == 2
+    line = _error_line(capsys)
+    assert line.startswith(f"error: {flag} '{target}'") and message in line, line
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="running as root: a folder's read-only permission bits do not stop "
+                    "root from writing (the /proc and folder cases above fail for root too)")
+def test_json_into_a_read_only_folder_fails_before_any_work(case, tmp_path, capsys):
+    _, refs, images = case
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        assert main(_args(tmp_path / "no_pack_here", refs, images, "--json", locked / "report.json")) == 2
+        line = _error_line(capsys)
+    finally:
+        locked.chmod(0o755)
+    assert f"cannot create files in '{locked}' (Permission denied)" in line

@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from tqdm import tqdm
 
 from .annotate import annotate
 from .errors import UMOError
 from .face_model import load_face_model
 from .flux import TextEmbedding
-from .images import load_image
-from .scoring import CRITERIA, rank, score_images
+from .images import MAX_PIXELS, MAX_PIXELS_ENV, load_image, pixel_limit
+from .scoring import CRITERIA, ground_truth_embeddings, rank, score_image, score_table
 
 DEFAULT_PACK = "antelopev2"
 
@@ -37,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument("--annotate", type=Path, help="write annotated copies of the images into this folder")
     score.add_argument("--provider", default="auto", help="onnxruntime provider: auto, cpu, cuda, rocm, coreml")
     score.add_argument("--backend", choices=("onnx", "torch"), default="onnx", help="face embedder backend")
+    score.add_argument("--max-pixels", type=int, help=f"refuse image files with more pixels than this (default "
+                       f"${MAX_PIXELS_ENV} or {MAX_PIXELS}; 0 = no limit)")
     generate = commands.add_parser("generate", help="images of the reference people from a prompt (FLUX + UNO)")
     generate.add_argument("--transformer", type=Path, required=True,
                           help="FLUX transformer: diffusers folder or single .safetensors file (flux1-dev.safetensors)")
@@ -90,8 +95,11 @@ def generate_command(args: argparse.Namespace) -> list[Path]:
     if args.lora:
         merge_lora(transformer, args.lora, args.lora_strength)
     side = reference_long_side(len(args.ref))
+    references = []
     with torch.no_grad():
-        references = [encode_images(vae, resize_reference(float_image(load_image(p)), side)[None]) for p in args.ref]
+        for i, path in enumerate(args.ref):
+            photo = float_image(load_image(path, f"reference {i + 1} '{path}'"))
+            references.append(encode_images(vae, resize_reference(photo, side)[None]))
     args.out.mkdir(parents=True, exist_ok=True)
     written = []
     for index in range(args.count):
@@ -107,46 +115,152 @@ def generate_command(args: argparse.Namespace) -> list[Path]:
     return written
 
 
-def _format(value: float | None) -> str:
-    return "null" if value is None else f"{value:.3f}"
+def _tell(kind: str, text: str) -> None:
+    """A 'note:' or 'warning:' line on stderr that does not break the progress bar."""
+    tqdm.write(f"{kind}: {text}", file=sys.stderr)
+
+
+def _writable_folder(folder: Path, what: str) -> None:
+    """`folder`, or the nearest of its parents that exists, must be a folder that takes new files.
+
+    Tried by creating (and at once removing) a temporary file: permission bits say nothing about
+    root, read-only mounts or /proc.
+    """
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UMOError(f"{what}: '{existing}' is a file, not a folder; choose another place")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise UMOError(f"{what}: cannot create files in '{existing}' ({error.strerror}); "
+                       "choose another place") from None
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """--json and --annotate must be writable before any model is loaded (a bad path is a 2-second error,
+    not one after all the scoring)."""
+    inputs = {path.resolve() for path in [*args.ref, *args.image, *([args.gt] if args.gt else [])]}
+    if args.json:
+        what = f"--json '{args.json}'"
+        if args.json.is_dir():
+            raise UMOError(f"{what} is a folder; give a file name such as '{args.json / 'report.json'}'")
+        if args.json.resolve() in inputs:
+            raise UMOError(f"{what} is one of the input photos; give another file name for the report")
+        if args.json.exists() and not os.access(args.json, os.W_OK):
+            raise UMOError(f"{what} exists and is read-only; give another file name or make it writable")
+        _writable_folder(args.json.parent, what)
+    if args.annotate:
+        what = f"--annotate '{args.annotate}'"
+        if args.annotate.exists() and not args.annotate.is_dir():
+            raise UMOError(f"{what} is a file; give a folder for the annotated copies (it is made if missing)")
+        _writable_folder(args.annotate, what)
+
+
+def _file_digest(path: Path) -> str | None:
+    """sha256 of a file's bytes, None when it cannot be read (reading it later says why)."""
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def _same_reference_warnings(references: list[Path], labels: list[str]) -> list[str]:
+    """Warnings for a reference given twice: the same file, or another file with the same bytes."""
+    first_by_file: dict[Path, int] = {}
+    first_by_bytes: dict[str, int] = {}
+    warnings = []
+    for index, path in enumerate(references):
+        file, digest = path.resolve(), _file_digest(path)
+        if file in first_by_file:
+            same = f"is the same file as {labels[first_by_file[file]]}"
+        elif digest is not None and digest in first_by_bytes:
+            same = f"has the same content as {labels[first_by_bytes[digest]]}"
+        else:
+            same = None
+        if same:
+            warnings.append(f"{labels[index]} {same}; each reference should be a different person "
+                            "(one person's two references split its faces between them)")
+        first_by_file.setdefault(file, index)
+        if digest is not None:
+            first_by_bytes.setdefault(digest, index)
+    return warnings
+
+
+def annotated_name(place: int, index: int, count: int, path: Path) -> str:
+    """The annotated copy's file name: rank and input number (1-based, zero-padded to the count), stem."""
+    digits = max(2, len(str(count)))
+    return f"rank{place:0{digits}d}_img{index + 1:0{digits}d}_{path.stem}.png"
 
 
 def score_command(args: argparse.Namespace) -> dict:
+    _check_outputs(args)
+    reference_labels = [f"reference {i + 1} '{p}'" for i, p in enumerate(args.ref)]
+    image_labels = [f"image {i + 1} '{p}'" for i, p in enumerate(args.image)]
+    gt_label = f"--gt '{args.gt}'"
+    pixel_limit(args.max_pixels)  # a bad --max-pixels or $UMO_MAX_PIXELS is named before the models load
+    for warning in _same_reference_warnings(args.ref, reference_labels):
+        _tell("warning", warning)
+
     face_model = load_face_model(args.faces, provider=args.provider, backend=args.backend)
-    references = [load_image(path) for path in args.ref]
-    images = [load_image(path) for path in args.image]
-    ground_truth = load_image(args.gt) if args.gt else None
-    identities = face_model.identities(references, names=[f"reference {i + 1} ('{p}')" for i, p in enumerate(args.ref)])
-    for note in identities.notes:
-        print(f"note: {note}", file=sys.stderr)
-    scores = score_images(face_model, identities, images, ground_truth)
+    notes = list(face_model.notes)
+    references = [load_image(p, label, notes, args.max_pixels) for p, label in zip(args.ref, reference_labels)]
+    ground_truth = load_image(args.gt, gt_label, notes, args.max_pixels) if args.gt else None
+    identities = face_model.identities(references, names=reference_labels)
+    notes += identities.notes
+    gt_embeddings = ground_truth_embeddings(face_model, ground_truth) if ground_truth is not None else None
+    if gt_embeddings is not None and len(gt_embeddings) == 0:
+        notes.append(f"{gt_label} shows no face, so sim_gt and cp are null for every image; "
+                     "give a photo where the people's faces are clearly visible")
+    for note in notes:
+        _tell("note", note)
+
+    scores = []
+    with tqdm(total=len(args.image), desc="scoring", unit="image", file=sys.stderr, disable=None,
+              leave=False) as bar:
+        for path, label in zip(args.image, image_labels):
+            image_notes: list[str] = []
+            image = load_image(path, label, image_notes, args.max_pixels)
+            scores.append(score_image(face_model, identities, image, gt_embeddings))
+            for note in image_notes:
+                _tell("note", note)
+            notes += image_notes
+            bar.update()
     ranking = rank(scores, args.criterion)
 
     report = {
         "criterion": args.criterion,
         "ranking": ranking,
         "face_pack": str(face_model.pack.directory),
+        "same_person_threshold": face_model.same_person_threshold,
+        "notes": notes,
         "references": [{"path": str(p), "bbox": box} for p, box in zip(args.ref, identities.faces.boxes.tolist())],
         "ground_truth": str(args.gt) if args.gt else None,
         "images": [{"path": str(p), "faces": s.faces_json(), "similarity": s.similarity,
-                    "assignment": s.assignment, "metrics": s.metrics} for p, s in zip(args.image, scores)],
+                    "assignment": s.assignment, "matches": s.matches_json(), "metrics": s.metrics}
+                   for p, s in zip(args.image, scores)],
     }
 
-    print(f"{len(args.ref)} reference(s), {len(images)} image(s), face pack {face_model.pack.directory}")
+    print(f"{len(args.ref)} reference(s), {len(args.image)} image(s), face pack {face_model.pack.directory}")
     print(f"ranking by {args.criterion}, best first:")
-    for place, index in enumerate(ranking, 1):
-        metrics = scores[index].metrics
-        shown = "  ".join(f"{name} {_format(value)}" for name, value in metrics.items())
-        print(f"{place:3d}. {args.image[index]}  faces {len(scores[index].faces)}  {shown}")
+    for line in score_table(scores, ranking, [str(p) for p in args.image]):
+        print(line)
 
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2))
+        try:
+            args.json.write_text(json.dumps(report, indent=2))
+        except OSError as error:
+            raise UMOError(f"--json '{args.json}' cannot be written ({error.strerror})") from None
     if args.annotate:
         args.annotate.mkdir(parents=True, exist_ok=True)
-        for i, (path, image, score) in enumerate(zip(args.image, images, scores)):
-            drawn = annotate(image, score.faces, score.similarity, score.assignment)
-            Image.fromarray(drawn).save(args.annotate / f"{i:02d}_{path.stem}.png")
+        for place, index in enumerate(ranking, 1):
+            path = args.image[index]
+            # Read again rather than kept: scoring many images holds one image in memory at a time.
+            drawn = annotate(load_image(path, image_labels[index], max_pixels=args.max_pixels), scores[index])
+            Image.fromarray(drawn).save(args.annotate / annotated_name(place, index, len(args.image), path))
     return report
 
 

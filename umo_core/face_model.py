@@ -5,6 +5,7 @@ This is the single entry point the CLI, the ComfyUI nodes and the trainer share.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +18,31 @@ from .embedding import FaceEmbedder, make_embedder
 from .errors import UMOError
 from .face_pack import FacePack, find_face_pack, resolve_providers
 from .images import ImageLike, float_image, to_rgb_uint8
+
+SAME_PERSON_COSINE = {512: 0.40, 128: 0.45}  # by embedding size; the numbers' sources: same_person_threshold
+DEFAULT_SAME_PERSON_COSINE = 0.40
+
+
+def same_person_threshold(embedding_dim: int) -> tuple[float, str | None]:
+    """The cosine from which a matched face counts as the reference person, for a recogniser with this
+    embedding size, and a note when it is a guess. Below it a match is "doubtful" (marked '?' in labels
+    and tables; the metrics count it as always). The face networks are told apart by embedding size:
+
+    - 512-d, insightface's ArcFace packs (antelopev2's glintr100, buffalo_l/m's w600k_r50, buffalo_s/sc's
+      w600k_mbf): 0.40, insightface 2.1's own default (insightface/gui/core/constants.py
+      DEFAULT_THRESHOLD, with 0.35-0.40 called "uncertain").
+    - 128-d, the MobileFaceNet of the test assets: calibrated on face-assets/images/lfw (20 aligned LFW
+      faces of 6 people; tests/test_labels.py repeats it). The 30 same-person pairs have cosines
+      0.515-1.00 (mean 0.72), the 160 different-person pairs at most 0.185 (mean 0.02); the 6 strangers
+      of t1_six_people reach 0.31 against each other and 0.35 from head-and-shoulders crops (the assets'
+      MANIFEST: up to 0.42). 0.45 is above every stranger pair and below every same-person pair.
+    - Any other size: ArcFace's 0.40, with a note that it is not calibrated for that network.
+    """
+    if embedding_dim in SAME_PERSON_COSINE:
+        return SAME_PERSON_COSINE[embedding_dim], None
+    return DEFAULT_SAME_PERSON_COSINE, (
+        f"no same-person threshold is calibrated for a {embedding_dim}-d face recogniser; matches below "
+        f"{DEFAULT_SAME_PERSON_COSINE:.2f} (ArcFace's) are marked doubtful")
 
 
 @dataclass
@@ -54,6 +80,9 @@ class FaceModel:
         self.detector = FaceDetector(pack.detector, self.providers, det_threshold)
         self.embedder = make_embedder(pack.recogniser, backend, self.providers, self.device, dtype)
         self._torch_embedder = self.embedder if backend == "torch" else None
+        self.same_person_threshold, threshold_note = same_person_threshold(self.embedder.dim)
+        # What the user should be told about this model: the pack's choices, a guessed threshold.
+        self.notes = [*pack.notes, *([threshold_note] if threshold_note else [])]
 
     @property
     def torch_embedder(self) -> FaceEmbedder:
@@ -82,7 +111,11 @@ class FaceModel:
 
     @torch.no_grad()
     def identities(self, references: ImageLike | list[ImageLike], names: list[str] | None = None) -> Identities:
-        """One identity per reference photo: its largest face. A photo without a face is an error."""
+        """One identity per reference photo: its largest face. A photo without a face is an error.
+
+        The notes say when a photo has several faces, and when two references look like the same
+        person (cosine at or above the same-person threshold): the matching cannot tell them apart.
+        """
         arrays = to_rgb_uint8(references)
         names = names or [f"reference {i + 1}" for i in range(len(arrays))]
         if not arrays:
@@ -100,7 +133,14 @@ class FaceModel:
             crops.append(align_faces(float_image(array), face.keypoints))
         crops = torch.cat(crops)
         faces = Faces(*(np.concatenate([getattr(f, k) for f in chosen]) for k in ("boxes", "keypoints", "scores")))
-        return Identities(self.embedder.embed(crops).cpu(), faces, crops, notes)
+        embeddings = self.embedder.embed(crops).cpu()
+        similarity = embeddings @ embeddings.T
+        for first, second in itertools.combinations(range(len(names)), 2):
+            if similarity[first, second] >= self.same_person_threshold:
+                notes.append(f"{names[first]} and {names[second]} look like the same person (cosine "
+                             f"{similarity[first, second]:.2f}, same person from {self.same_person_threshold:.2f} "
+                             "for this face network): the matching cannot tell them apart; give one photo per person")
+        return Identities(embeddings, faces, crops, notes)
 
 
 def load_face_model(pack: str | Path, provider: str = "auto", backend: str = "onnx",
