@@ -111,8 +111,8 @@ def _value_scale(values: np.ndarray, mode: str, name: str) -> float:
     """The full-scale value of a 32-bit I or F image (see the module docstring)."""
     low, high = float(values.min(initial=0)), float(values.max(initial=0))
     if not (np.isfinite(low) and np.isfinite(high)) or low < 0 or high > 65535:
-        raise UMOError(f"{name} is a 32-bit {mode} image with values from {low:g} to {high:g} has no known brightness "
-                       "scale (expected 0..1, 0..255 or 0..65535); save it as an 8- or 16-bit image")
+        raise UMOError(f"{name} is a 32-bit {mode} image with values from {low:g} to {high:g}, which fit no known "
+                       "brightness scale (0..1, 0..255 or 0..65535); save it as an 8- or 16-bit image")
     scales = (1.0, 255.0, 65535.0) if mode == "F" else (255.0, 65535.0)
     return next(scale for scale in scales if high <= scale)
 
