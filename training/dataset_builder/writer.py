@@ -1,0 +1,123 @@
+"""Writing a data folder in the trainer's format (training/data.py, README "The ReReFL trainer").
+
+    DATA/manifest.jsonl            one row per target photo, paths relative to DATA
+    DATA/images/<photo name>       the target photos: hard links where the file system allows, else copies
+    DATA/references/<identity>/    the reference crops (PNG), one per source face, shared between rows
+    DATA/sheets/<identity>.png     contact sheets (main folder only)
+
+A re-run rewrites the manifest in one step and removes the images, references and sheets it no longer
+writes; text/ (training.encode_prompts' cache) is kept, and rows whose prompt is already encoded get
+their text_embedding back. Only a folder this builder made (it has report.json) or an empty one is written to.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from umo_core import UMOError
+from umo_core.images import load_image
+
+from ..encode_prompts import cache_path
+from .faces import PhotoFaces
+from .identities import FaceId
+from .references import crop_box
+from .rows import Row
+
+REPORT_NAME = "report.json"
+OWNED_FOLDERS = ("images", "references", "sheets")
+TILE_MARGIN = 0.15
+
+
+def check_output_folder(folder: Path, flag: str) -> None:
+    """A folder may be written when it does not exist, is empty, or was written by this builder."""
+    if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not (folder / REPORT_NAME).is_file())):
+        raise UMOError(f"{flag} '{folder}' exists and was not written by training.prepare_data (no {REPORT_NAME}); "
+                       "give a new or empty folder")
+
+
+def reference_file(identity: str, face: FaceId) -> str:
+    """references/<identity>/<source photo name, flattened>-<face>.png, relative to the data folder."""
+    flat = Path(face[0]).with_suffix("").as_posix().replace("/", "__").replace(":", "_")
+    return f"references/{identity}/{flat}-{face[1]}.png"
+
+
+def write_image(path: Path, image: Image.Image) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp.png")
+    image.save(temporary)
+    os.replace(temporary, path)
+
+
+def link_target(source: Path, destination: Path) -> None:
+    """The photo at destination: a hard link (no space used), or a copy across file systems."""
+    if destination.exists():
+        if os.path.samefile(source, destination):
+            return
+        stat, existing = source.stat(), destination.stat()
+        if (stat.st_size, stat.st_mtime_ns) == (existing.st_size, existing.st_mtime_ns):
+            return  # the copy made by an earlier run (copy2 keeps the time)
+        destination.unlink()
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copy2(source, destination)
+
+
+def crop_faces(paths: dict[str, Path], photos: dict[str, PhotoFaces], references: dict[FaceId, list[Path]],
+               tiles: set[FaceId], margin: float) -> dict[FaceId, np.ndarray]:
+    """Save each reference crop to its files and return the contact-sheet tiles; every photo is read once."""
+    needed = sorted({face[0] for face in references} | {face[0] for face in tiles})
+    thumbnails: dict[FaceId, np.ndarray] = {}
+    for name in tqdm(needed, desc="crops", unit="photo"):
+        image = Image.fromarray(load_image(paths[name]))
+        faces = photos[name]
+        for face in [f for f in references if f[0] == name]:
+            crop = image.crop(crop_box(faces.boxes[face[1]], faces.height, faces.width, margin))
+            for destination in references[face]:
+                write_image(destination, crop)
+        for face in [f for f in tiles if f[0] == name]:
+            tile = image.crop(crop_box(faces.boxes[face[1]], faces.height, faces.width, TILE_MARGIN))
+            tile.thumbnail((128, 128), Image.LANCZOS)
+            thumbnails[face] = np.asarray(tile)
+    return thumbnails
+
+
+def manifest_rows(folder: Path, rows: list[Row], prompts: dict[str, str]) -> list[dict]:
+    lines = []
+    for row in rows:
+        references = [reference_file(identity, face) for identity, face in zip(row.identities, row.references)]
+        line = {"prompt": prompts[row.target], "target": f"images/{row.target}", "references": references}
+        if (folder / cache_path(line["prompt"])).is_file():
+            line["text_embedding"] = cache_path(line["prompt"])
+        line["identities"] = row.identities
+        if row.same_photo:
+            line["same_photo_references"] = True
+        lines.append(line)
+    return lines
+
+
+def write_manifest(folder: Path, lines: list[dict]) -> None:
+    temporary = folder / "manifest.jsonl.tmp"
+    temporary.write_text("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines), encoding="utf-8")
+    os.replace(temporary, folder / "manifest.jsonl")
+
+
+def remove_stale(folder: Path, written: set[Path]) -> None:
+    """Delete files in the builder's sub-folders that this run did not write, and empty folders."""
+    for sub in OWNED_FOLDERS:
+        root = folder / sub
+        if not root.is_dir():
+            continue
+        for path in sorted(root.rglob("*"), reverse=True):  # files before their folders
+            if path.is_file() and path not in written:
+                path.unlink()
+            elif path.is_dir() and not any(path.iterdir()):
+                path.rmdir()
