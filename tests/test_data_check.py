@@ -83,8 +83,8 @@ def _folder(template, tmp_path, rows) -> str:
     ({**OTHER, "references": ["img/Rob_Lowe_0001.jpg", "img/no_face_view.jpg"]},
      "reference 2 'img/no_face_view.jpg': no face found"),
     ({**OTHER, "references": ["img/Rob_Lowe_0001.jpg", "img/gone.jpg"]},
-     "reference 2 'img/gone.jpg' does not exist in the data folder"),
-    ({**OTHER, "target": "text/0.safetensors"}, "target 'text/0.safetensors': image '"),
+     "reference 2 'img/gone.jpg' does not exist or is not a file"),
+    ({**OTHER, "target": "text/0.safetensors"}, "target 'text/0.safetensors' cannot be read as an image"),
 ])
 def test_a_bad_row_is_named_with_what_is_wrong(template, tmp_path, face_model, row, message):
     data = _folder(template, tmp_path, [GOOD, row])

@@ -131,7 +131,8 @@ def test_bad_rows_are_named_before_training(setup, tmp_path, capsys, row, messag
     good = json.loads((data / "manifest.jsonl").read_text().splitlines()[0])
     bad_data = tmp_path / "data"
     shutil.copytree(data, bad_data)
-    (bad_data / "manifest.jsonl").write_text(json.dumps(good) + "\n" + json.dumps({**good, **row}))
+    # Another prompt: a row with row 1's prompt, target and references would be refused as a duplicate.
+    (bad_data / "manifest.jsonl").write_text(json.dumps(good) + "\n" + json.dumps({**good, "prompt": "b", **row}))
     assert main(_args(root, bad_data, pack, tmp_path / "out", 1)) == 2
     error = capsys.readouterr().err
     assert "row 2" in error and message in error

@@ -131,25 +131,15 @@ def _check_text_embedding(folder: Path, row: dict, widths: tuple[int, int] | Non
     return relative, found
 
 
-def _read_image(folder: Path, relative: str, what: str):
-    path = folder / relative
-    if not path.is_file():
-        raise UMOError(f"{what} '{relative}' does not exist in the data folder")
-    try:
-        return load_image(path)
-    except UMOError as error:
-        raise UMOError(f"{what} '{relative}': {error}") from None
-
-
 def _check_target(folder: Path, relative: str, face_model: FaceModel) -> None:
-    if not len(face_model.detect(_read_image(folder, relative, "target"))[0]):
+    if not len(face_model.detect(load_image(folder / relative, label=f"target '{relative}'"))[0]):
         raise UMOError(f"target '{relative}': no face found; the target photo must show the references' people")
 
 
 def _check_references(folder: Path, paths: list[str], face_model: FaceModel) -> torch.Tensor:
     """The embeddings [M,D] of the references' people (the largest face of each photo)."""
-    photos = [_read_image(folder, path, f"reference {number}") for number, path in enumerate(paths, 1)]
     names = [f"reference {number} '{path}'" for number, path in enumerate(paths, 1)]
+    photos = [load_image(folder / path, label=name) for path, name in zip(paths, names)]
     return face_model.identities(photos, names=names).embeddings
 
 

@@ -171,6 +171,8 @@ def check_data(args: argparse.Namespace) -> int:
     pack, text_widths = check_paths(args)
     # Detection (which decides the check) is the same ONNX detector for either embedding backend.
     face_model = FaceModel(pack, provider=args.provider, backend="onnx")
+    for note in face_model.notes:  # which pack files were chosen, where there were several
+        print(f"note: {note}", file=sys.stderr)
     clean = True
     for what, folder in (("data", args.data), ("evaluation data", args.eval_data)):
         if folder is None:
@@ -276,6 +278,8 @@ def train(args: argparse.Namespace) -> None:
 
     # Data before the models: bad rows are reported before any model is loaded.
     face_model = FaceModel(pack, provider=args.provider, backend="torch", device=device)
+    for note in face_model.notes:
+        accelerator.print(f"note: {note}")
     samples, skipped = load_dataset(args.data, face_model, args.on_bad_rows, text_widths)
     for line in skipped:
         accelerator.print(f"skipped {line}")
