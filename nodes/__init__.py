@@ -1,11 +1,10 @@
 """The UMO node pack: registration. Node logic lives in umo_core; these modules only wire it."""
 
-from comfy_api.latest import ComfyExtension, io
-
 from .backbone import ReferenceConditioning, UMOLoraLoader
 from .guidance import IdentityGuidance
 from .identity import FaceModelLoader, IdentityReport, IdentityRerank, ReferenceIdentities
 from .model_paths import register_insightface_folder
+from .node_api import ComfyExtension, io
 
 register_insightface_folder()
 

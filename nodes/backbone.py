@@ -10,12 +10,12 @@ import folder_paths
 import node_helpers
 import torch
 from comfy.utils import ProgressBar
-from comfy_api.latest import io
 
 from umo_core.errors import UMOError
 from umo_core.lora_formats import check_family, load_lora_file, lora_family, to_comfy_lora
 from umo_core.references import reference_long_side, resize_reference
 
+from .node_api import io
 from .sockets import collect_references, reference_image_inputs
 
 OMNIGEN2_REFERENCE_PIXELS = 1024 * 1024  # the official OmniGen2 graph scales references to 1 megapixel

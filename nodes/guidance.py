@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
-from comfy_api.latest import io
 
 from umo_core.errors import UMOError
 from umo_core.guidance import autograd_copy, guide
 
+from .node_api import io
 from .sockets import FaceModelSocket, IdentitiesSocket
 
 

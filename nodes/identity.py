@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 from comfy.utils import ProgressBar
-from comfy_api.latest import io, ui
 
 from umo_core import FaceModel, Identities, load_face_model, rank, score_images
 from umo_core.annotate import annotate
@@ -13,6 +12,7 @@ from umo_core.images import to_rgb_uint8
 from umo_core.scoring import CRITERIA, ImageScore, score_table
 
 from .model_paths import face_pack_names, insightface_roots
+from .node_api import io, ui
 from .sockets import FaceModelSocket, IdentitiesSocket, collect_references, reference_image_inputs
 
 PROVIDERS = ["auto", "CPU", "CUDA", "ROCm", "CoreML"]

@@ -6,9 +6,13 @@ Written as the inverse of the layouts on its own, not from umo_core.flux, so tha
 
 from __future__ import annotations
 
+import json
 import re
 
 import torch
+from diffusers import AutoencoderKL, FluxTransformer2DModel
+
+from umo_core.flux import TRANSFORMER_CONFIG, VAE_CONFIG
 
 # diffusers module -> BFL module for weights that only change name.
 _TOP_LEVEL = {
@@ -110,3 +114,18 @@ def vae_to_bfl(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             tensor = tensor[:, :, None, None]  # LDM's attention projections are 1x1 convolutions
         bfl[name] = tensor
     return bfl
+
+
+def flux1_file_shapes(double_blocks: int = 1, single_blocks: int = 1) -> dict[str, torch.Tensor]:
+    """The keys and shapes of flux1-dev.safetensors cut to `double_blocks` + `single_blocks` blocks (meta tensors):
+    FLUX.1-dev's own diffusers configuration, in the file layout."""
+    config = {**json.loads(TRANSFORMER_CONFIG.read_text()), "num_layers": double_blocks,
+              "num_single_layers": single_blocks}
+    with torch.device("meta"):
+        return transformer_to_bfl(FluxTransformer2DModel.from_config(config).state_dict())
+
+
+def ae_file_shapes() -> dict[str, torch.Tensor]:
+    """The keys and shapes of FLUX's ae.safetensors (meta tensors)."""
+    with torch.device("meta"):
+        return vae_to_bfl(AutoencoderKL.from_config(json.loads(VAE_CONFIG.read_text())).state_dict())

@@ -22,9 +22,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from tests.conftest import ASSETS, PHOTOS, ROOT, make_pack
+from tests.flux_layout import ae_file_shapes, flux1_file_shapes
 
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
 HERE = Path(__file__).parent
@@ -69,12 +70,12 @@ def import_pack():
     return sys.modules[PACK_MODULE]
 
 
-def random_state_dict(module: torch.nn.Module, dtype=torch.bfloat16, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random weights with the module's exact keys and shapes (norm scales 1, biases 0)."""
+def random_state_dict(shapes: dict[str, torch.Tensor], dtype=torch.bfloat16, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random weights with the given keys and shapes (norm scales 1, biases 0)."""
     generator = torch.Generator().manual_seed(seed)
     weights = {}
-    for key, value in module.state_dict().items():
-        if key.endswith((".scale", "norm.weight")) or (key.endswith(".weight") and value.ndim == 1):
+    for key, value in shapes.items():
+        if key.endswith(".scale") or (key.endswith(".weight") and value.ndim == 1):
             weights[key] = torch.ones(value.shape, dtype=dtype)
         elif key.endswith(".bias"):
             weights[key] = torch.zeros(value.shape, dtype=dtype)
@@ -83,29 +84,30 @@ def random_state_dict(module: torch.nn.Module, dtype=torch.bfloat16, seed: int =
     return weights
 
 
-def tiny_flux_module():
+def detected_model(state_dict: dict[str, torch.Tensor]):
+    """ComfyUI's MODEL for a diffusion model file, configured by ComfyUI's own model detection (as its loaders do)
+    and built on the meta device: the tests that use it need the architecture, its LoRA key map and its shapes."""
     comfy_import_path()
-    import comfy.ops
-    from comfy.ldm.flux.model import Flux
+    import comfy.model_detection
+    import comfy.model_patcher
 
+    config = comfy.model_detection.model_config_from_unet(state_dict, "")
     with torch.device("meta"):
-        return Flux(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096,
-                    hidden_size=3072, mlp_ratio=4.0, num_heads=24, depth=1, depth_single_blocks=1,
-                    axes_dim=[16, 56, 56], theta=10000, qkv_bias=True, guidance_embed=True, patch_size=2,
-                    operations=comfy.ops.disable_weight_init)
+        model = config.get_model(state_dict, "", device="meta")
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
 
 
-def flux_vae_module():
+def tiny_flux_model():
+    """FLUX.1-dev with one double and one single block (ComfyUI reads the depth from the file, fixes the width)."""
+    return detected_model(flux1_file_shapes())
+
+
+def flux_vae():
+    """ComfyUI's VAE loaded from a FLUX ae.safetensors state dict with random weights (float32)."""
     comfy_import_path()
-    from comfy.ldm.models.autoencoder import AutoencodingEngine
+    import comfy.sd
 
-    config = {"double_z": True, "z_channels": 16, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
-              "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
-    with torch.device("meta"):
-        return AutoencodingEngine(
-            regularizer_config={"target": "comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer"},
-            encoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Encoder", "params": config},
-            decoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Decoder", "params": config})
+    return comfy.sd.VAE(sd=random_state_dict(ae_file_shapes(), dtype=torch.float32))
 
 
 def uno_lora(double_blocks: int = 1, single_blocks: int = 1, hidden: int = 3072, seed: int = 1) -> dict:
@@ -162,6 +164,31 @@ NODE_CLASS_MAPPINGS = {"UMOTestTextEmbedding": UMOTestTextEmbedding}
 """
 
 
+def write_gguf(state_dict: dict[str, torch.Tensor], path: Path) -> Path:
+    """A FLUX GGUF file as ComfyUI-GGUF's convert tool and llama.cpp's quantizer write one, with mixed types:
+    the double blocks' attention weights Q8_0 (quantizing all of FLUX in numpy takes minutes here), the other
+    matrices F16, vectors F32."""
+    import gguf
+
+    writer = gguf.GGUFWriter(path=None, arch="flux")
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
+    for key, tensor in state_dict.items():
+        data = tensor.float().numpy()
+        if data.ndim == 1:
+            kind = gguf.GGMLQuantizationType.F32
+        elif key.startswith("double_blocks.") and "_attn." in key:
+            kind = gguf.GGMLQuantizationType.Q8_0
+        else:
+            kind = gguf.GGMLQuantizationType.F16
+        writer.add_tensor(key, gguf.quants.quantize(data, kind), raw_dtype=kind)
+    writer.write_header_to_file(path=path)
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -214,8 +241,8 @@ def comfy(tmp_path_factory) -> ComfyServer:
     make_pack(models / "insightface" / "models" / "fixture_pack")
     for folder in ("diffusion_models", "vae", "loras", "checkpoints", "text_encoders"):
         (models / folder).mkdir(parents=True, exist_ok=True)
-    save_file(random_state_dict(tiny_flux_module()), models / "diffusion_models" / "tiny_flux.safetensors")
-    save_file(random_state_dict(flux_vae_module()), models / "vae" / "tiny_ae.safetensors")
+    save_file(random_state_dict(flux1_file_shapes()), models / "diffusion_models" / "tiny_flux.safetensors")
+    save_file(random_state_dict(ae_file_shapes()), models / "vae" / "tiny_ae.safetensors")
     save_file(uno_lora(), models / "loras" / "tiny_uno.safetensors")
     save_file(omnigen2_peft_lora(), models / "loras" / "tiny_omnigen2.safetensors")
     # The example workflows' official file names, as empty placeholders: enough for /prompt's validation.
@@ -267,3 +294,15 @@ def comfy(tmp_path_factory) -> ComfyServer:
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+@pytest.fixture(scope="session")
+def gguf_flux(comfy) -> str:
+    """The tiny FLUX as a GGUF file in the diffusion_models folder, for city96's ComfyUI-GGUF (a custom node pack
+    installed in $COMFYUI_PATH/custom_nodes, as its users install it)."""
+    if "UnetLoaderGGUF" not in comfy.get("/object_info"):
+        pytest.skip(f"ComfyUI-GGUF is not installed: clone https://github.com/city96/ComfyUI-GGUF into "
+                    f"{COMFYUI_PATH}/custom_nodes and pip install gguf")
+    models = comfy.base / "models" / "diffusion_models"
+    write_gguf(load_file(models / "tiny_flux.safetensors"), models / "tiny_flux-Q8_0.gguf")
+    return "tiny_flux-Q8_0.gguf"

@@ -7,35 +7,21 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.comfyui.conftest import comfy_import_path, flux_vae_module, import_pack, random_state_dict
+from tests.comfyui.conftest import flux_vae, import_pack, tiny_flux_model
 from umo_core import UMOError
 
 
 @pytest.fixture(scope="module")
 def vae():
     """ComfyUI's VAE with the FLUX autoencoder architecture, loaded under inference mode as ComfyUI's loaders run."""
-    comfy_import_path()
-    import comfy.sd
-
     with torch.inference_mode():
-        return comfy.sd.VAE(sd=random_state_dict(flux_vae_module()))
+        return flux_vae()
 
 
 @pytest.fixture(scope="module")
 def flux_model():
     """ComfyUI's FLUX model (latent format, model sampling) on the meta device: the hook never runs the transformer."""
-    comfy_import_path()
-    import comfy.model_base
-    import comfy.model_patcher
-    import comfy.supported_models
-
-    config = comfy.supported_models.Flux({
-        "image_model": "flux", "guidance_embed": True, "in_channels": 16, "out_channels": 16, "vec_in_dim": 768,
-        "context_in_dim": 4096, "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24, "depth": 1,
-        "depth_single_blocks": 1, "axes_dim": [16, 56, 56], "theta": 10000, "qkv_bias": True, "patch_size": 2})
-    with torch.device("meta"):
-        model = comfy.model_base.Flux(config, device="meta")
-    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+    return tiny_flux_model()
 
 
 def _guidance_node():

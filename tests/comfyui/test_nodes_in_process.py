@@ -14,50 +14,30 @@ from safetensors.torch import save_file
 from tests.comfyui.conftest import (
     COMFYUI_PATH,
     comfy_import_path,
-    flux_vae_module,
+    detected_model,
+    flux_vae,
     import_pack,
     omnigen2_peft_lora,
-    random_state_dict,
+    tiny_flux_model,
     uno_lora,
 )
 from tests.conftest import PHOTOS, ROOT, make_pack
 from umo_core import UMOError
 from umo_core.references import resize_reference
 
+# ComfyUI tells an OmniGen2 file by this key and gives it the released model's sizes.
+OMNIGEN2_FILE_MARKER = "time_caption_embed.timestep_embedder.linear_1.bias"
+
 
 @pytest.fixture(scope="module")
 def omnigen2_model():
-    """ComfyUI's OmniGen2 with the configuration its model detection gives the released checkpoint."""
-    comfy_import_path()
-    import comfy.model_base
-    import comfy.model_patcher
-    import comfy.supported_models
-
-    config = comfy.supported_models.Omnigen2({
-        "image_model": "omnigen2", "axes_dim_rope": [40, 40, 40], "axes_lens": [1024, 1664, 1664],
-        "ffn_dim_multiplier": None, "hidden_size": 2520, "in_channels": 16, "multiple_of": 256, "norm_eps": 1e-5,
-        "num_attention_heads": 21, "num_kv_heads": 7, "num_layers": 32, "num_refiner_layers": 2,
-        "out_channels": None, "patch_size": 2, "text_feat_dim": 2048, "timestep_scale": 1000.0})
-    with torch.device("meta"):
-        model = comfy.model_base.Omnigen2(config, device="meta")
-    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+    """ComfyUI's OmniGen2 as its model detection configures the released checkpoint (on the meta device)."""
+    return detected_model({OMNIGEN2_FILE_MARKER: torch.empty(1024, device="meta")})
 
 
 @pytest.fixture(scope="module")
 def flux_model():
-    """ComfyUI's FLUX.1-dev with one double and one single block (the full width), on the meta device."""
-    comfy_import_path()
-    import comfy.model_base
-    import comfy.model_patcher
-    import comfy.supported_models
-
-    config = comfy.supported_models.Flux({
-        "image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 768, "context_in_dim": 4096,
-        "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24, "depth": 1, "depth_single_blocks": 1,
-        "axes_dim": [16, 56, 56], "theta": 10000, "qkv_bias": True, "guidance_embed": True, "patch_size": 2})
-    with torch.device("meta"):
-        model = comfy.model_base.Flux(config, device="meta")
-    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+    return tiny_flux_model()
 
 
 def flux_diffusers_lora(alpha: float) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -165,12 +145,8 @@ def test_reference_conditioning_backbone_errors(width, backbone, message):
 
 
 @pytest.fixture(scope="module")
-def flux_vae():
-    """ComfyUI's VAE built from the FLUX autoencoder architecture with random weights."""
-    comfy_import_path()
-    import comfy.sd
-
-    return comfy.sd.VAE(sd=random_state_dict(flux_vae_module(), dtype=torch.float32))
+def vae():
+    return flux_vae()
 
 
 def _native_chain(positive: list, latents: list[torch.Tensor]) -> list:
@@ -184,35 +160,35 @@ def _native_chain(positive: list, latents: list[torch.Tensor]) -> list:
     return FluxKontextMultiReferenceLatentMethod.execute(positive, "uxo/uno")[0]
 
 
-def test_reference_conditioning_flux_matches_the_native_chain(flux_vae):
+def test_reference_conditioning_flux_matches_the_native_chain(vae):
     positive = [[torch.zeros(1, 8, 4096), {"pooled_output": torch.zeros(1, 768)}]]
     generator = torch.Generator().manual_seed(0)
     wide, tall = torch.rand(1, 250, 400, 3, generator=generator), torch.rand(1, 400, 250, 3, generator=generator)
-    output = _backbone_nodes().ReferenceConditioning.execute(positive, flux_vae, "auto", 0, image_1=wide, image_2=tall)
+    output = _backbone_nodes().ReferenceConditioning.execute(positive, vae, "auto", 0, image_1=wide, image_2=tall)
     conditioning, negative = output[0], output[1]
     assert negative is None and positive[0][1].keys() == {"pooled_output"}  # the input is not modified
     latents = conditioning[0][1]["reference_latents"]
     # UNO's rule for two references: long side 320, centre crop to multiples of 16, 8x smaller latents.
     assert [tuple(latent.shape) for latent in latents] == [(1, 16, 24, 40), (1, 16, 40, 24)]
-    assert torch.allclose(latents[1], flux_vae.encode(resize_reference(tall[0], 320)[None]))
+    assert torch.allclose(latents[1], vae.encode(resize_reference(tall[0], 320)[None]))
     native = _native_chain(positive, latents)
     assert conditioning[0][1].keys() == native[0][1].keys()
     assert conditioning[0][1]["reference_latents_method"] == native[0][1]["reference_latents_method"] == "uxo"
     assert all(ours is theirs for ours, theirs in zip(latents, native[0][1]["reference_latents"], strict=True))
 
 
-def test_reference_conditioning_batch_then_single_inputs_and_long_side_override(flux_vae):
+def test_reference_conditioning_batch_then_single_inputs_and_long_side_override(vae):
     positive = [[torch.zeros(1, 8, 4096), {}]]
     batch = torch.rand(2, 64, 64, 3)
-    output = _backbone_nodes().ReferenceConditioning.execute(positive, flux_vae, "flux (UNO)", 128,
+    output = _backbone_nodes().ReferenceConditioning.execute(positive, vae, "flux (UNO)", 128,
                                                              images=batch, image_1=torch.rand(1, 96, 64, 3))
     shapes = [tuple(latent.shape) for latent in output[0][0][1]["reference_latents"]]
     assert shapes == [(1, 16, 16, 16), (1, 16, 16, 16), (1, 16, 16, 10)]  # 128x84 -> cropped to 128x80
 
 
-def test_reference_conditioning_needs_a_reference(flux_vae):
+def test_reference_conditioning_needs_a_reference(vae):
     with pytest.raises(UMOError, match="connect at least one reference image"):
-        _backbone_nodes().ReferenceConditioning.execute([[torch.zeros(1, 8, 4096), {}]], flux_vae, "auto", 0)
+        _backbone_nodes().ReferenceConditioning.execute([[torch.zeros(1, 8, 4096), {}]], vae, "auto", 0)
 
 
 @pytest.fixture(scope="module")
@@ -239,7 +215,8 @@ def test_face_model_loader_lists_and_loads_packs(insightface_folder):
 
 
 @pytest.mark.parametrize(("pack", "message"), [
-    ("missing_pack", r"Put one SCRFD face detector .* into ComfyUI/models/insightface/models/missing_pack/"),
+    ("missing_pack", r"face pack 'missing_pack' not found; looked in .*/models/insightface/models/missing_pack, .*"
+                     r"It needs one SCRFD face detector"),
     ("broken_pack", "det_10g.onnx' is not a readable ONNX model"),
 ])
 def test_face_model_loader_errors_say_what_to_do(insightface_folder, pack, message):
@@ -247,13 +224,13 @@ def test_face_model_loader_errors_say_what_to_do(insightface_folder, pack, messa
         import_pack().nodes.identity.FaceModelLoader.execute(pack, "CPU", "onnx")
 
 
-def test_reference_conditioning_omnigen2_convention(flux_vae, monkeypatch):
+def test_reference_conditioning_omnigen2_convention(vae, monkeypatch):
     """References for both conditionings (DualCFGGuider's cond1 and cond2), no FLUX placement, sides
     multiples of 16 at the target pixel count (lowered from one megapixel to keep the CPU encode short)."""
     backbone_nodes = _backbone_nodes()
     monkeypatch.setattr(backbone_nodes, "OMNIGEN2_REFERENCE_PIXELS", 128 * 128)
     positive, negative = [[torch.zeros(1, 8, 2048), {}]], [[torch.ones(1, 8, 2048), {}]]
-    output = backbone_nodes.ReferenceConditioning.execute(positive, flux_vae, "auto", 0, negative=negative,
+    output = backbone_nodes.ReferenceConditioning.execute(positive, vae, "auto", 0, negative=negative,
                                                           image_1=torch.rand(1, 100, 200, 3))
     for conditioning in output[:2]:
         assert conditioning[0][1].keys() == {"reference_latents"}
@@ -263,27 +240,50 @@ def test_reference_conditioning_omnigen2_convention(flux_vae, monkeypatch):
 
 
 # A ComfyUI user clones the pack into custom_nodes and installs requirements.txt only: umo_core is not
-# pip-installed there. This script hides the development install, then loads the pack with ComfyUI's loader.
-LOAD_WITHOUT_INSTALL = """
+# pip-installed there. This script hides the development install, then loads the pack with ComfyUI's loader;
+# with "hide-pinned-api" it also hides comfy_api.v0_0_2, as a ComfyUI that dropped that version would.
+LOAD_PACK = """
 import asyncio, importlib.util, sys
 sys.meta_path[:] = [finder for finder in sys.meta_path if "__editable__" not in finder.__module__]
 sys.path[:] = [path for path in sys.path if "__editable__" not in path]
 assert importlib.util.find_spec("umo_core") is None, "umo_core is still importable"
-comfy_path, pack = sys.argv[1:]
+comfy_path, pack, api = sys.argv[1:]
 sys.path.insert(0, comfy_path)
 import comfy.cli_args
 comfy.cli_args.args.cpu = True
 import nodes
+if api == "hide-pinned-api":
+    sys.modules["comfy_api.v0_0_2"] = None  # importing it now raises ImportError
 loaded = asyncio.run(nodes.load_custom_node(pack))
-print(loaded, "UMOFaceModelLoader" in nodes.NODE_CLASS_MAPPINGS, nodes.__file__, sys.modules["umo_core"].__file__)
+node_api = next(module for name, module in sys.modules.items() if name.endswith(".nodes.node_api"))
+print(loaded, "UMOFaceModelLoader" in nodes.NODE_CLASS_MAPPINGS, nodes.__file__, sys.modules["umo_core"].__file__,
+      node_api.NODE_API)
 """
 
 
-def test_pack_loads_in_comfyui_without_installing_umo_core(tmp_path):
-    result = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_INSTALL, COMFYUI_PATH, str(ROOT)], cwd=tmp_path,
+def _load_pack_in_comfyui(tmp_path, api: str) -> list[str]:
+    result = subprocess.run([sys.executable, "-c", LOAD_PACK, COMFYUI_PATH, str(ROOT), api], cwd=tmp_path,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    loaded, registered, comfy_nodes, umo_core = result.stdout.split()[-4:]
-    assert loaded == registered == "True", result.stderr[-3000:]
+    return result.stdout.split()[-5:]
+
+
+def test_pack_loads_in_comfyui_without_installing_umo_core(tmp_path):
+    loaded, registered, comfy_nodes, umo_core, node_api = _load_pack_in_comfyui(tmp_path, "as-is")
+    assert loaded == registered == "True"
     assert comfy_nodes.startswith(COMFYUI_PATH)  # the pack's nodes/ folder does not shadow ComfyUI's nodes.py
     assert umo_core.startswith(str(ROOT))
+    assert node_api == "comfy_api.v0_0_2"  # the pinned node API
+
+
+def test_pack_falls_back_to_the_latest_node_api_without_the_pinned_one(tmp_path):
+    loaded, registered, _, _, node_api = _load_pack_in_comfyui(tmp_path, "hide-pinned-api")
+    assert loaded == registered == "True"
+    assert node_api == "comfy_api.latest"
+
+
+def test_pack_in_process_uses_the_pinned_node_api():
+    node_api = import_pack().nodes.node_api
+    import comfy_api.v0_0_2
+
+    assert node_api.NODE_API == "comfy_api.v0_0_2" and node_api.io is comfy_api.v0_0_2.io
