@@ -175,6 +175,7 @@ def test_missing_pack_names_the_places_and_files(tmp_path):
     message = str(error.value)
     assert "antelopev2" in message and str(tmp_path / "root" / "models" / "antelopev2") in message
     assert "detector" in message and "recogniser" in message
+    assert "COMFYUI_PATH" not in message  # roots given (ComfyUI's folders) are the only places to look
 
 
 def test_missing_folder_path(tmp_path):

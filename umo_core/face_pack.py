@@ -82,17 +82,20 @@ def _unnest(directory: Path) -> Path:
 
 
 def _not_found(pack: str, roots: list[Path], default_roots: bool) -> UMOError:
-    """Every folder searched, and how to search others (the environment variables, or a folder path)."""
+    """Every folder searched and, for the default search, how to search others (environment variables, a path).
+
+    Roots passed in (ComfyUI's insightface folders) are the only places their caller can look.
+    """
     searched = ", ".join(str(root / "models" / pack) for root in roots)
-    where = "put them into one of these folders"
+    where = f"put them into {'that folder' if len(roots) == 1 else 'one of these folders'}"
     if default_roots:
         unset = [name for name in ("COMFYUI_PATH", "INSIGHTFACE_HOME") if not os.environ.get(name)]
         if unset:
             searched += f" ({' and '.join(unset)} {'is' if len(unset) == 1 else 'are'} not set)"
         where += (f", set COMFYUI_PATH to your ComfyUI folder (to search ComfyUI/models/insightface/models/{pack}) "
-                  f"or INSIGHTFACE_HOME to an insightface root (to search $INSIGHTFACE_HOME/models/{pack})")
-    return UMOError(f"face pack '{pack}' not found; looked in {searched}. It needs {EXPECTED_FILES}: {where}, "
-                    "or pass the pack's folder path instead of a name")
+                  f"or INSIGHTFACE_HOME to an insightface root (to search $INSIGHTFACE_HOME/models/{pack}), "
+                  "or pass the pack's folder path instead of a name")
+    return UMOError(f"face pack '{pack}' not found; looked in {searched}. It needs {EXPECTED_FILES}: {where}")
 
 
 def locate_pack_directory(pack: str | Path, roots: list[Path] | None = None) -> Path:
