@@ -10,6 +10,27 @@ from umo_core.guidance import autograd_copy, guide
 from .node_api import io
 from .sockets import FaceModelSocket, IdentitiesSocket
 
+# What ComfyUI's model loading sets on its layers (comfy.ops) and their forward then follows: weight casting
+# (low VRAM, and ComfyUI's dynamic VRAM, the default on NVIDIA since 0.9), low-VRAM patch functions, and dynamic
+# VRAM's device allocation `_v` with the weights staged in it.
+COMFY_LAYER_STATE = ("comfy_cast_weights", "weight_function", "bias_function", "weight_lowvram_function",
+                     "bias_lowvram_function", "_v", "_v_weight", "_v_bias", "_v_signature")
+
+
+def _plain_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """An autograd copy of a ComfyUI module that runs torch's own forward on the copy's weights.
+
+    The loading state stays with the original: through it the copy would read the original's weights (inference
+    tensors, no gradient) from the original's allocation, which cannot be copied either.
+    """
+    held = [(layer, {name: vars(layer).pop(name) for name in COMFY_LAYER_STATE if name in vars(layer)})
+            for layer in module.modules()]
+    try:
+        return autograd_copy(module)
+    finally:
+        for layer, state in held:
+            vars(layer).update(state)
+
 
 def _decoder(vae, model):
     """Latent in the model's sampling space -> image [B,H,W,3] in 0..1, differentiable.
@@ -21,7 +42,7 @@ def _decoder(vae, model):
 
     def decode(latent: torch.Tensor) -> torch.Tensor:
         if latent.device not in copies:
-            copies[latent.device] = autograd_copy(vae.first_stage_model).to(latent.device)
+            copies[latent.device] = _plain_copy(vae.first_stage_model).to(latent.device)
         samples = model.process_latent_out(latent).to(latent.device, vae.vae_dtype)
         return vae.process_output(copies[latent.device].decode(samples).float()).movedim(1, -1)
 

@@ -358,11 +358,11 @@ def comfy_flux():
 
 def make_comfy_flux():
     """ComfyUI's FLUX with the tiny diffusers model's sizes (width 32, 2 heads), on the meta device."""
+    from tests.comfyui.conftest import flux_config
+
     comfy = _comfy()
-    config = comfy.supported_models.Flux({
-        "image_model": "flux", "guidance_embed": True, "in_channels": 16, "out_channels": 16, "vec_in_dim": 16,
-        "context_in_dim": 32, "hidden_size": HIDDEN, "mlp_ratio": 4.0, "num_heads": HEADS, "depth": 1,
-        "depth_single_blocks": 1, "axes_dim": [4, 6, 6], "theta": 10000, "qkv_bias": True, "patch_size": 2})
+    config = comfy.supported_models.Flux(flux_config(vec_in_dim=16, context_in_dim=32, hidden_size=HIDDEN,
+                                                     num_heads=HEADS, axes_dim=[4, 6, 6]))
     with torch.device("meta"):
         return _patcher(comfy, comfy.model_base.Flux(config, device="meta"))
 

@@ -57,9 +57,11 @@ def test_ids_equal_comfyui_uxo_ids():
     import comfy.ops
     from comfy.ldm.flux.model import Flux
 
-    model = Flux(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=8, context_in_dim=8, hidden_size=48,
-                 mlp_ratio=2.0, num_heads=2, depth=0, depth_single_blocks=0, axes_dim=[8, 8, 8], theta=10000,
-                 qkv_bias=True, guidance_embed=False, patch_size=2, operations=comfy.ops.disable_weight_init)
+    from tests.comfyui.conftest import flux_config
+
+    config = flux_config(vec_in_dim=8, context_in_dim=8, hidden_size=48, mlp_ratio=2.0, num_heads=2, depth=0,
+                         depth_single_blocks=0, axes_dim=[8, 8, 8], guidance_embed=False)
+    model = Flux(**config, operations=comfy.ops.disable_weight_init)
     seen = {}
 
     def probe(img, img_ids, *args, **kwargs):

@@ -97,6 +97,16 @@ def detected_model(state_dict: dict[str, torch.Tensor]):
     return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
 
 
+def flux_config(**sizes) -> dict:
+    """ComfyUI's configuration of FLUX.1-dev as its model detection gives it, with `sizes` on top (for models
+    narrower than ComfyUI 0.3.64 detects: it fixes FLUX's width). Detection supplies every argument a ComfyUI
+    version adds (0.8.0: txt_ids_dims)."""
+    comfy_import_path()
+    import comfy.model_detection
+
+    return {**comfy.model_detection.detect_unet_config(flux1_file_shapes(), ""), **sizes}
+
+
 def tiny_flux_model():
     """FLUX.1-dev with one double and one single block (ComfyUI reads the depth from the file, fixes the width)."""
     return detected_model(flux1_file_shapes())

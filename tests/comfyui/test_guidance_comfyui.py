@@ -4,6 +4,8 @@ the sampler calls it. (Sampling a whole graph with the node runs in test_pack_in
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -43,6 +45,32 @@ def test_decoder_matches_comfyui_vae_decode_and_carries_the_gradient(vae, flux_m
     assert image.shape == expected.shape == (1, 64, 64, 3)
     assert torch.allclose(image.detach(), expected, atol=1e-4)
     assert torch.isfinite(cells.grad).all() and cells.grad.abs().sum() > 0
+
+
+def test_decoder_copy_leaves_comfyui_layer_state_with_the_vae(vae, flux_model):
+    """ComfyUI's loaders set casting state on its layers; under dynamic VRAM (ComfyUI 0.9+) a device allocation
+    `_v` the forward reads the weights through. The decoder's copy runs on its own weights without that state
+    (here: a lock stands in for the allocation, which cannot be copied; weight functions that zero the weights
+    show whether the copy still follows the state) and the VAE keeps it."""
+    latent = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        expected = vae.decode(flux_model.model.process_latent_out(latent))
+    layers = [layer for layer in vae.first_stage_model.modules() if hasattr(layer, "comfy_cast_weights")]
+    allocation = threading.Lock()
+    for layer in layers:
+        layer.comfy_cast_weights, layer._v, layer.weight_function = True, allocation, [torch.zeros_like]
+    try:
+        decode = _guidance_node()._decoder(vae, flux_model.model)
+        with torch.inference_mode(False), torch.enable_grad():
+            cells = latent.clone().requires_grad_(True)
+            image = decode(cells)
+            image.sum().backward()
+        assert all(layer._v is allocation and layer.comfy_cast_weights for layer in layers)
+    finally:
+        for layer in layers:
+            del layer.comfy_cast_weights, layer._v, layer.weight_function
+    assert torch.allclose(image.detach(), expected, atol=1e-4)
+    assert cells.grad.abs().sum() > 0
 
 
 def test_hook_on_a_clone_and_no_face_leaves_the_estimate(vae, flux_model, face_model, photos):
