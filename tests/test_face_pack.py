@@ -14,7 +14,7 @@ from tests.conftest import ASSETS, PHOTOS, ROOT, make_pack
 from tests.official_packs import OFFICIAL_PACKS, add_inswapper, add_pack_files, fixture_detector, make_official_pack
 from umo_core import UMOError, load_face_model
 from umo_core.cli import main
-from umo_core.face_pack import find_face_pack, model_kind, read_onnx_model, resolve_providers
+from umo_core.face_pack import find_face_pack, model_kind, onnx_session, read_onnx_model, resolve_providers
 
 REFERENCES = [PHOTOS / "Rob_Lowe_0001.jpg", PHOTOS / "Nathalie_Baye_0002.jpg"]
 IMAGES = [PHOTOS / "t1_six_people.jpg", PHOTOS / "Rob_Lowe_0002.jpg", PHOTOS / "no_face_view.jpg"]
@@ -222,6 +222,22 @@ def test_unavailable_provider_is_an_error_not_a_silent_cpu_run():
         pytest.skip("this onnxruntime offers CUDA")
     with pytest.raises(UMOError, match="onnxruntime-gpu"):
         resolve_providers("cuda")
+
+
+@pytest.mark.parametrize("what", ["face detector", "face recogniser"])
+def test_accelerator_that_does_not_start_is_an_error_not_a_silent_cpu_run(what, pack_dir):
+    """onnxruntime runs on the CPU when the wanted provider cannot start (here: a build without CUDA, as when
+    onnxruntime-gpu finds no matching CUDA libraries); the session must say so instead."""
+    import onnxruntime
+    import torch
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers() and torch.cuda.is_available():
+        pytest.skip("CUDA starts on this machine")
+    pack = find_face_pack(pack_dir)
+    path = pack.detector if what == "face detector" else pack.recogniser
+    with pytest.raises(UMOError, match=f"could not start CUDAExecutionProvider for {what} .*choose provider cpu"):
+        onnx_session(path, ["CUDAExecutionProvider", "CPUExecutionProvider"], what)
+    assert onnx_session(path, ["CPUExecutionProvider"], what).get_providers() == ["CPUExecutionProvider"]
 
 
 def test_embedding_size_comes_from_the_model(face_model, torch_face_model):

@@ -16,11 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnxruntime
 from PIL import Image
 
 from .errors import UMOError
-from .face_pack import session_options
+from .face_pack import onnx_session
 
 BASE_SIZES = (128, 640)
 MAX_SIZE = 1280
@@ -85,10 +84,7 @@ class FaceDetector:
     """An SCRFD detector (with keypoints) from an ONNX file, run by onnxruntime with the given providers."""
 
     def __init__(self, path: Path, providers: list[str], threshold: float = 0.5):
-        try:
-            self.session = onnxruntime.InferenceSession(str(path), session_options(), providers=providers)
-        except Exception as error:  # onnxruntime raises its own exception types for bad graphs
-            raise UMOError(f"face detector '{path}' cannot be loaded ({error}); download it again") from None
+        self.session = onnx_session(path, providers, "face detector")
         outputs = self.session.get_outputs()
         if len(outputs) not in LAYOUTS:
             raise UMOError(f"face detector '{path}' is not an SCRFD model with keypoints (it has {len(outputs)} "

@@ -16,12 +16,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import onnxruntime
 import torch
 import torch.nn.functional as F
 
 from .errors import UMOError
-from .face_pack import read_onnx_model, session_options
+from .face_pack import onnx_session, read_onnx_model
 
 if TYPE_CHECKING:
     from onnx import ModelProto
@@ -63,10 +62,7 @@ class OnnxEmbedder(FaceEmbedder):
     def __init__(self, path: Path, providers: list[str]):
         model = read_onnx_model(path, "face recogniser")
         super().__init__(path, model)
-        try:
-            self.session = onnxruntime.InferenceSession(str(path), session_options(), providers=providers)
-        except Exception as error:
-            raise UMOError(f"face recogniser '{path}' cannot be loaded by onnxruntime ({error})") from None
+        self.session = onnx_session(path, providers, "face recogniser")
         self.input_name = self.session.get_inputs()[0].name
         self.dim = self.dim or self.session.get_outputs()[0].shape[-1]
 

@@ -224,6 +224,26 @@ def session_options() -> onnxruntime.SessionOptions:
     return options
 
 
+def onnx_session(path: Path, providers: list[str], what: str) -> onnxruntime.InferenceSession:
+    """An onnxruntime session for one model file of the pack on `providers` (the first is the one wanted).
+
+    onnxruntime quietly falls back to the CPU when an accelerator's libraries cannot be loaded (e.g. an
+    onnxruntime-gpu built for another CUDA major version than the one installed): that is an error here, so a
+    GPU user never waits on a CPU run without knowing it.
+    """
+    try:
+        session = onnxruntime.InferenceSession(str(path), session_options(), providers=providers)
+    except Exception as error:  # onnxruntime raises its own exception types for bad graphs
+        raise UMOError(f"{what} '{path}' cannot be loaded by onnxruntime ({error}); download it again") from None
+    wanted = providers[0]
+    if wanted not in session.get_providers():
+        raise UMOError(f"onnxruntime {onnxruntime.__version__} could not start {wanted} for {what} '{path}' "
+                       "(its libraries, e.g. CUDA and cuDNN for onnxruntime-gpu, are missing or of another version; "
+                       "onnxruntime's log above says which); choose provider cpu, or install the onnxruntime build "
+                       "that matches your CUDA")
+    return session
+
+
 def resolve_providers(provider: str = "auto") -> list[str]:
     """ONNX Runtime providers for a user choice: auto, cpu, cuda, rocm or coreml.
 
