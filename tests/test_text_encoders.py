@@ -121,7 +121,9 @@ def test_encode_prompts_command_fills_the_cache_once(flux_folder, photos, face_m
 
     own_row = '{"prompt":"a third prompt","text_embedding":"text/own.safetensors","target":"img/Rob_Lowe_0002.jpg",' \
               '"references":["img/Rob_Lowe_0001.jpg","img/Nathalie_Baye_0002.jpg"]}'
-    rows = [_row(PROMPTS[0]), _row(PROMPTS[1], identities=["rob", "nathalie"]), _row(PROMPTS[0])]
+    # Row 5 has row 1's prompt with another target (the same target and references too would be a duplicate row).
+    rows = [_row(PROMPTS[0]), _row(PROMPTS[1], identities=["rob", "nathalie"]),
+            _row(PROMPTS[0], target="img/Nathalie_Baye_0002.jpg")]
     lines = [json.dumps(rows[0]), json.dumps(rows[1]), "", own_row, json.dumps(rows[2])]
     data = _data_folder(tmp_path / "data", photos, lines)
     with pytest.raises(UMOError, match="missing 'text_embedding' .make it with: python -m training.encode_prompts"):
