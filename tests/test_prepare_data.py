@@ -335,10 +335,10 @@ def test_two_processes_and_shards_give_the_single_process_result(inputs, cluster
 
 def test_ctrl_c_keeps_what_was_analysed(inputs, tmp_path):
     root, pack = inputs
-    cache = tmp_path / "cache"
-    command = [sys.executable, "-m", "training.prepare_data", "--photos", str(root / "photos"), "--out",
-               str(tmp_path / "out"), "--faces", str(pack), "--provider", "cpu", "--cache", str(cache),
-               "--batch-size", "1"]
+    out = tmp_path / "out"
+    cache = out / ".face-cache"  # the default place
+    command = [sys.executable, "-m", "training.prepare_data", "--photos", str(root / "photos"), "--out", str(out),
+               "--faces", str(pack), "--provider", "cpu", "--batch-size", "1"]
     process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
@@ -350,9 +350,8 @@ def test_ctrl_c_keeps_what_was_analysed(inputs, tmp_path):
     assert "run the same command again" in error and "Traceback" not in error
     done = len(list(cache.rglob("*.safetensors")))
     assert 1 <= done < 13 and not list(cache.rglob("*.tmp"))
-    assert build(root, pack, tmp_path / "out", "--cache", str(cache)) == 0
-    assert report(tmp_path / "out")["embedding_cache"] == {"folder": str(cache), "computed": 13 - done,
-                                                           "cached": done}
+    assert main(command[3:]) == 0  # the folder holding only the cache is taken as the builder's
+    assert report(out)["embedding_cache"] == {"folder": str(cache), "computed": 13 - done, "cached": done}
 
 
 def _error(capsys) -> str:

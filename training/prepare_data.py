@@ -138,12 +138,12 @@ def check_args(args: argparse.Namespace) -> None:
     except (KeyError, IndexError, ValueError) as error:
         raise UMOError(f"--prompt-template '{args.prompt_template}' is not usable ({error!r}); "
                        "use {n} and {people}, e.g. 'a photo of {people}'") from None
-    photos = args.photos.resolve()
-    if args.out.resolve().is_relative_to(photos) or args.eval_out.resolve().is_relative_to(photos):
-        raise UMOError(f"--out '{args.out}' is inside --photos '{args.photos}'; write the data folder elsewhere")
-    check_output_folder(args.out, "--out")
+    for flag, folder in (("--out", args.out), ("--eval-out", args.eval_out)):
+        if folder.resolve().is_relative_to(args.photos.resolve()):
+            raise UMOError(f"{flag} '{folder}' is inside --photos '{args.photos}'; write the data folder elsewhere")
+    check_output_folder(args.out, "--out", args.cache)
     if args.eval_fraction:
-        check_output_folder(args.eval_out, "--eval-out")
+        check_output_folder(args.eval_out, "--eval-out", args.cache)
 
 
 def list_inputs(args: argparse.Namespace) -> tuple[list[PhotoFile], list[PhotoFile], dict[str, list[str]], list[str]]:
@@ -321,7 +321,7 @@ def build(args: argparse.Namespace, photos: list[PhotoFile], people_photos: list
     """Identify, select, write the folder(s) and the report; returns the report."""
     faces = {**collection.faces, **people.faces}
     readable = [photo.name for photo in photos if photo.name in collection.faces]
-    duplicates = quality.near_duplicates({n: faces[n].difference_hash for n in readable}, args.duplicate_bits)
+    duplicates = quality.near_duplicates({name: faces[name] for name in readable}, args.duplicate_bits)
     targets = [name for name in readable if name not in duplicates]
     problems = {name: quality.face_problems(photo_faces, filters) for name, photo_faces in faces.items()}
     labels = identify(args, targets, faces, problems, people_identities)

@@ -2,8 +2,8 @@
 
 Detection and embedding are umo_core's `FaceModel.analyse` (the library's one face path); this module
 adds what choosing references and filtering need: each face's sharpness (variance of the Laplacian of
-its aligned 112x112 crop, so faces of any size are measured on the same scale), its frontalness (how
-symmetric the keypoints are) and a perceptual hash of the whole photo for near-duplicates.
+its box scaled to 112x112 grey, so faces of any size are measured on the same scale), its frontalness
+(how symmetric the keypoints are) and a perceptual hash of the whole photo for near-duplicates.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from PIL import Image
 from scipy.ndimage import laplace
 
 from umo_core import FaceModel
-from umo_core.alignment import align_faces
-from umo_core.images import float_image
 
-HASH_SIDE = 8  # difference hash of an 8x8 grid: 64 bits
+HASH_SIDE = 8  # difference hash of an 8x8 grid
+HASH_BITS = HASH_SIDE * HASH_SIDE
+SHARPNESS_SIDE = 112  # the face box is measured at the size of an aligned face crop
 
 
 @dataclass
@@ -32,7 +32,7 @@ class PhotoFaces:
     keypoints: np.ndarray  # [N,5,2] float32
     scores: np.ndarray  # [N] float32, detector scores
     embeddings: np.ndarray  # [N,D] float32, L2-normalised
-    sharpness: np.ndarray  # [N] float32, variance of the Laplacian of the aligned crop (0..255 grey)
+    sharpness: np.ndarray  # [N] float32, variance of the Laplacian of the face (see face_sharpness)
 
     def __len__(self) -> int:
         return len(self.scores)
@@ -42,16 +42,20 @@ class PhotoFaces:
         return np.minimum(self.boxes[:, 2] - self.boxes[:, 0], self.boxes[:, 3] - self.boxes[:, 1])
 
 
-def difference_hash(image: np.ndarray) -> np.ndarray:
-    """64-bit dHash: is each pixel of a 9x8 grey thumbnail brighter than its right neighbour."""
-    grey = np.asarray(Image.fromarray(image).convert("L").resize((HASH_SIDE + 1, HASH_SIDE), Image.LANCZOS),
-                      dtype=np.float32)
+def difference_hash(image: Image.Image) -> np.ndarray:
+    """64-bit dHash: is each cell of a 9x8 grey thumbnail brighter than its right neighbour."""
+    grey = np.asarray(image.convert("L").resize((HASH_SIDE + 1, HASH_SIDE), Image.BOX), dtype=np.float32)
     return (grey[:, 1:] > grey[:, :-1]).reshape(-1)
 
 
-def sharpness(crops: np.ndarray) -> np.ndarray:
-    """Variance of the Laplacian of grey crops [F,112,112] in 0..255: low means blurred."""
-    return np.array([laplace(crop).var() for crop in crops], np.float32)
+def face_sharpness(image: Image.Image, boxes: np.ndarray) -> np.ndarray:
+    """Per face, the variance of the Laplacian of its box scaled to 112x112 grey (0..255): low means blurred."""
+    values = []
+    for x1, y1, x2, y2 in boxes:
+        face = image.crop((int(x1), int(y1), int(np.ceil(x2)), int(np.ceil(y2))))
+        grey = face.convert("L").resize((SHARPNESS_SIDE, SHARPNESS_SIDE), Image.BILINEAR)
+        values.append(laplace(np.asarray(grey, np.float32)).var())
+    return np.array(values, np.float32)
 
 
 def frontalness(keypoints: np.ndarray) -> np.ndarray:
@@ -67,15 +71,12 @@ def analyse_photos(face_model: FaceModel, images: list[np.ndarray]) -> list[Phot
     """Detect and embed the faces of several photos (all faces embedded as one batch) and measure them."""
     results = []
     for image, analysed in zip(images, face_model.analyse(images)):
-        faces = analysed.faces
-        order = np.argsort((faces.boxes[:, 0] + faces.boxes[:, 2]) / 2, kind="stable")  # left to right
-        faces = faces.select(order)
-        crops = align_faces(float_image(image), faces.keypoints).numpy()
-        grey = (crops * np.array([0.299, 0.587, 0.114], np.float32)[None, :, None, None]).sum(axis=1) * 255.0
+        order = np.argsort((analysed.faces.boxes[:, 0] + analysed.faces.boxes[:, 2]) / 2, kind="stable")
+        faces = analysed.faces.select(order)  # left to right
+        picture = Image.fromarray(image)
         results.append(PhotoFaces(
-            height=image.shape[0], width=image.shape[1], difference_hash=difference_hash(image),
+            height=image.shape[0], width=image.shape[1], difference_hash=difference_hash(picture),
             boxes=faces.boxes.astype(np.float32), keypoints=faces.keypoints.astype(np.float32),
-            scores=faces.scores.astype(np.float32),
-            embeddings=analysed.embeddings.numpy().astype(np.float32)[order],
-            sharpness=sharpness(grey)))
+            scores=faces.scores.astype(np.float32), embeddings=analysed.embeddings.numpy().astype(np.float32)[order],
+            sharpness=face_sharpness(picture, faces.boxes)))
     return results

@@ -3,13 +3,14 @@
 Per face (defaults measured on the face-assets photos, see README "Building a training set"):
 - smaller than --min-face-size px (the box's short side) or detector score below --min-score: background
   or not a face; ignored (never a person of a row, never a reference, it does not block its photo);
-- sharpness below --min-sharpness (variance of the Laplacian of the aligned 112x112 crop: sharp photo
-  faces measure 80-400, a Gaussian blur of 2 px on a 224 px face ~30, of 4 px ~10) or a box closer to
+- sharpness below --min-sharpness (variance of the Laplacian of the face box scaled to 112x112 grey: sharp
+  photo faces measure 50-200, a Gaussian blur of 2 px on a 224 px face 16-29, of 4 px 6-7) or a box closer to
   the photo border than --border-margin times the face's size (the face is cut off): the face cannot
   be identified or used as a reference, and a photo showing it is no target (someone unreferenced).
-Per photo: a near-duplicate of a photo earlier in name order (--duplicate-bits: Hamming distance of the
-64-bit difference hashes; resized or re-compressed copies measure 0-1, different photos 20 and more)
-is left out entirely, so that no photo is the reference of its own copy.
+Per photo: a near-duplicate of a photo earlier in name order is left out entirely, so that no photo is the
+reference of its own copy. Near-duplicates have 64-bit difference hashes at most --duplicate-bits apart
+(resized or re-compressed copies measure 0-1, different photos mostly 20 and more, but photos on one plain
+backdrop come close) and the same faces (as many, each pair DUPLICATE_FACE_SIMILARITY alike).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .faces import PhotoFaces
+from .faces import HASH_BITS, PhotoFaces
 
 SMALL = "smaller than --min-face-size"
 LOW_SCORE = "detector score below --min-score"
@@ -29,9 +30,10 @@ IGNORED = (SMALL, LOW_SCORE)  # these faces are background: they do not block th
 
 DEFAULT_MIN_FACE_SIZE = 64
 DEFAULT_MIN_SCORE = 0.6
-DEFAULT_MIN_SHARPNESS = 20.0
+DEFAULT_MIN_SHARPNESS = 15.0
 DEFAULT_BORDER_MARGIN = 0.05
 DEFAULT_DUPLICATE_BITS = 6
+DUPLICATE_FACE_SIMILARITY = 0.9  # a re-saved copy's faces measure 0.97 and more, other photos of a person 0.4-0.8
 
 
 @dataclass(frozen=True)
@@ -63,26 +65,29 @@ def face_problems(faces: PhotoFaces, filters: QualityFilters) -> list[str | None
     return problems
 
 
-def hash_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Hamming distance between difference hashes: a [64] against b [64] or [K,64]."""
-    return (np.asarray(b) != np.asarray(a)).sum(axis=-1)
+def is_near_duplicate(a: PhotoFaces, b: PhotoFaces, bits: int) -> bool:
+    """Difference hashes at most `bits` apart and the same faces: as many, and left to right each at least
+    DUPLICATE_FACE_SIMILARITY alike (the hash alone takes two portraits on one plain backdrop for copies)."""
+    if int((a.difference_hash != b.difference_hash).sum()) > bits or len(a) != len(b):
+        return False
+    return bool(np.all(np.sum(a.embeddings * b.embeddings, axis=1) >= DUPLICATE_FACE_SIMILARITY))
 
 
-def near_duplicates(hashes: dict[str, np.ndarray], bits: int) -> dict[str, str]:
+def near_duplicates(photos: dict[str, PhotoFaces], bits: int) -> dict[str, str]:
     """photo -> the earlier photo (in name order) it nearly duplicates, for every later copy."""
     if bits < 0:
         return {}
-    names = sorted(hashes)
+    names = sorted(photos)
     kept_names: list[str] = []
-    kept = np.zeros((len(names), *np.shape(hashes[names[0]])), bool) if names else np.zeros((0, 64), bool)
+    kept = np.zeros((len(names), HASH_BITS), bool)
     copies = {}
     for name in names:
-        if kept_names:
-            distances = hash_distance(hashes[name], kept[:len(kept_names)])
-            closest = int(np.argmin(distances))
-            if distances[closest] <= bits:
-                copies[name] = kept_names[closest]
-                continue
-        kept[len(kept_names)] = hashes[name]
+        distances = (kept[:len(kept_names)] != photos[name].difference_hash).sum(axis=1)
+        original = next((kept_names[i] for i in np.flatnonzero(distances <= bits)
+                         if is_near_duplicate(photos[name], photos[kept_names[i]], bits)), None)
+        if original is not None:
+            copies[name] = original
+            continue
+        kept[len(kept_names)] = photos[name].difference_hash
         kept_names.append(name)
     return copies

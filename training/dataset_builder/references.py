@@ -4,7 +4,7 @@ A face's reference quality is the product of four factors in 0..1, so a face wea
 them loses to a face that is good in all:
 - size: the box's short side over REFERENCE_FACE_SIDE (UNO resizes references to 320-512 px, so a
   face of 256 px or more is full size);
-- sharpness: s / (s + SHARPNESS_HALF), s the variance of the Laplacian of the aligned crop (faces.py);
+- sharpness: s / (s + SHARPNESS_HALF), s the variance of the Laplacian of the face (faces.py);
 - frontalness: keypoint symmetry (faces.py);
 - the detector's score.
 """
@@ -16,7 +16,7 @@ import numpy as np
 from .faces import PhotoFaces, frontalness
 
 REFERENCE_FACE_SIDE = 256.0
-SHARPNESS_HALF = 100.0
+SHARPNESS_HALF = 50.0  # about the sharpness of a sharp face (filters.py)
 DEFAULT_MARGIN = 0.6  # each side, as a fraction of the face box's long side: a head-and-shoulders crop
 
 

@@ -14,7 +14,7 @@ import random
 from dataclasses import dataclass
 
 from .faces import PhotoFaces
-from .filters import IGNORED, hash_distance
+from .filters import IGNORED, is_near_duplicate
 from .identities import FaceId
 from .references import reference_quality
 
@@ -102,9 +102,8 @@ def select_rows(targets: list[str], photos: dict[str, PhotoFaces], problems: dic
 def _other_photo_face(candidates: list[FaceId], target: str, photos: dict[str, PhotoFaces],
                       duplicate_bits: int) -> FaceId | None:
     """The best candidate face in a photo that is neither the target nor a near-duplicate of it."""
-    target_hash = photos[target].difference_hash
     for face in candidates:  # an exact copy is never a reference, even with near-duplicates kept
-        if face[0] != target and hash_distance(target_hash, photos[face[0]].difference_hash) > max(duplicate_bits, 0):
+        if face[0] != target and not is_near_duplicate(photos[target], photos[face[0]], max(duplicate_bits, 0)):
             return face
     return None
 

@@ -33,11 +33,16 @@ from .rows import Row
 REPORT_NAME = "report.json"
 OWNED_FOLDERS = ("images", "references", "sheets")
 TILE_MARGIN = 0.15
+TILE_SIDE = 128  # px kept per contact-sheet face until the sheets are drawn
 
 
-def check_output_folder(folder: Path, flag: str) -> None:
-    """A folder may be written when it does not exist, is empty, or was written by this builder."""
-    if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not (folder / REPORT_NAME).is_file())):
+def check_output_folder(folder: Path, flag: str, cache: Path) -> None:
+    """A folder may be written when it does not exist, holds nothing but the embedding cache, or was written
+    by this builder (it has report.json)."""
+    if not folder.exists():
+        return
+    others = [p for p in folder.iterdir() if p.resolve() != cache.resolve()] if folder.is_dir() else [folder]
+    if others and not (folder / REPORT_NAME).is_file():
         raise UMOError(f"{flag} '{folder}' exists and was not written by training.prepare_data (no {REPORT_NAME}); "
                        "give a new or empty folder")
 
@@ -74,19 +79,24 @@ def link_target(source: Path, destination: Path) -> None:
 def crop_faces(paths: dict[str, Path], photos: dict[str, PhotoFaces], references: dict[FaceId, list[Path]],
                tiles: set[FaceId], margin: float) -> dict[FaceId, np.ndarray]:
     """Save each reference crop to its files and return the contact-sheet tiles; every photo is read once."""
-    needed = sorted({face[0] for face in references} | {face[0] for face in tiles})
+    wanted: dict[str, list[tuple[int, bool]]] = {}  # photo -> (face, is a reference) to cut from it
+    for face in references:
+        wanted.setdefault(face[0], []).append((face[1], True))
+    for face in tiles:
+        wanted.setdefault(face[0], []).append((face[1], False))
     thumbnails: dict[FaceId, np.ndarray] = {}
-    for name in tqdm(needed, desc="crops", unit="photo"):
+    for name in tqdm(sorted(wanted), desc="crops", unit="photo"):
         image = Image.fromarray(load_image(paths[name]))
         faces = photos[name]
-        for face in [f for f in references if f[0] == name]:
-            crop = image.crop(crop_box(faces.boxes[face[1]], faces.height, faces.width, margin))
-            for destination in references[face]:
-                write_image(destination, crop)
-        for face in [f for f in tiles if f[0] == name]:
-            tile = image.crop(crop_box(faces.boxes[face[1]], faces.height, faces.width, TILE_MARGIN))
-            tile.thumbnail((128, 128), Image.LANCZOS)
-            thumbnails[face] = np.asarray(tile)
+        for index, is_reference in wanted[name]:
+            if is_reference:
+                crop = image.crop(crop_box(faces.boxes[index], faces.height, faces.width, margin))
+                for destination in references[(name, index)]:
+                    write_image(destination, crop)
+            else:
+                tile = image.crop(crop_box(faces.boxes[index], faces.height, faces.width, TILE_MARGIN))
+                tile.thumbnail((TILE_SIDE, TILE_SIDE), Image.LANCZOS)
+                thumbnails[(name, index)] = np.asarray(tile)
     return thumbnails
 
 
