@@ -96,7 +96,7 @@ def test_a_bad_row_is_named_with_what_is_wrong(template, tmp_path, face_model, r
 def test_paths_inside_the_folder_are_accepted_however_written(template, tmp_path, face_model):
     row = {**GOOD, "prompt": "other", "target": "img/../img/Rob_Lowe_0002.jpg", "identities": None}
     samples, problems = check_dataset(_folder(template, tmp_path, [row]), face_model, (TEXT_DIM, POOLED_DIM))
-    assert problems == [] and samples[0].target.name == "Rob_Lowe_0002.jpg" and samples[0].identities is None
+    assert problems == [] and samples[0].target.name == "Rob_Lowe_0002.jpg" and samples[0].names is None
 
 
 def test_all_problems_of_a_row_and_all_bad_rows_are_listed_together(template, tmp_path, face_model):

@@ -388,7 +388,7 @@ def test_withanyone_gradient_reaches_the_lora(setup, pack_dir):
 
     from training.batches import load_batch
     from training.data import load_dataset
-    from training.rerefl import parse_args, withanyone_terms
+    from training.step import StepSettings, withanyone_terms
     from umo_core import load_face_model
     from umo_core.flux import predict_velocity
     from umo_core.lora_formats import UNO_TARGET_MODULES
@@ -397,7 +397,7 @@ def test_withanyone_gradient_reaches_the_lora(setup, pack_dir):
     face_model = load_face_model(pack_dir, provider="cpu", backend="torch")
     samples, _ = load_dataset(data, face_model)
     vae = tiny_vae().requires_grad_(False)
-    batch = load_batch(samples[:1], (256, 256), vae, face_model, torch.device("cpu"))
+    batch = load_batch(samples[:1], (256, 256), vae, torch.device("cpu"))
     assert len(batch.ground_truth[0].faces) == 1  # Rob Lowe's face in the target photo
     transformer = tiny_transformer().requires_grad_(False)
     transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
@@ -408,11 +408,12 @@ def test_withanyone_gradient_reaches_the_lora(setup, pack_dir):
     t = torch.full((1, 1, 1, 1), 0.3)
     noisy = (1 - t) * batch.target + t * torch.randn(batch.target.shape, generator=torch.Generator().manual_seed(0))
     velocity = predict_velocity(transformer, noisy, t.flatten(), batch.text, batch.references)
-    args = parse_args(["--data", "d", "--transformer", "t", "--vae", "v", "--output", "o", "--gt-id-weight", "1"])
-    terms = withanyone_terms(args, vae, face_model, batch, noisy, velocity, t, bank=None)
+    settings = StepSettings(gt_id_weight=1.0)
+    terms = withanyone_terms(settings, vae, face_model, batch, noisy, velocity, t, bank=None)
     assert set(terms) == {"gt_id_loss"} and 0 < terms["gt_id_loss"].item() <= 2
     terms["gt_id_loss"].backward()
     lora_grads = [p.grad for n, p in transformer.named_parameters() if "lora" in n]
     assert all(g is not None and torch.isfinite(g).all() for g in lora_grads)
     assert sum(g.abs().sum() for g in lora_grads) > 0
-    assert withanyone_terms(args, vae, face_model, batch, noisy, velocity, torch.full((1, 1, 1, 1), 0.7), None) == {}
+    noisier = torch.full((1, 1, 1, 1), 0.7)
+    assert withanyone_terms(settings, vae, face_model, batch, noisy, velocity, noisier, None) == {}

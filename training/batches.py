@@ -1,4 +1,8 @@
-"""One training (or evaluation) batch read from disk: target latents, UNO's references, identities, text."""
+"""One training (or evaluation) batch read from disk: target latents, UNO's references, identities, text.
+
+The faces are not detected here: each sample carries what the data check found (its references' people
+and its target's faces), so a step runs the face networks only on what it generates.
+"""
 
 from __future__ import annotations
 
@@ -7,32 +11,31 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import load_file
 
-from umo_core.face_model import AnalysedImage, FaceModel, Identities
+from umo_core.face_model import AnalysedImage, Identities
 from umo_core.flux import TextEmbedding, encode_images
 from umo_core.images import float_image, load_image
 from umo_core.references import reference_long_side, resize_reference
 
-from .buckets import fit_to_bucket
+from .buckets import fit_faces_to_bucket, fit_to_bucket
 from .data import Sample
 
 
 @dataclass
 class Batch:
     rows: list[int]  # manifest row numbers
-    target_images: torch.Tensor  # [B,H,W,3] in 0..1, fitted to the bucket
-    target: torch.Tensor  # [B,16,H/8,W/8] normalised latents
+    target: torch.Tensor  # [B,16,H/8,W/8] normalised latents of the targets fitted to the bucket
     references: list[torch.Tensor]  # per person [B,16,hk,wk]
-    identities: list[Identities]  # per sample
-    names: list[list[str] | None]  # per sample, the manifest's identity names (or None)
-    ground_truth: list[AnalysedImage]  # per sample: the faces of the target photo
+    identities: list[Identities]  # per sample, its references' people
+    names: list[list[str] | None]  # per sample, the manifest's names of those people (or None)
+    ground_truth: list[AnalysedImage]  # per sample: the target photo's faces, in the bucket's pixels
     text: TextEmbedding
 
 
 @torch.no_grad()
-def load_batch(samples: list[Sample], size: tuple[int, int], vae, face_model: FaceModel,
-               device: torch.device) -> Batch:
+def load_batch(samples: list[Sample], size: tuple[int, int], vae, device: torch.device) -> Batch:
     """Samples of one shape key (see buckets.shape_key) as tensors on `device`."""
-    target_images = torch.stack([fit_to_bucket(load_image(s.target), size) for s in samples])
+    targets = [load_image(s.target) for s in samples]
+    target_images = torch.stack([fit_to_bucket(target, size) for target in targets])
     photos = [[load_image(p) for p in s.references] for s in samples]
     side = reference_long_side(len(samples[0].references))
     references = [encode_images(vae, torch.stack([resize_reference(float_image(people[k]), side)
@@ -41,8 +44,8 @@ def load_batch(samples: list[Sample], size: tuple[int, int], vae, face_model: Fa
     embeddings = [load_file(s.text_embedding) for s in samples]
     text = TextEmbedding(torch.stack([e["prompt_embeds"] for e in embeddings]).to(device),
                          torch.stack([e["pooled_prompt_embeds"] for e in embeddings]).to(device))
-    return Batch(rows=[s.row for s in samples], target_images=target_images,
-                 target=encode_images(vae, target_images.to(device)), references=references,
-                 identities=[face_model.identities(people) for people in photos],
-                 names=[s.identities for s in samples],
-                 ground_truth=face_model.analyse(list(target_images)), text=text)
+    return Batch(rows=[s.row for s in samples], target=encode_images(vae, target_images.to(device)),
+                 references=references, identities=[s.identities for s in samples],
+                 names=[s.names for s in samples],
+                 ground_truth=[fit_faces_to_bucket(s.target_faces, target.shape[:2], size)
+                               for s, target in zip(samples, targets)], text=text)

@@ -18,6 +18,8 @@ import torch
 from PIL import ExifTags, Image
 from safetensors import safe_open
 
+from umo_core.detection import Faces
+from umo_core.face_model import AnalysedImage
 from umo_core.references import MULTIPLE, reference_long_side, resized_shape
 
 # width / height, from tall to wide: the usual photo formats.
@@ -39,15 +41,36 @@ def nearest_bucket(height: int, width: int, buckets: list[tuple[int, int]]) -> t
     return min(buckets, key=lambda size: abs(math.log((size[1] / size[0]) / (width / height))))
 
 
+def bucket_crop(image_hw: tuple[int, int], size: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """How an image of image_hw fits the bucket `size`: the (width, height) it is scaled to, so that it covers
+    the bucket, and the (left, top) corner of the centred crop."""
+    height, width = size
+    scale = max(height / image_hw[0], width / image_hw[1])
+    scaled_w, scaled_h = max(width, round(image_hw[1] * scale)), max(height, round(image_hw[0] * scale))
+    return (scaled_w, scaled_h), ((scaled_w - width) // 2, (scaled_h - height) // 2)
+
+
 def fit_to_bucket(image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
     """RGB uint8 [H,W,3] -> float [h,w,3] in 0..1: scaled to cover the bucket (LANCZOS), centre-cropped."""
-    height, width = size
-    scale = max(height / image.shape[0], width / image.shape[1])
-    scaled_w, scaled_h = max(width, round(image.shape[1] * scale)), max(height, round(image.shape[0] * scale))
+    (scaled_w, scaled_h), (left, top) = bucket_crop(image.shape[:2], size)
     resized = Image.fromarray(image).resize((scaled_w, scaled_h), resample=Image.LANCZOS)
-    left, top = (scaled_w - width) // 2, (scaled_h - height) // 2
-    cropped = resized.crop((left, top, left + width, top + height))
+    cropped = resized.crop((left, top, left + size[1], top + size[0]))
     return torch.from_numpy(np.asarray(cropped).copy()).float().div(255.0)
+
+
+def fit_faces_to_bucket(analysed: AnalysedImage, image_hw: tuple[int, int], size: tuple[int, int]) -> AnalysedImage:
+    """Faces found on an image of image_hw, in the pixels of its `fit_to_bucket` copy; a face with a keypoint
+    outside the crop is left out (the bucket shows it cut). The embeddings stay those of the full photo."""
+    (scaled_w, scaled_h), (left, top) = bucket_crop(image_hw, size)
+    scale = np.array([scaled_w / image_hw[1], scaled_h / image_hw[0]], np.float32)
+    corner = np.array([left, top], np.float32)
+    faces = analysed.faces
+    # Pixel centres at integers, as in the detector's output and PIL's resize.
+    keypoints = (faces.keypoints + 0.5) * scale - 0.5 - corner
+    boxes = ((faces.boxes.reshape(-1, 2, 2) + 0.5) * scale - 0.5 - corner).reshape(-1, 4)
+    inside = ((keypoints >= 0) & (keypoints <= np.array([size[1] - 1, size[0] - 1]))).all(axis=(1, 2))
+    return AnalysedImage(Faces(boxes[inside], keypoints[inside], faces.scores[inside]),
+                         analysed.embeddings[torch.from_numpy(inside)])
 
 
 def image_size(path: Path) -> tuple[int, int]:

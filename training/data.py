@@ -20,15 +20,14 @@ import json
 import posixpath
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePath
 from typing import TypeVar
 
-import torch
 from safetensors import SafetensorError, safe_open
 
 from umo_core.errors import UMOError
-from umo_core.face_model import FaceModel
+from umo_core.face_model import AnalysedImage, FaceModel, Identities
 from umo_core.images import load_image
 
 Result = TypeVar("Result")
@@ -42,8 +41,10 @@ class Sample:
     target: Path
     references: list[Path]
     text_embedding: Path
-    identities: list[str] | None  # the people's names, one per reference, where the manifest gives them
-    reference_embeddings: torch.Tensor  # [M,D] of the references' faces, from the data check
+    names: list[str] | None  # the people's names (the manifest's "identities"), one per reference, where given
+    # What the data check found, kept so that no step detects or embeds these photos again:
+    identities: Identities  # the references' people (embeddings and faces; no preview crops)
+    target_faces: AnalysedImage  # the target photo's faces and their embeddings, in the photo's own pixels
 
 
 def manifest_file(folder: str | Path) -> Path:
@@ -131,16 +132,20 @@ def _check_text_embedding(folder: Path, row: dict, widths: tuple[int, int] | Non
     return relative, found
 
 
-def _check_target(folder: Path, relative: str, face_model: FaceModel) -> None:
-    if not len(face_model.detect(load_image(folder / relative, label=f"target '{relative}'"))[0]):
+def _check_target(folder: Path, relative: str, face_model: FaceModel) -> AnalysedImage:
+    """The target photo's faces with their embeddings (the ground truth of the identity metrics and losses)."""
+    analysed = face_model.analyse(load_image(folder / relative, label=f"target '{relative}'"))[0]
+    if not len(analysed.faces):
         raise UMOError(f"target '{relative}': no face found; the target photo must show the references' people")
+    return analysed
 
 
-def _check_references(folder: Path, paths: list[str], face_model: FaceModel) -> torch.Tensor:
-    """The embeddings [M,D] of the references' people (the largest face of each photo)."""
-    names = [f"reference {number} '{path}'" for number, path in enumerate(paths, 1)]
-    photos = [load_image(folder / path, label=name) for path, name in zip(paths, names)]
-    return face_model.identities(photos, names=names).embeddings
+def _check_references(folder: Path, paths: list[str], face_model: FaceModel) -> Identities:
+    """The references' people (the largest face of each photo)."""
+    labels = [f"reference {number} '{path}'" for number, path in enumerate(paths, 1)]
+    photos = [load_image(folder / path, label=label) for path, label in zip(paths, labels)]
+    # The crops are for previews; a data set keeps one Identities per row, and 150 KB a person adds up.
+    return replace(face_model.identities(photos, names=labels), crops=None)
 
 
 def _attempt(problems: list[str], check: Callable[..., Result], *args) -> Result | None:
@@ -183,14 +188,14 @@ def check_dataset(folder: str | Path, face_model: FaceModel,
         first_rows[key] = number
         row_problems: list[str] = []
         text_embedding = _attempt(row_problems, _check_text_embedding, folder, row, text_widths)
-        _attempt(row_problems, _check_target, folder, target, face_model)
-        embeddings = _attempt(row_problems, _check_references, folder, references, face_model)
+        target_faces = _attempt(row_problems, _check_target, folder, target, face_model)
+        identities = _attempt(row_problems, _check_references, folder, references, face_model)
         if row_problems:
             problems[number] = "; ".join(row_problems)
             continue
         text_path, found_widths[number] = text_embedding
         samples.append(Sample(number, row["prompt"], folder / target, [folder / p for p in references],
-                              folder / text_path, row.get("identities"), embeddings))
+                              folder / text_path, row.get("identities"), identities, target_faces))
     if text_widths is None and samples:  # no transformer to compare with: the rows must agree
         usual = Counter(found_widths.values()).most_common(1)[0][0]
         for sample in samples:

@@ -17,9 +17,11 @@ from PIL import Image
 from umo_core.face_model import FaceModel
 from umo_core.flux import decode_latents, sample
 from umo_core.metrics import average_metrics
-from umo_core.scoring import score_images
+from umo_core.scoring import score_image
 
 from .batches import Batch
+
+EVAL_LOG_FILE = "eval.jsonl"  # one summary per evaluation
 
 
 @torch.no_grad()
@@ -36,13 +38,13 @@ def evaluate(step: int, transformer, vae, face_model: FaceModel, batches: list[B
         image = decode_latents(vae, latent)[0].cpu()
         name = f"row_{batch.rows[0]:04d}.png"
         Image.fromarray((image.numpy() * 255 + 0.5).astype(np.uint8)).save(folder / name)
-        score = score_images(face_model, batch.identities[0], [image], ground_truth=batch.target_images[0])[0]
+        score = score_image(face_model, batch.identities[0], image, batch.ground_truth[0].embeddings)
         images.append({"row": batch.rows[0], "image": name, "faces": score.faces_json(),
                        "similarity": score.similarity, "assignment": score.assignment, "metrics": score.metrics})
     summary = {"step": step, **average_metrics([i["metrics"] for i in images])}
     report = {"step": step, "seed": seed, "sampling_steps": sampling_steps, "guidance": guidance,
               "summary": summary, "images": images}
     (folder / "report.json").write_text(json.dumps(report, indent=2))
-    with (output / "eval.jsonl").open("a") as log:
+    with (output / EVAL_LOG_FILE).open("a") as log:
         log.write(json.dumps(summary) + "\n")
     return summary

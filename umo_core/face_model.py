@@ -59,7 +59,7 @@ class Identities:
 
     embeddings: torch.Tensor  # [M,D], L2-normalised, no grad
     faces: Faces  # the face used in each reference (one row per reference)
-    crops: torch.Tensor  # [M,3,112,112] aligned crops in 0..1, for previews
+    crops: torch.Tensor | None  # [M,3,112,112] aligned crops in 0..1, for previews; None where none are shown
     notes: list[str] = field(default_factory=list)  # e.g. "reference 2 has 3 faces; using the largest"
 
     def __len__(self) -> int:
