@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training.buckets import BatchOrder, bucket_sizes, fit_to_bucket, image_size, nearest_bucket
+from training.buckets import BatchOrder, bucket_sizes, fit_faces_to_bucket, fit_to_bucket, image_size, nearest_bucket
 
 
 def test_buckets_keep_the_pixel_count_and_multiples_of_16():
@@ -74,3 +74,21 @@ def test_processes_share_out_each_epoch():
     assert len(ranks[0]) == len(ranks[1]) == 5
     # Rank 0 takes batches 0, 2, 4, ...; rank 1 takes 1, 3, ... and wraps to batch 0 for its last step.
     assert ranks[0] == single[0::2] and ranks[1] == single[1::2] + [single[0]]
+
+
+def test_faces_found_on_the_photo_land_where_the_fitted_copy_shows_them(face_model, photos):
+    """The data check detects on the full photo; the step uses those faces in the bucket's pixels."""
+    from umo_core.images import load_image
+
+    photo = load_image(photos / "t1_six_people.jpg")  # 1280 x 886, six faces
+    analysed = face_model.analyse(photo)[0]
+    for size, kept in (((416, 624), 6), ((592, 448), 3)):  # its own 3:2 bucket; a portrait one cuts the sides
+        fitted = fit_faces_to_bucket(analysed, photo.shape[:2], size)
+        assert len(fitted.faces) == len(fitted.embeddings) == kept
+        keypoints = fitted.faces.keypoints
+        assert (keypoints >= 0).all() and (keypoints[..., 0] < size[1]).all() and (keypoints[..., 1] < size[0]).all()
+        copy = (fit_to_bucket(photo, size).numpy() * 255 + 0.5).astype(np.uint8)
+        found = face_model.detect(copy)[0].keypoints
+        # Each face within the detector's own jitter at this scale of a face detected on the fitted copy.
+        nearest = np.abs(found[None] - keypoints[:, None]).max(axis=(2, 3)).min(axis=1)
+        assert (nearest < (3 if kept == 6 else 8)).all(), nearest
