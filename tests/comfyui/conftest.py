@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from tests.conftest import ASSETS, PHOTOS, ROOT, make_pack
 from tests.flux_layout import ae_file_shapes, flux1_file_shapes
+from tests.official_packs import make_official_pack
 
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
 HERE = Path(__file__).parent
@@ -258,7 +259,7 @@ def comfy(tmp_path_factory) -> ComfyServer:
     # The example workflows' official file names, as empty placeholders: enough for /prompt's validation.
     for folder, name in PLACEHOLDER_MODELS:
         (models / folder / name).touch()
-    make_pack(models / "insightface" / "models" / "antelopev2")
+    make_official_pack(models / "insightface" / "models", "antelopev2")  # the example workflows' pack
     custom_nodes = base / "custom_nodes"
     custom_nodes.mkdir()
     (custom_nodes / "comfyui-umo").symlink_to(ROOT, target_is_directory=True)

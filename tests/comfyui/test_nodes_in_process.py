@@ -21,7 +21,8 @@ from tests.comfyui.conftest import (
     tiny_flux_model,
     uno_lora,
 )
-from tests.conftest import PHOTOS, ROOT, make_pack
+from tests.conftest import PHOTOS, ROOT
+from tests.official_packs import make_official_pack
 from umo_core import UMOError
 from umo_core.references import resize_reference
 
@@ -193,12 +194,13 @@ def test_reference_conditioning_needs_a_reference(vae):
 
 @pytest.fixture(scope="module")
 def insightface_folder(tmp_path_factory):
-    """An extra insightface folder registered with ComfyUI: one good pack and one broken pack."""
+    """An extra insightface folder registered with ComfyUI: antelopev2 as its zip unpacks (nested folder, landmark
+    and gender/age models beside the detector and recogniser) and a broken pack."""
     import_pack()
     import folder_paths
 
     folder = tmp_path_factory.mktemp("insightface")
-    make_pack(folder / "models" / "good_pack")
+    make_official_pack(folder / "models", "antelopev2")
     broken = folder / "models" / "broken_pack"
     broken.mkdir(parents=True)
     (broken / "det_10g.onnx").write_bytes(b"cut short")
@@ -209,8 +211,8 @@ def insightface_folder(tmp_path_factory):
 def test_face_model_loader_lists_and_loads_packs(insightface_folder):
     identity_nodes = import_pack().nodes.identity
     options = identity_nodes.FaceModelLoader.define_schema().inputs[0].options
-    assert {"good_pack", "broken_pack"} <= set(options)
-    face_model = identity_nodes.FaceModelLoader.execute("good_pack", "CPU", "onnx")[0]
+    assert {"antelopev2", "broken_pack"} <= set(options)
+    face_model = identity_nodes.FaceModelLoader.execute("antelopev2", "CPU", "onnx")[0]
     assert face_model.identities([PHOTOS / "Rob_Lowe_0001.jpg"]).embeddings.shape[0] == 1
 
 
