@@ -18,8 +18,6 @@ import argparse
 import datetime
 import os
 import sys
-from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,30 +37,17 @@ from .dataset_builder.identities import (
     cluster_faces,
     match_people,
 )
-from .dataset_builder.photos import PhotoFile, list_photos, sidecar_prompt
+from .dataset_builder.photos import PhotoFile, list_photos
 from .dataset_builder.references import DEFAULT_MARGIN
-from .dataset_builder.report import write_report
+from .dataset_builder.report import Decisions, build_report, write_report
 from .dataset_builder.rows import (
     DEFAULT_PROMPT_TEMPLATE,
     MIXED_SPLIT,
     UNREADABLE,
-    Row,
-    Selection,
-    prompt_for,
     select_rows,
     split_by_identity,
 )
-from .dataset_builder.sheets import Tile, draw_sheet, shown_faces, similarity_to_centre
-from .dataset_builder.writer import (
-    check_output_folder,
-    crop_faces,
-    link_target,
-    manifest_rows,
-    reference_file,
-    remove_stale,
-    write_image,
-    write_manifest,
-)
+from .dataset_builder.writer import check_output_folder, write_data_folders
 
 PEOPLE_PREFIX = "people:"  # names of --people photos: people:<person>/<file>, apart from the collection's
 DISTRIBUTED_TIMEOUT = datetime.timedelta(days=7)  # ranks wait for the slowest shard's embedding pass
@@ -232,89 +217,6 @@ def identify(args: argparse.Namespace, targets: list[str], faces: dict[str, Phot
     return cluster_faces(face_ids, stacked, args.cluster_threshold)
 
 
-def write_folders(args, folders: list[tuple[Path, list[Row]]], paths: dict[str, Path], faces: dict[str, PhotoFaces],
-                  labels: dict[FaceId, str], used_references: set[FaceId]) -> None:
-    """The data folder(s) and, in the first, the contact sheets; every photo is read once for all crops."""
-    references: dict[FaceId, list[Path]] = {}
-    for folder, rows in folders:
-        for row in rows:
-            for identity, face in zip(row.identities, row.references):
-                destination = folder / reference_file(identity, face)
-                if destination not in references.setdefault(face, []):
-                    references[face].append(destination)
-    by_identity: dict[str, dict[FaceId, np.ndarray]] = {}
-    for face, identity in labels.items():
-        by_identity.setdefault(identity, {})[face] = faces[face[0]].embeddings[face[1]]
-    similarity = {identity: similarity_to_centre(members) for identity, members in by_identity.items()}
-    shown = {identity: shown_faces(values) for identity, values in similarity.items()}
-    tiles = crop_faces(paths, faces, references, {face for chosen in shown.values() for face in chosen},
-                       args.reference_margin)
-    main_folder = folders[0][0]
-    written = {destination for destinations in references.values() for destination in destinations}
-    for identity, chosen in shown.items():
-        sheet = draw_sheet(f"{identity}: {len(similarity[identity])} faces", [
-            Tile(tiles[face], face[0], similarity[identity][face], face in used_references) for face in chosen],
-            hidden=len(similarity[identity]) - len(chosen))
-        write_image(main_folder / "sheets" / f"{identity}.png", sheet)
-        written.add(main_folder / "sheets" / f"{identity}.png")
-    for folder, rows in folders:
-        for row in rows:
-            link_target(paths[row.target], folder / "images" / row.target)
-            written.add(folder / "images" / row.target)
-        prompts = {row.target: prompt_for(sidecar_prompt(paths[row.target]), len(row.identities),
-                                          args.prompt_template) for row in rows}
-        write_manifest(folder, manifest_rows(folder, rows, prompts))
-        remove_stale(folder, written)
-
-
-@dataclass
-class Decisions:
-    """What the build decided, for the report."""
-
-    targets: list[str]  # the collection's photos left after near-duplicates
-    duplicates: dict[str, str]  # photo -> the earlier photo it nearly duplicates
-    problems: dict[str, list[str | None]]  # photo -> per face, the filter it fails or None
-    labels: dict[FaceId, str]
-    selection: Selection
-    training: list[Row]
-    evaluation: list[Row]
-
-
-def make_report(args: argparse.Namespace, found: int, skipped: list[str], collection: PassResult,
-                people: PassResult, decided: Decisions) -> dict:
-    target_problems = [problem for name in decided.targets for problem in decided.problems[name]]
-    unknown = sum(1 for name in decided.targets for j, problem in enumerate(decided.problems[name])
-                  if problem is None and (name, j) not in decided.labels)
-    rows = decided.training + decided.evaluation
-    held_out = {identity for row in decided.evaluation for identity in row.identities}
-    identities = {}
-    for identity, candidates in decided.selection.candidates.items():
-        shown_in = [row for row in rows if identity in row.identities]
-        used = Counter(row.references[row.identities.index(identity)][0] for row in shown_in)
-        identities[identity] = {
-            "split": "evaluation" if identity in held_out else "training" if shown_in else "unused",
-            "photos": len({photo for photo, _ in candidates}), "faces": len(candidates), "rows": len(shown_in),
-            "best_reference": candidates[0][0], "references": dict(sorted(used.items())),
-        }
-    return {
-        "mode": "people" if args.people else "clustering",
-        "settings": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
-        "photos": {"found": found, "read": found - len(collection.unreadable), "unreadable": collection.unreadable,
-                   "near_duplicates": decided.duplicates, "skipped_files": skipped},
-        "people_photos_unreadable": people.unreadable,
-        "embedding_cache": {"folder": str(args.cache), "computed": collection.computed + people.computed,
-                            "cached": collection.cached + people.cached},
-        "faces": {"found": len(target_problems), "usable": target_problems.count(None), "unknown": unknown,
-                  "rejected": dict(Counter(p for p in target_problems if p is not None))},
-        "identities": identities,
-        "single_photo_identities": sorted(i for i, entry in identities.items() if entry["photos"] == 1),
-        "rows": {"written": len(decided.training), "evaluation": len(decided.evaluation),
-                 "same_photo_references": sum(row.same_photo for row in rows),
-                 "rejected": dict(Counter(decided.selection.rejected.values()))},
-        "rejected_photos": dict(sorted(decided.selection.rejected.items())),
-    }
-
-
 def build(args: argparse.Namespace, photos: list[PhotoFile], people_photos: list[PhotoFile], skipped: list[str],
           collection: PassResult, people: PassResult, people_identities: tuple[dict, dict[FaceId, str]] | None,
           filters: quality.QualityFilters) -> dict:
@@ -332,7 +234,9 @@ def build(args: argparse.Namespace, photos: list[PhotoFile], people_photos: list
     selection.rejected.update({name: quality.DUPLICATE for name in duplicates})
     selection.rejected.update({name: UNREADABLE for name in collection.unreadable})
     decided = Decisions(targets, duplicates, problems, labels, selection, training, evaluation)
-    report = make_report(args, len(photos), skipped, collection, people, decided)
+    settings = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
+    report = build_report(settings, "people" if args.people else "clustering", args.cache, len(photos), skipped,
+                          collection, people, decided)
     args.out.mkdir(parents=True, exist_ok=True)
     if not training or (args.eval_fraction and not evaluation):
         write_report(args.out, report)
@@ -345,8 +249,7 @@ def build(args: argparse.Namespace, photos: list[PhotoFile], people_photos: list
         args.eval_out.mkdir(parents=True, exist_ok=True)
         folders.append((args.eval_out, evaluation))
     paths = {photo.name: photo.path for photo in photos + people_photos}
-    used_references = {face for row in training + evaluation for face in row.references}
-    write_folders(args, folders, paths, faces, labels, used_references)
+    write_data_folders(folders, paths, faces, labels, args.reference_margin, args.prompt_template)
     for folder, _ in folders:
         write_report(folder, report)
     return report

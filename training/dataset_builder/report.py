@@ -4,7 +4,62 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
+
+from .embedding_pass import PassResult
+from .identities import FaceId
+from .rows import Row, Selection
+
+
+@dataclass
+class Decisions:
+    """What the build decided, for the report."""
+
+    targets: list[str]  # the collection's photos left after near-duplicates
+    duplicates: dict[str, str]  # photo -> the earlier photo it nearly duplicates
+    problems: dict[str, list[str | None]]  # photo -> per face, the filter it fails or None
+    labels: dict[FaceId, str]
+    selection: Selection
+    training: list[Row]
+    evaluation: list[Row]
+
+
+def build_report(settings: dict, mode: str, cache: Path, found: int, skipped: list[str], collection: PassResult,
+                 people: PassResult, decided: Decisions) -> dict:
+    """Everything the run decided (report.json); `found` counts the collection's image files."""
+    target_problems = [problem for name in decided.targets for problem in decided.problems[name]]
+    unknown = sum(1 for name in decided.targets for j, problem in enumerate(decided.problems[name])
+                  if problem is None and (name, j) not in decided.labels)
+    rows = decided.training + decided.evaluation
+    held_out = {identity for row in decided.evaluation for identity in row.identities}
+    identities = {}
+    for identity, candidates in decided.selection.candidates.items():
+        shown_in = [row for row in rows if identity in row.identities]
+        used = Counter(row.references[row.identities.index(identity)][0] for row in shown_in)
+        identities[identity] = {
+            "split": "evaluation" if identity in held_out else "training" if shown_in else "unused",
+            "photos": len({photo for photo, _ in candidates}), "faces": len(candidates), "rows": len(shown_in),
+            "best_reference": candidates[0][0], "references": dict(sorted(used.items())),
+        }
+    return {
+        "mode": mode,
+        "settings": settings,
+        "photos": {"found": found, "read": found - len(collection.unreadable), "unreadable": collection.unreadable,
+                   "near_duplicates": decided.duplicates, "skipped_files": skipped},
+        "people_photos_unreadable": people.unreadable,
+        "embedding_cache": {"folder": str(cache), "computed": collection.computed + people.computed,
+                            "cached": collection.cached + people.cached},
+        "faces": {"found": len(target_problems), "usable": target_problems.count(None), "unknown": unknown,
+                  "rejected": dict(Counter(p for p in target_problems if p is not None))},
+        "identities": identities,
+        "single_photo_identities": sorted(i for i, entry in identities.items() if entry["photos"] == 1),
+        "rows": {"written": len(decided.training), "evaluation": len(decided.evaluation),
+                 "same_photo_references": sum(row.same_photo for row in rows),
+                 "rejected": dict(Counter(decided.selection.rejected.values()))},
+        "rejected_photos": dict(sorted(decided.selection.rejected.items())),
+    }
 
 
 def write_report(folder: Path, report: dict) -> None:

@@ -27,8 +27,10 @@ from umo_core.images import load_image
 from ..encode_prompts import cache_path
 from .faces import PhotoFaces
 from .identities import FaceId
+from .photos import sidecar_prompt
 from .references import crop_box
-from .rows import Row
+from .rows import Row, prompt_for
+from .sheets import Tile, draw_sheet, shown_faces, similarity_to_centre
 
 REPORT_NAME = "report.json"
 OWNED_FOLDERS = ("images", "references", "sheets")
@@ -131,3 +133,38 @@ def remove_stale(folder: Path, written: set[Path]) -> None:
                 path.unlink()
             elif path.is_dir() and not any(path.iterdir()):
                 path.rmdir()
+
+
+def write_data_folders(folders: list[tuple[Path, list[Row]]], paths: dict[str, Path], faces: dict[str, PhotoFaces],
+                       labels: dict[FaceId, str], margin: float, prompt_template: str) -> None:
+    """The data folder(s) with their rows and, in the first, the contact sheets of every identity;
+    each photo is read once for all its crops. paths: photo name -> file."""
+    references: dict[FaceId, list[Path]] = {}
+    for folder, rows in folders:
+        for row in rows:
+            for identity, face in zip(row.identities, row.references):
+                destination = folder / reference_file(identity, face)
+                if destination not in references.setdefault(face, []):
+                    references[face].append(destination)
+    by_identity: dict[str, dict[FaceId, np.ndarray]] = {}
+    for face, identity in labels.items():
+        by_identity.setdefault(identity, {})[face] = faces[face[0]].embeddings[face[1]]
+    similarity = {identity: similarity_to_centre(members) for identity, members in by_identity.items()}
+    shown = {identity: shown_faces(values) for identity, values in similarity.items()}
+    tiles = crop_faces(paths, faces, references, {face for chosen in shown.values() for face in chosen}, margin)
+    main_folder = folders[0][0]
+    written = {destination for destinations in references.values() for destination in destinations}
+    for identity, chosen in shown.items():
+        sheet = draw_sheet(f"{identity}: {len(similarity[identity])} faces", [
+            Tile(tiles[face], face[0], similarity[identity][face], face in references) for face in chosen],
+            hidden=len(similarity[identity]) - len(chosen))
+        write_image(main_folder / "sheets" / f"{identity}.png", sheet)
+        written.add(main_folder / "sheets" / f"{identity}.png")
+    for folder, rows in folders:
+        for row in rows:
+            link_target(paths[row.target], folder / "images" / row.target)
+            written.add(folder / "images" / row.target)
+        prompts = {row.target: prompt_for(sidecar_prompt(paths[row.target]), len(row.identities),
+                                          prompt_template) for row in rows}
+        write_manifest(folder, manifest_rows(folder, rows, prompts))
+        remove_stale(folder, written)
