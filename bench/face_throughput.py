@@ -1,9 +1,13 @@
 """Detect + embed throughput: umo_core's batched path versus a loop of insightface's FaceAnalysis.get.
 
-Both run the same face pack on the same real photos in one process, one after the other,
-so the figures compare like with like. Prints images/s and faces/s for 1, 4 and 16 images.
+Both sides run the same face pack on the same real photos, each in its own worker process, taking turns
+(insightface, then umo_core, again and again) with a short pause between runs: a change in the machine's
+load hits both alike, and neither side's threads (onnxruntime's spinning workers, torch's OpenMP pool)
+run during the other's turn or count in its CPU seconds. The figures are medians over the repetitions:
+images/s and faces/s for 1, 4 and 16 images, CPU milliseconds per image, and the load average before
+and after (the machine may be shared).
 
-    python bench/face_throughput.py [--pack DIR] [--provider cpu|cuda] [--backend onnx|torch] [--repeats 3]
+    python bench/face_throughput.py [--pack DIR] [--provider cpu|cuda] [--backend onnx|torch] [--repeats 9]
 
 Without --pack it builds a pack from ../shared/face-assets (det_500m + mobilefacenet_128d).
 """
@@ -11,21 +15,21 @@ Without --pack it builds a pack from ../shared/face-assets (det_500m + mobilefac
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import os
 import platform
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
-from insightface.app import FaceAnalysis
-
-from umo_core import load_face_model
-from umo_core.images import load_image
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT.parent / "shared" / "face-assets"
+COUNTS = (1, 4, 16)
+SIDES = ("insightface", "umo_core")
 
 
 def fixture_pack(detector: str) -> Path:
@@ -37,22 +41,43 @@ def fixture_pack(detector: str) -> Path:
 
 
 def real_photos() -> list[np.ndarray]:
+    from umo_core.images import load_image
+
     photos = sorted((ASSETS / "images" / "photos").glob("*.jpg"))
     return [load_image(p) for p in photos if p.name != "no_face_view.jpg"]
 
 
-def best_time(run, repeats: int) -> float:
-    run()  # warm-up: session initialisation, first-call allocations
-    times = []
-    for _ in range(repeats):
+def worker(side: str, pack: Path, provider: str, backend: str, connection) -> None:
+    """One side in its own process: sends its set-up line, then answers each image count with
+    (faces found, wall seconds, CPU seconds of this process) of one run over that many photos."""
+    import onnxruntime
+    import torch
+    from insightface.app import FaceAnalysis
+
+    from umo_core import load_face_model
+
+    ours = load_face_model(pack, provider=provider, backend=backend)
+    photos = real_photos()
+    if side == "insightface":
+        theirs = FaceAnalysis(name=str(pack), providers=ours.providers, allowed_modules=["detection", "recognition"])
+        theirs.prepare(ctx_id=0 if "CUDAExecutionProvider" in ours.providers else -1)
+        del ours
+
+        def run(batch):
+            return sum(len(theirs.get(np.ascontiguousarray(image[:, :, ::-1]))) for image in batch)
+    else:
+        def run(batch):
+            return sum(len(analysed.faces) for analysed in ours.analyse(batch))
+    connection.send(f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}")
+    while (count := connection.recv()) is not None:
+        batch = [photos[i % len(photos)] for i in range(count)]
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        start = time.perf_counter()
-        run()
+        wall, cpu = time.perf_counter(), time.process_time()
+        faces = run(batch)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        connection.send((faces, time.perf_counter() - wall, time.process_time() - cpu))
 
 
 def main() -> None:
@@ -61,30 +86,51 @@ def main() -> None:
     parser.add_argument("--detector", default="det_500m.onnx", help="fixture detector when --pack is not given")
     parser.add_argument("--provider", default="cpu")
     parser.add_argument("--backend", default="onnx", choices=("onnx", "torch"))
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--pause", type=float, default=0.05, help="seconds between two runs (threads settle)")
     args = parser.parse_args()
 
     pack = args.pack or fixture_pack(args.detector)
-    ours = load_face_model(pack, provider=args.provider, backend=args.backend)
-    theirs = FaceAnalysis(name=str(pack), providers=ours.providers, allowed_modules=["detection", "recognition"])
-    theirs.prepare(ctx_id=0 if "CUDAExecutionProvider" in ours.providers else -1)
+    context = multiprocessing.get_context("spawn")
+    connections, processes = {}, []
+    for side in SIDES:
+        ours_end, worker_end = context.Pipe()
+        process = context.Process(target=worker, args=(side, pack, args.provider, args.backend, worker_end))
+        process.start()
+        connections[side], processes = ours_end, [*processes, process]
+    versions = {side: connection.recv() for side, connection in connections.items()}
 
-    photos = real_photos()
-    print(f"# {platform.node()} {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"providers {ours.providers}, backend {args.backend}, pack {pack.name}")
-    print(f"{'images':>6} {'faces':>5} | {'insightface img/s':>17} {'faces/s':>8} | {'umo_core img/s':>14} "
-          f"{'faces/s':>8} | speed-up")
-    for count in (1, 4, 16):
-        batch = [photos[i % len(photos)] for i in range(count)]
-        bgr = [np.ascontiguousarray(image[:, :, ::-1]) for image in batch]
-        faces = sum(len(a.faces) for a in ours.analyse(batch))
-        reference = sum(len(theirs.get(image)) for image in bgr)
-        if faces != reference:
-            print(f"note: umo_core found {faces} faces, insightface {reference}")
-        t_theirs = best_time(lambda bgr=bgr: [theirs.get(image) for image in bgr], args.repeats)
-        t_ours = best_time(lambda batch=batch: ours.analyse(batch), args.repeats)
-        print(f"{count:>6} {faces:>5} | {count / t_theirs:>17.2f} {reference / t_theirs:>8.1f} | "
-              f"{count / t_ours:>14.2f} {faces / t_ours:>8.1f} | {t_theirs / t_ours:.2f}x")
+    def turn(side: str, count: int) -> tuple[int, float, float]:
+        connections[side].send(count)
+        result = connections[side].recv()
+        time.sleep(args.pause)
+        return result
+
+    print(f"# {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+          f"{versions['umo_core']}, provider {args.provider}, backend {args.backend}, pack {pack.name}, "
+          f"{args.repeats} alternating repetitions per size (medians), one process per side")
+    print(f"# load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"{'images':>6} {'faces':>5} | {'insightface img/s':>17} {'faces/s':>8} {'CPU ms/img':>10} | "
+          f"{'umo_core img/s':>14} {'faces/s':>8} {'CPU ms/img':>10} | speed-up (wall, CPU)")
+    for count in COUNTS:
+        faces = {side: turn(side, count)[0] for side in SIDES}  # warm-up: first-call allocations, shape plans
+        if faces["umo_core"] != faces["insightface"]:
+            print(f"note: umo_core found {faces['umo_core']} faces, insightface {faces['insightface']}")
+        runs = {side: [] for side in SIDES}
+        for _ in range(args.repeats):
+            for side in SIDES:
+                runs[side].append(turn(side, count)[1:])
+        medians = {side: (statistics.median(w for w, _ in runs[side]), statistics.median(c for _, c in runs[side]))
+                   for side in SIDES}
+        (wall_theirs, cpu_theirs), (wall_ours, cpu_ours) = medians["insightface"], medians["umo_core"]
+        print(f"{count:>6} {faces['umo_core']:>5} | {count / wall_theirs:>17.2f} "
+              f"{faces['insightface'] / wall_theirs:>8.1f} {1000 * cpu_theirs / count:>10.1f} | "
+              f"{count / wall_ours:>14.2f} {faces['umo_core'] / wall_ours:>8.1f} {1000 * cpu_ours / count:>10.1f} | "
+              f"{wall_theirs / wall_ours:.2f}x, {cpu_theirs / cpu_ours:.2f}x")
+    print(f"# load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    for connection, process in zip(connections.values(), processes):
+        connection.send(None)
+        process.join()
 
 
 if __name__ == "__main__":

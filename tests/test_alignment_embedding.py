@@ -38,6 +38,20 @@ def test_alignment_matches_norm_crop(face_model, photos, name):
         assert difference.mean() <= ALIGN_MEAN_ABS
 
 
+def test_sampling_grid_is_torch_affine_grid(face_model, photos):
+    """The NumPy grid (torch's affine_grid runs on the BLAS threads) is affine_grid's, for the faces of real photos."""
+    import torch.nn.functional as F
+
+    from umo_core.alignment import CROP_SIZE, sampling_grid, sampling_thetas
+
+    image = load_image(photos / "t1_six_people.jpg")
+    thetas = sampling_thetas(face_model.detect(image)[0].keypoints.astype(np.float64), image.shape[:2])
+    expected = F.affine_grid(torch.from_numpy(thetas).float(), [len(thetas), 3, CROP_SIZE, CROP_SIZE],
+                             align_corners=False)
+    assert len(thetas) == 6
+    np.testing.assert_allclose(sampling_grid(thetas), expected.numpy(), rtol=0, atol=1e-6)
+
+
 def test_alignment_passes_gradients_to_the_image(face_model, photos):
     image = load_image(photos / "Rob_Lowe_0001.jpg")
     faces = face_model.detect(image)[0]

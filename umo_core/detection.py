@@ -109,9 +109,12 @@ class FaceDetector:
         scale = size / max(height, width)
         resized = Image.fromarray(image).resize((max(1, int(width * scale)), max(1, int(height * scale))),
                                                 Image.BILINEAR)
-        canvas = np.zeros((size, size, 3), np.float32)
-        canvas[: resized.height, : resized.width] = np.asarray(resized, np.float32)
-        blob = ((canvas - MEAN) / STD).transpose(2, 0, 1)[None]
+        # The blob [1,3,size,size] built in place: the border is a black pixel's value, the image normalised
+        # straight into its corner (no float canvas, no transposed copy; the same float32 values).
+        blob = np.full((1, 3, size, size), np.float32(-MEAN / STD), np.float32)
+        corner = blob[0, :, : resized.height, : resized.width]
+        np.subtract(np.asarray(resized).transpose(2, 0, 1), np.float32(MEAN), out=corner, dtype=np.float32)
+        corner /= np.float32(STD)
         outputs = self.session.run(None, {self.input_name: blob})
         count = len(self.strides)
         boxes, keypoints, scores = [], [], []

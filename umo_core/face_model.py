@@ -45,6 +45,16 @@ def same_person_threshold(embedding_dim: int) -> tuple[float, str | None]:
         f"{DEFAULT_SAME_PERSON_COSINE:.2f} (ArcFace's) are marked doubtful")
 
 
+def aligned_crops(arrays: list[np.ndarray], keypoints: list[np.ndarray]) -> torch.Tensor:
+    """The aligned crops [F,3,112,112] (CPU, no gradient) of the faces with these keypoints, image by image.
+
+    Joined in NumPy: a torch.cat of a few crops is large enough to run on torch's OpenMP threads, which
+    then spin and take the cores from onnxruntime (about 30 ms of CPU per call on two cores).
+    """
+    crops = [align_faces(float_image(array), points).numpy() for array, points in zip(arrays, keypoints)]
+    return torch.from_numpy(np.concatenate(crops))
+
+
 @dataclass
 class AnalysedImage:
     """One image's faces with their embeddings [N,D] (L2-normalised)."""
@@ -99,8 +109,7 @@ class FaceModel:
         """Detect and embed every face of every image; embeddings of all faces run as one batch."""
         arrays = to_rgb_uint8(images)
         detections = [self.detector.detect(a) for a in arrays]
-        crops = [align_faces(float_image(a), f.keypoints) for a, f in zip(arrays, detections)]
-        embeddings = self.embedder.embed(torch.cat(crops)).cpu()
+        embeddings = self.embedder.embed(aligned_crops(arrays, [f.keypoints for f in detections])).cpu()
         per_image = torch.split(embeddings, [len(f) for f in detections])
         return [AnalysedImage(f, e) for f, e in zip(detections, per_image)]
 
@@ -120,7 +129,7 @@ class FaceModel:
         names = names or [f"reference {i + 1}" for i in range(len(arrays))]
         if not arrays:
             raise UMOError("no reference photos given; give one photo per person")
-        chosen, crops, notes = [], [], []
+        chosen, notes = [], []
         for name, array in zip(names, arrays):
             faces = self.detector.detect(array)
             if len(faces) == 0:
@@ -128,10 +137,8 @@ class FaceModel:
             largest = int(np.argmax(faces.areas()))
             if len(faces) > 1:
                 notes.append(f"{name} has {len(faces)} faces; using the largest")
-            face = faces.select([largest])
-            chosen.append(face)
-            crops.append(align_faces(float_image(array), face.keypoints))
-        crops = torch.cat(crops)
+            chosen.append(faces.select([largest]))
+        crops = aligned_crops(arrays, [face.keypoints for face in chosen])
         faces = Faces(*(np.concatenate([getattr(f, k) for f in chosen]) for k in ("boxes", "keypoints", "scores")))
         embeddings = self.embedder.embed(crops).cpu()
         similarity = embeddings @ embeddings.T

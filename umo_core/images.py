@@ -178,5 +178,9 @@ def to_rgb_uint8(images: ImageLike | Sequence[ImageLike]) -> list[np.ndarray]:
 
 
 def float_image(image: np.ndarray) -> torch.Tensor:
-    """RGB uint8 [H,W,3] -> float tensor [H,W,3] in 0..1 (a copy: the array may be read-only)."""
-    return torch.tensor(image, dtype=torch.float32).div_(255.0)
+    """RGB uint8 [H,W,3] -> float tensor [H,W,3] in 0..1 (a copy: the array may be read-only).
+
+    Converted in NumPy (the same float32 values as torch's division): torch would run it on its OpenMP
+    threads, which spin for a while after each parallel operation and take the cores from the detector.
+    """
+    return torch.from_numpy(np.asarray(image, np.float32) / np.float32(255.0))
