@@ -6,7 +6,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from umo_core.errors import UMOError
+from umo_core import UMOError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 PROMPT_SUFFIX = ".txt"  # photo.jpg's prompt is photo.txt beside it
