@@ -1,20 +1,31 @@
 """One ReReFL training step: seconds, peak memory, and the share spent in the reward.
 
-    python bench/train_step.py --config tiny            # CPU, tiny random-weight models
-    python bench/train_step.py --config full --device cuda   # FLUX.1-dev architecture, 512x512, rank 512
+    python bench/train_step.py --config tiny                 # CPU, tiny random-weight models
+    python bench/train_step.py --config full --device cuda   # FLUX.1-dev architecture, ~512 px, rank 512
 
-The step is the trainer's: flow-matching loss, a no-grad rollout to the window, one step with
-gradient, VAE decode with gradient and the identity reward, backward, AdamW. "reward" is the
-decode + face detection/embedding + MIMR part of the forward and backward, measured by timing the
-step with and without it. Random weights: the two references are real photos, faces in the
-decoded estimate are not needed for the cost (the face network runs on the fixture group's boxes).
+The step is the trainer's own code: `training.step.rerefl_step` and `apply_gradients`, under the trainer's
+Accelerator (bf16 on CUDA), with its LoRA (`attach_lora`: fp32 weights, gradient checkpointing), on a batch
+that `training.batches.load_batch` reads from a one-row data folder checked by the trainer's data check:
+the six-person group photo as target (in its 3:2 bucket), two real reference photos, a random text
+embedding of the transformer's widths. The schedule is the trainer's default (25 steps, gradient step drawn
+from the last 10), so the rollout length varies from step to step: the mean over the timed steps is shown.
+
+Random weights decode no faces, so by default the step is given the target's six faces (in the bucket's
+pixels) instead of detecting on its estimate: `rerefl_step`'s `faces` argument, a seam for this bench
+only. `--detect-faces` lets the step detect as in training (with random weights it finds no face and the
+reward costs almost nothing). "reward" is `training.step.batch_reward` (decode with gradient, face network,
+MIMR), forward and backward, timed alone on an estimate of the step's shape.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import platform
+import resource
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -23,103 +34,135 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT.parent / "shared" / "face-assets"
+PHOTOS = ASSETS / "images" / "photos"
+TARGET, REFERENCES = "t1_six_people.jpg", ("Rob_Lowe_0001.jpg", "Nathalie_Baye_0002.jpg")
 CONFIGS = {
     "tiny": dict(transformer=dict(num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
                                   joint_attention_dim=32, pooled_projection_dim=16, axes_dims_rope=(4, 6, 6)),
-                 vae=(8, 8, 8, 8), size=128, rank=4, text=(8, 32, 16)),
+                 vae=(8, 8, 8, 8), resolution=128, rank=4, text_tokens=8),
     "full": dict(transformer=dict(num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
                                   joint_attention_dim=4096, pooled_projection_dim=768, axes_dims_rope=(16, 56, 56)),
-                 vae=(128, 256, 512, 512), size=512, rank=512, text=(512, 4096, 768)),
+                 vae=(128, 256, 512, 512), resolution=512, rank=512, text_tokens=512),
 }
 
 
-def main() -> None:
+def random_models(config: dict, device: torch.device, dtype: torch.dtype):
+    """FLUX.1's transformer and autoencoder architectures at `config`'s sizes, random weights."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel
-    from peft import LoraConfig
 
-    from umo_core import identity_reward, load_face_model
-    from umo_core.detection import Faces
-    from umo_core.flux import TextEmbedding, decode_latents, predict_velocity, sample
-    from umo_core.lora_formats import UNO_TARGET_MODULES
+    torch.manual_seed(0)
+    with device:  # initialised where they run: the full transformer's 12B weights, fast on a GPU
+        transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, guidance_embeds=True,
+                                             **config["transformer"])
+        vae = AutoencoderKL(latent_channels=16, block_out_channels=config["vae"],
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            layers_per_block=2, norm_num_groups=min(32, config["vae"][0]), use_quant_conv=False,
+                            use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159)
+    return transformer.to(dtype), vae.to(dtype).requires_grad_(False)
+
+
+def data_folder(folder: Path, text_widths: tuple[int, int], text_tokens: int) -> Path:
+    """A one-row training data folder, as the trainer reads it."""
+    from safetensors.torch import save_file
+
+    (folder / "img").mkdir(parents=True)
+    for name in (TARGET, *REFERENCES):
+        shutil.copyfile(PHOTOS / name, folder / "img" / name)
+    generator = torch.Generator().manual_seed(0)
+    save_file({"prompt_embeds": torch.randn(text_tokens, text_widths[0], generator=generator),
+               "pooled_prompt_embeds": torch.randn(text_widths[1], generator=generator)}, folder / "text.safetensors")
+    row = {"prompt": "six people", "target": f"img/{TARGET}", "references": [f"img/{n}" for n in REFERENCES],
+           "text_embedding": "text.safetensors"}
+    (folder / "manifest.jsonl").write_text(json.dumps(row) + "\n")
+    return folder
+
+
+def seconds(work, device: torch.device) -> tuple[float, float]:
+    """Wall-clock and CPU seconds of work() (CPU seconds: all of this process's threads, which on a loaded
+    machine vary less than the wall clock)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start, start_cpu = time.perf_counter(), time.process_time()
+    work()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, time.process_time() - start_cpu
+
+
+def main() -> None:
+    from accelerate import Accelerator
+
+    from training.batches import load_batch
+    from training.buckets import shape_key
+    from training.data import check_dataset
+    from training.rerefl import attach_lora, lora_adapter
+    from training.step import StepSettings, apply_gradients, batch_reward, rerefl_step
+    from umo_core import load_face_model
+    from umo_core.errors import UMOError
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=CONFIGS, default="tiny")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps after one warm-up step")
+    parser.add_argument("--detect-faces", action="store_true",
+                        help="detect on the step's estimate, as training does (random weights: no faces)")
     args = parser.parse_args()
-    config, device = CONFIGS[args.config], torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    config, cuda = CONFIGS[args.config], args.device.startswith("cuda")
+    accelerator = Accelerator(mixed_precision="bf16" if cuda else "no", cpu=not cuda)
+    device, dtype = accelerator.device, torch.bfloat16 if cuda else torch.float32
 
-    torch.manual_seed(0)
-    transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, guidance_embeds=True, **config["transformer"])
-    transformer = transformer.to(device, dtype).requires_grad_(False)
-    transformer.add_adapter(LoraConfig(r=config["rank"], lora_alpha=config["rank"], init_lora_weights="gaussian",
-                                       target_modules=UNO_TARGET_MODULES))
-    transformer.enable_gradient_checkpointing()
-    lora = [p for p in transformer.parameters() if p.requires_grad]
-    for parameter in lora:
-        parameter.data = parameter.data.float()
-    optimizer = torch.optim.AdamW(lora, lr=5e-6, weight_decay=0.01)
-    vae = AutoencoderKL(latent_channels=16, block_out_channels=config["vae"],
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        layers_per_block=2, norm_num_groups=min(32, config["vae"][0]), use_quant_conv=False,
-                        use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159)
-    vae = vae.to(device, dtype).requires_grad_(False)
-    pack = Path(tempfile.mkdtemp()) / "pack"
-    pack.mkdir()
+    transformer, vae = random_models(config, device, dtype)
+    lora = attach_lora(transformer, lora_adapter(config["rank"]), gradient_checkpointing=True)
+    optimizer = torch.optim.AdamW(lora, lr=5e-6, weight_decay=0.01)  # the trainer's defaults
+    transformer, optimizer = accelerator.prepare(transformer, optimizer)
+    model = accelerator.unwrap_model(transformer)
+
+    work = Path(tempfile.mkdtemp(prefix="train_step_"))
+    (work / "pack").mkdir()
     for name in ("det_500m.onnx", "mobilefacenet_128d.onnx"):
-        shutil.copyfile(ASSETS / "models" / name, pack / name)
-    face_model = load_face_model(pack, provider="cuda" if device.type == "cuda" else "cpu", backend="torch",
-                                 device=device)
-    photos = ASSETS / "images" / "photos"
-    identities = face_model.identities([photos / "Rob_Lowe_0001.jpg", photos / "Nathalie_Baye_0002.jpg"])
-    group = face_model.detect(photos / "t1_six_people.jpg")[0]
-    ratio = config["size"] / 1280
-    faces = [Faces(group.boxes * ratio, group.keypoints * ratio, group.scores)]
+        shutil.copyfile(ASSETS / "models" / name, work / "pack" / name)
+    face_model = load_face_model(work / "pack", provider="cuda" if cuda else "cpu", backend="torch", device=device)
+    text_widths = (config["transformer"]["joint_attention_dim"], config["transformer"]["pooled_projection_dim"])
+    data = data_folder(work / "data", text_widths, config["text_tokens"])
+    samples, problems = check_dataset(data, face_model, text_widths)
+    if problems:
+        raise UMOError(f"the bench's data folder failed the data check: {problems}")
+    bucket = shape_key(samples[0].target, samples[0].references, samples[0].text_embedding, config["resolution"])[0]
+    batch = load_batch(samples, bucket, vae, device)
+    faces = None if args.detect_faces else [truth.faces for truth in batch.ground_truth]
+    settings, generator = StepSettings(), torch.Generator().manual_seed(0)
+    reward_steps = []
 
-    tokens, text_dim, pooled_dim = config["text"]
-    text = TextEmbedding(torch.randn(1, tokens, text_dim, device=device), torch.randn(1, pooled_dim, device=device))
-    latent_side = config["size"] // 8
-    references = [torch.randn(1, 16, 40, 40, device=device) for _ in range(2)]  # two references at 320 px
-    target = torch.randn(1, 16, latent_side, latent_side, device=device)
+    def training_step() -> None:
+        result = rerefl_step(transformer, vae, face_model, batch, settings, generator, rollout_transformer=model,
+                             faces=faces)
+        apply_gradients(accelerator, result.loss, lora, optimizer, grad_clip=1.0)
+        reward_steps.append(result.reward_step)
 
-    def step(with_reward: bool) -> None:
-        t = torch.rand(())
-        noise = torch.randn_like(target)
-        velocity = predict_velocity(transformer, (1 - t) * target + t * noise, t, text, references)
-        loss = torch.nn.functional.mse_loss(velocity, noise - target)
-        latent = sample(transformer, torch.randn_like(target), text, references, steps=25, guidance=1.0, stop_at=20)
-        velocity = predict_velocity(transformer, latent, 0.2, text, references)
-        estimate = latent - 0.2 * velocity
-        if with_reward:
-            images = decode_latents(vae, estimate)
-            loss = loss - identity_reward(images, identities, face_model, faces=faces).values.sum()
-        else:
-            loss = loss + estimate.float().mean() * 0  # same graph up to the estimate
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    def reward_alone() -> None:
+        estimate = torch.randn(batch.target.shape, device=device, requires_grad=True)
+        reward, _ = batch_reward(vae, face_model, batch, estimate, settings.reward, faces)
+        reward.backward()
 
-    def timed(with_reward: bool) -> float:
-        step(with_reward)
-        best = float("inf")
-        for _ in range(args.repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            step(with_reward)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - start)
-        return best
-
-    if device.type == "cuda":
+    training_step()  # warm-up
+    reward_alone()
+    if cuda:
         torch.cuda.reset_peak_memory_stats()
-    full, without = timed(True), timed(False)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    print(f"# {platform.node()} {platform.machine()}, torch {torch.__version__}, {args.config} config on {device}")
-    print(f"step {full:.2f} s, without reward {without:.2f} s, reward share {(full - without) / full:.0%}, "
-          f"peak GPU memory {peak:.1f} GiB")
+    steps = [seconds(training_step, device) for _ in range(args.repeats)]
+    peak = f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if cuda else \
+        f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
+    rewards = [seconds(reward_alone, device) for _ in range(args.repeats)]
+    (step, step_cpu), (reward, reward_cpu) = (map(statistics.mean, zip(*timings)) for timings in (steps, rewards))
+    walls = [wall for wall, _ in steps]
+    shutil.rmtree(work, ignore_errors=True)
+    print(f"# {platform.node()} {platform.machine()}, torch {torch.__version__}, {args.config} config on {device}, "
+          f"load average {os.getloadavg()[0]:.2f}")
+    print(f"bucket {bucket[0]}x{bucket[1]}, rank {config['rank']}, {len(samples[0].references)} references, "
+          f"{'faces detected on the estimate' if args.detect_faces else f'{len(faces[0])} given faces'}, "
+          f"gradient steps drawn {reward_steps[1:]} of {settings.sampling_steps}")
+    print(f"step {step:.2f} s (mean of {args.repeats}; {min(walls):.2f}-{max(walls):.2f}), reward {reward:.2f} s "
+          f"({reward / step:.0%} of the step), {peak}")
+    print(f"CPU time: step {step_cpu:.2f} s, reward {reward_cpu:.2f} s ({reward_cpu / step_cpu:.0%})")
 
 
 if __name__ == "__main__":

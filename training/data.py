@@ -11,7 +11,8 @@ writes these files and fills in `text_embedding`.
 Everything is checked before training starts (and by `python -m training.rerefl --check-data`): each
 bad row is one line naming the row and what is wrong with which of its files; the structural checks of
 a row come first, then its text embedding (header only), its target (an image with a face) and its
-references (each an image with a face).
+references (each an image with a face). A usable row's `Sample` keeps what the check found (its references'
+people, its target's faces and their embeddings): the training steps reuse it instead of detecting again.
 """
 
 from __future__ import annotations

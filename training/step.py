@@ -95,6 +95,17 @@ def withanyone_terms(settings: StepSettings, vae, face_model: FaceModel, batch: 
     return terms
 
 
+def batch_reward(vae, face_model: FaceModel, batch: Batch, estimate: torch.Tensor, kind: str,
+                 faces: list[Faces] | None = None) -> tuple[torch.Tensor, list[RewardResult]]:
+    """R: the batch mean of each sample's reward (`kind`) of its decoded clean estimate, and those rewards.
+    Differentiable through the decoder and the face network; `faces` as in `rerefl_step`."""
+    images = decode_latents(vae, estimate)
+    rewards = [identity_reward(images[i:i + 1], batch.identities[i], face_model, kind=kind,
+                               faces=None if faces is None else [faces[i]])
+               for i in range(len(images))]
+    return torch.cat([r.values for r in rewards]).mean(), rewards
+
+
 def rerefl_step(transformer, vae, face_model: FaceModel, batch: Batch, settings: StepSettings,
                 generator: torch.Generator, rollout_transformer=None, bank: ReferenceBank | None = None,
                 faces: list[Faces] | None = None) -> StepResult:
@@ -126,11 +137,8 @@ def rerefl_step(transformer, vae, face_model: FaceModel, batch: Batch, settings:
                     guidance=1.0, stop_at=reward_step)
     sigma = flux_sigmas(settings.sampling_steps, (shape[2] // 2) * (shape[3] // 2))[reward_step]
     velocity = predict_velocity(transformer, latent, sigma, batch.text, batch.references, guidance=1.0)
-    images = decode_latents(vae, clean_estimate(latent, velocity, sigma))
-    rewards = [identity_reward(images[i:i + 1], batch.identities[i], face_model, kind=settings.reward,
-                               faces=None if faces is None else [faces[i]])
-               for i in range(shape[0])]
-    reward = torch.cat([r.values for r in rewards]).mean()
+    reward, rewards = batch_reward(vae, face_model, batch, clean_estimate(latent, velocity, sigma), settings.reward,
+                                   faces)
 
     loss = settings.diffusion_weight * diffusion_loss - reward
     for name, weight in settings.id_term_weights().items():
