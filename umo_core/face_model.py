@@ -6,6 +6,7 @@ This is the single entry point the CLI, the ComfyUI nodes and the trainer share.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -115,8 +116,14 @@ class FaceModel:
 
     def embed_faces(self, image: torch.Tensor, faces: Faces) -> torch.Tensor:
         """Differentiable embeddings [N,D] of given faces in one image tensor [H,W,3] (0..1)."""
-        crops = align_faces(image, faces.keypoints)
-        return self.torch_embedder.embed(crops)
+        return self.embed_faces_of_images([image], [faces])[0]
+
+    def embed_faces_of_images(self, images: Sequence[torch.Tensor], faces: Sequence[Faces]) -> list[torch.Tensor]:
+        """Differentiable embeddings, per image [N_i,D], of the given faces of several images [H,W,3] (0..1),
+        whatever their sizes: every face of every image in one recogniser call (in the graph's fixed batch
+        size, if it has one)."""
+        crops = torch.cat([align_faces(image, image_faces.keypoints) for image, image_faces in zip(images, faces)])
+        return list(self.torch_embedder.embed(crops).split([len(image_faces) for image_faces in faces]))
 
     @torch.no_grad()
     def identities(self, references: ImageLike | list[ImageLike], names: list[str] | None = None) -> Identities:

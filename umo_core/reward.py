@@ -7,13 +7,14 @@ torch face network carry the gradient back to the image pixels.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .detection import Faces
+from .errors import UMOError
 from .face_model import FaceModel, Identities
-from .images import to_rgb_uint8
 from .matching import REWARDS, assign, similarity_matrix
 
 
@@ -36,19 +37,30 @@ def reward_of_faces(identities: Identities, embeddings: torch.Tensor,
     return REWARDS[kind](similarity, assignment), similarity, assignment
 
 
-def identity_reward(images: torch.Tensor, identities: Identities, face_model: FaceModel,
+def identity_reward(images: torch.Tensor, identities: Identities | Sequence[Identities], face_model: FaceModel,
                     kind: str = "mimr", faces: list[Faces] | None = None) -> RewardResult:
     """Reward of each image in a ComfyUI-layout batch [B,H,W,3] (0..1) that may require grad.
 
-    `faces` skips detection when the caller already knows where the faces are (e.g. boxes
-    found on a cheaper preview). An image without a face gets reward 0 and no gradient.
+    `identities`: the reference people of every image, or one `Identities` per image (a training batch
+    whose samples have their own references). `faces` skips detection when the caller already knows
+    where the faces are (e.g. boxes found on a cheaper preview). Detection runs on every image first,
+    then all faces of the batch are embedded in one recogniser call and split per image.
+
+    Gradient: each value is differentiable w.r.t. `images` through the alignment warp and the torch
+    face network (detection and the assignment carry none); an image without a face gets reward 0
+    and a zero gradient.
     """
+    if isinstance(identities, Identities):
+        identities = [identities] * len(images)
+    if len(identities) != len(images):
+        raise UMOError(f"identity reward: {len(identities)} sets of references for {len(images)} images; "
+                       "give one set for all images or one per image")
     if faces is None:
-        faces = [face_model.detector.detect(a) for a in to_rgb_uint8(images)]
-    values, embeddings, similarities, assignments = [], [], [], []
-    for image, image_faces in zip(images, faces):
-        embeddings.append(face_model.embed_faces(image, image_faces))
-        value, similarity, assignment = reward_of_faces(identities, embeddings[-1], kind)
+        faces = face_model.detect(images)
+    embeddings = face_model.embed_faces_of_images(images, faces)
+    values, similarities, assignments = [], [], []
+    for image_identities, image_embeddings in zip(identities, embeddings):
+        value, similarity, assignment = reward_of_faces(image_identities, image_embeddings, kind)
         values.append(value.to(images.device, torch.float32))
         similarities.append(similarity)
         assignments.append(assignment)
