@@ -417,3 +417,20 @@ def test_withanyone_gradient_reaches_the_lora(setup, pack_dir):
     assert sum(g.abs().sum() for g in lora_grads) > 0
     noisier = torch.full((1, 1, 1, 1), 0.7)
     assert withanyone_terms(settings, vae, face_model, batch, noisy, velocity, noisier, None) == {}
+
+
+def test_a_batch_reuses_what_the_data_check_found(setup, torch_face_model):
+    """The references' people and the target's faces come from the data check, not from a detection per step."""
+    from training.batches import load_batch
+    from training.data import load_dataset
+
+    root, data, pack = setup
+    samples, _ = load_dataset(data, torch_face_model)
+    wide = samples[1]  # the 400 x 250 target, in the 48 x 80 bucket at --resolution 64
+    batch = load_batch([wide], (48, 80), tiny_vae(), torch.device("cpu"))
+    assert batch.identities[0] is wide.identities and wide.identities.crops is None  # no preview crops per row
+    assert len(wide.identities) == 2 and batch.names == [["rob", "nathalie"]]
+    truth = batch.ground_truth[0]
+    assert len(truth.faces) == 1 and torch.equal(truth.embeddings, wide.target_faces.embeddings)
+    assert (truth.faces.keypoints >= 0).all() and (truth.faces.keypoints[..., 0] < 80).all()
+    assert (truth.faces.keypoints[..., 1] < 48).all()
