@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from umo_core.errors import UMOError
-from umo_core.guidance import autograd_copy, guide
+from umo_core.guidance import REDETECT_EVERY, FaceReuse, autograd_copy, guide
 
 from .node_api import io
 from .sockets import FaceModelSocket, IdentitiesSocket
@@ -49,6 +49,28 @@ def _decoder(vae, model):
     return decode
 
 
+class SamplingRun:
+    """Tells the post-CFG calls of a new sampling run from those of the current one.
+
+    ComfyUI calls the function once per model evaluation (each step, and some samplers' intermediate
+    points) with the whole batch. A run is new when its schedule is another tensor (ComfyUI's sampler
+    puts each run's `sample_sigmas` into the transformer options), when sigma rises (a sampler never
+    goes back up within a run; the schedule may be missing for other callers), or when the latent's
+    shape changes.
+    """
+
+    def __init__(self):
+        self.schedule: torch.Tensor | None = None  # held, so that its id cannot pass to another run's tensor
+        self.sigma = float("inf")
+        self.shape: torch.Size | None = None
+
+    def is_new(self, args: dict, sigma: float, shape: torch.Size) -> bool:
+        schedule = args.get("model_options", {}).get("transformer_options", {}).get("sample_sigmas")
+        new = schedule is not self.schedule or sigma > self.sigma or shape != self.shape
+        self.schedule, self.sigma, self.shape = schedule, sigma, shape
+        return new
+
+
 class IdentityGuidance(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -69,27 +91,36 @@ class IdentityGuidance(io.ComfyNode):
                                tooltip="fraction of the schedule where guidance starts (0 = first step)"),
                 io.Float.Input("end", default=1.0, min=0.0, max=1.0, step=0.01),
                 io.Combo.Input("reward", options=["mimr", "sir"], default="mimr"),
+                io.Int.Input("redetect_every", default=REDETECT_EVERY, min=1, max=100, optional=True,
+                             tooltip="guided steps between two face detections (the faces found are reused in "
+                                     "between, saving a full preview decode per step; a face whose similarity "
+                                     "drops sharply is detected again at once); 1 = detect at every step"),
             ],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
-    def execute(cls, model, vae, face_model, identities, strength, start, end, reward) -> io.NodeOutput:
+    def execute(cls, model, vae, face_model, identities, strength, start, end, reward,
+                redetect_every=REDETECT_EVERY) -> io.NodeOutput:
         if start > end:
             raise UMOError(f"UMO Identity Guidance: start ({start}) is after end ({end}); guidance would never run. "
                            "Set start below end (default: start 0.6, end 1.0, the last 40% of the steps).")
         sampling = model.get_model_object("model_sampling")
         sigma_start, sigma_end = sampling.percent_to_sigma(start), sampling.percent_to_sigma(end)
         decode = _decoder(vae, model.model)
+        reuse = FaceReuse(redetect_every)
+        run = SamplingRun()
 
         def post_cfg(args: dict) -> torch.Tensor:
             denoised = args["denoised"]
             sigma = float(args["sigma"].max())
+            if run.is_new(args, sigma, denoised.shape):  # this model's faces belong to one sampling run
+                reuse.reset()
             if strength == 0 or not sigma_end <= sigma <= sigma_start:
                 return denoised
             # Sampling runs under inference mode: leave it for the gradient, on a copy of the estimate.
             with torch.inference_mode(False), torch.enable_grad():
-                guided, _ = guide(denoised.clone(), decode, identities, face_model, strength, reward)
+                guided, _ = guide(denoised.clone(), decode, identities, face_model, strength, reward, reuse)
             return guided.to(denoised)
 
         patched = model.clone()  # the input MODEL stays untouched

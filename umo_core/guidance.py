@@ -15,6 +15,12 @@ next to a large transformer), so the gradient never goes through a full-image de
 The FLUX autoencoder's decoder has a global attention block, so a window decodes almost, not
 exactly, like the same region of a full decode; the margin keeps the difference small. No face
 found: reward 0 and a zero gradient, so the estimate is left unchanged.
+
+Late in sampling the faces barely move, so the preview (step 1, a full decode) is the largest part of
+a guided step. `FaceReuse` keeps the faces found at one guided step for the following ones (step 1
+skipped, the windows cut around the same boxes) and detects again every `every` steps, or at once
+when a reference's cosine with its matched face falls more than `drop` below its value at the last
+detection (the face has moved out of its box or changed).
 """
 
 from __future__ import annotations
@@ -23,22 +29,69 @@ import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch.utils.checkpoint import checkpoint
 
 from .detection import Faces
+from .errors import UMOError
 from .face_model import FaceModel, Identities
 from .images import to_rgb_uint8
 from .reward import reward_of_faces
 
 Decoder = Callable[[torch.Tensor], torch.Tensor]  # latent [1,C,h,w] -> image [1,H,W,3] in 0..1
+REDETECT_EVERY = 3  # guided steps between two detections when faces are reused
+SIMILARITY_DROP = 0.1  # a matched cosine falling this much below its value at detection: detect again
 
 
 @dataclass
 class GuidanceResult:
     reward: float
     gradient: torch.Tensor  # d reward / d latent, the latent's shape; zero where no face is
+    faces: Faces  # in the decoded image's pixels
+    scale: int  # decoded pixels per latent cell
+    matched: np.ndarray  # [M] each reference's cosine with its assigned face, 0 where none is assigned
+    detected: bool  # the faces were found on this step's preview (not reused)
+
+
+@dataclass
+class _Detection:
     faces: Faces
+    scale: int
+    matched: np.ndarray  # at the detection step
+    age: int = 0  # guided steps since the detection
+
+
+class FaceReuse:
+    """The faces of each batch item across the guided steps of one sampling run (make one per run, or
+    `reset` it): detected at the first guided step, reused while fewer than `every` steps old, detected
+    again earlier when a reference's matched cosine drops by more than `drop`. `every=1` detects at
+    every step."""
+
+    def __init__(self, every: int = REDETECT_EVERY, drop: float = SIMILARITY_DROP):
+        if every < 1:
+            raise UMOError(f"identity guidance: redetect_every is {every}; use 1 (detect at every step) or more")
+        self.every, self.drop = every, drop
+        self._detections: dict[int, _Detection] = {}
+
+    def reset(self) -> None:
+        self._detections.clear()
+
+    def faces(self, index: int) -> _Detection | None:
+        """The detection batch item `index` may reuse at this step, if any."""
+        detection = self._detections.get(index)
+        return detection if detection is not None and detection.age < self.every else None
+
+    def dropped(self, index: int, result: GuidanceResult) -> bool:
+        """Whether a reference's matched cosine fell sharply since the detection this result reused."""
+        return bool(np.any(result.matched < self._detections[index].matched - self.drop))
+
+    def record(self, index: int, result: GuidanceResult) -> None:
+        """After a guided step: a new detection starts over, a reuse ages the old one."""
+        if result.detected:
+            self._detections[index] = _Detection(result.faces, result.scale, result.matched, age=1)
+        else:
+            self._detections[index].age += 1
 
 
 def autograd_copy(module: torch.nn.Module) -> torch.nn.Module:
@@ -70,13 +123,14 @@ def reward_gradient(latent: torch.Tensor, decode: Decoder, identities: Identitie
     step; `scale` is then the decoder's upsampling factor (otherwise it is measured).
     """
     latent = latent.detach()
-    if faces is None:
+    detected = faces is None
+    if detected:
         with torch.no_grad():
             preview = decode(latent)
         faces = face_model.detector.detect(to_rgb_uint8(preview)[0])
         scale = preview.shape[1] // latent.shape[2]
     if len(faces) == 0:
-        return GuidanceResult(0.0, torch.zeros_like(latent), faces)
+        return GuidanceResult(0.0, torch.zeros_like(latent), faces, scale, np.zeros(len(identities)), detected)
 
     def embed_window(cells: torch.Tensor, face: Faces) -> torch.Tensor:
         return face_model.embed_faces(decode(cells)[0], face)
@@ -92,24 +146,42 @@ def reward_gradient(latent: torch.Tensor, decode: Decoder, identities: Identitie
         else:
             embeddings.append(embed_window(cells, face))
         windows.append((cells, top, left))
-    reward, _, _ = reward_of_faces(identities, torch.cat(embeddings), kind)
+    reward, similarity, assignment = reward_of_faces(identities, torch.cat(embeddings), kind)
     grads = torch.autograd.grad(reward, [cells for cells, _, _ in windows])
     gradient = torch.zeros_like(latent, dtype=torch.float32)
     for grad, (cells, top, left) in zip(grads, windows):
         gradient[:, :, top:top + cells.shape[2], left:left + cells.shape[3]] += grad.float()
-    return GuidanceResult(reward.item(), gradient.to(latent.dtype), faces)
+    matched = np.array([0.0 if face is None else similarity[k, face].item() for k, face in enumerate(assignment)])
+    return GuidanceResult(reward.item(), gradient.to(latent.dtype), faces, scale, matched, detected)
+
+
+def _reward_gradient_of_item(latent: torch.Tensor, index: int, decode: Decoder, identities: Identities,
+                             face_model: FaceModel, kind: str, reuse: FaceReuse | None) -> GuidanceResult:
+    """`reward_gradient` of batch item `index`, on the faces `reuse` keeps for it where it may."""
+    known = reuse.faces(index) if reuse is not None else None
+    if known is not None:
+        result = reward_gradient(latent, decode, identities, face_model, kind, faces=known.faces, scale=known.scale)
+        if reuse.dropped(index, result):  # the face left its box: this step's gradient from a fresh detection
+            result = reward_gradient(latent, decode, identities, face_model, kind)
+    else:
+        result = reward_gradient(latent, decode, identities, face_model, kind)
+    if reuse is not None:
+        reuse.record(index, result)
+    return result
 
 
 def guide(latent: torch.Tensor, decode: Decoder, identities: Identities, face_model: FaceModel,
-          strength: float, kind: str = "mimr") -> tuple[torch.Tensor, list[GuidanceResult]]:
+          strength: float, kind: str = "mimr",
+          reuse: FaceReuse | None = None) -> tuple[torch.Tensor, list[GuidanceResult]]:
     """One guidance step on a batch of clean estimates [B,C,h,w]: x0 + strength * normalised gradient.
 
     The gradient is divided by its RMS over the latent cells it touches, so `strength` is a step
     in latent units whatever the image size or number of faces. Strength 0 or no face: unchanged.
+    `reuse` (one per sampling run) keeps the faces between steps; without it every step detects.
     """
     guided, results = [], []
-    for item in latent.split(1):
-        result = reward_gradient(item, decode, identities, face_model, kind)
+    for index, item in enumerate(latent.split(1)):
+        result = _reward_gradient_of_item(item, index, decode, identities, face_model, kind, reuse)
         touched = result.gradient != 0
         if strength == 0 or not touched.any():
             guided.append(item)
