@@ -133,8 +133,9 @@ def rerefl_step(transformer, vae, face_model: FaceModel, batch: Batch, settings:
     reward_step = int(torch.randint(settings.sampling_steps - settings.window, settings.sampling_steps, (),
                                     generator=generator))
     start = torch.randn(shape, generator=generator).to(device)
-    latent = sample(rollout_transformer or transformer, start, batch.text, batch.references, settings.sampling_steps,
-                    guidance=1.0, stop_at=reward_step)
+    rollout = transformer if rollout_transformer is None else rollout_transformer
+    latent = sample(rollout, start, batch.text, batch.references, settings.sampling_steps, guidance=1.0,
+                    stop_at=reward_step)
     sigma = flux_sigmas(settings.sampling_steps, (shape[2] // 2) * (shape[3] // 2))[reward_step]
     velocity = predict_velocity(transformer, latent, sigma, batch.text, batch.references, guidance=1.0)
     reward, rewards = batch_reward(vae, face_model, batch, clean_estimate(latent, velocity, sigma), settings.reward,
