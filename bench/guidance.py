@@ -1,21 +1,29 @@
-"""Cost of one identity-guidance step versus a plain VAE decode, at 768 and 1024 px.
+"""Cost of one identity-guidance step versus a plain VAE decode (768 and 1024 px), and the MIMR cost of reusing faces.
 
 The FLUX autoencoder at its real architecture (diffusers AutoencoderKL with FLUX's ae config,
 random weights) and the fixture face networks (SCRFD-500MF, MobileFaceNet). Random weights draw
 no faces, so the six face boxes of the group photo (scaled to the image) are given; each mode
 runs in its own process so its peak memory (RSS, or CUDA peak on a GPU) is its own.
 
-    python bench/guidance.py [--sizes 768 1024] [--device cpu|cuda] [--dtype float32|bfloat16]
+    python bench/guidance.py [--sizes 768 1024] [--device cpu|cuda] [--dtype float32|bfloat16] [--mimr]
 
 Modes: `decode` = one full decode without gradient (what every generation does at the end);
-`guided` = one guidance step as the node runs it (preview decode + windowed decodes with
-gradient + reward + backward); `full` = the naive alternative, a full decode with gradient.
+`guided` = a guidance step that detects (preview decode + windowed decodes with gradient + reward +
+backward); `reused` = a guidance step on the faces of an earlier step (no preview: the windows only);
+`full` = the naive alternative, a full decode with gradient; `transformer` = one FLUX.1 transformer
+evaluation (a sampling step's velocity; `--transformer full` FLUX.1-dev or `tiny`, random weights), so
+that with `guided` and `reused` the guidance's share of a 25-step sampling is printed.
+
+`--mimr`: the guided images' MIMR with faces reused (detection every 3 steps) against detecting at
+every step, on the test cases of tests/test_guidance.py (the blurred head-shot and the blurred group
+photo as their own latent, `MIMR_STEPS` guided steps of strength 0.002).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import shutil
@@ -23,15 +31,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from umo_core.guidance import REDETECT_EVERY
+
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT.parent / "shared" / "face-assets"
-FLUX_AE = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
-               down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-               layers_per_block=2, norm_num_groups=32, use_quant_conv=False, use_post_quant_conv=False)
 
 
 def peak_bytes(device: str) -> int:
@@ -40,17 +48,40 @@ def peak_bytes(device: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def run_mode(mode: str, size: int, device: str, dtype: torch.dtype) -> dict:
+def transformer_step(size: int, device: str, dtype: torch.dtype, architecture: str) -> Callable[[], object]:
+    """One FLUX.1 transformer evaluation (the velocity of a sampling step, 512 text tokens, no references)
+    at `architecture` 'full' (FLUX.1-dev) or 'tiny' (bench/train_step.py's), random weights."""
+    from train_step import CONFIGS, random_models
+
+    from umo_core.flux import TextEmbedding, predict_velocity
+
+    config = CONFIGS[architecture]
+    transformer = random_models(config, torch.device(device), dtype)[0].eval().requires_grad_(False)
+    widths = (config["transformer"]["joint_attention_dim"], config["transformer"]["pooled_projection_dim"])
+    text = TextEmbedding(torch.randn(1, 512, widths[0], device=device), torch.randn(1, widths[1], device=device))
+    latent = torch.randn(1, 16, size // 8, size // 8, device=device)
+
+    @torch.no_grad()
+    def step():
+        return predict_velocity(transformer, latent, 0.5, text, [], guidance=3.5)
+
+    return step
+
+
+def guidance_work(mode: str, size: int, device: str, dtype: torch.dtype) -> Callable[[], object]:
+    """The work of a decode / guidance mode: the FLUX autoencoder (random weights), the fixture face networks."""
     from diffusers import AutoencoderKL
 
     from umo_core import load_face_model
     from umo_core.detection import Faces
+    from umo_core.flux import VAE_CONFIG
     from umo_core.guidance import reward_gradient
     from umo_core.images import load_image
     from umo_core.reward import identity_reward
 
     torch.manual_seed(0)
-    vae = AutoencoderKL(**FLUX_AE).to(device, dtype).eval().requires_grad_(False)
+    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(VAE_CONFIG)).to(device, dtype)
+    vae = vae.eval().requires_grad_(False)
     pack = Path(tempfile.mkdtemp()) / "pack"
     pack.mkdir()
     for name in ("det_500m.onnx", "mobilefacenet_128d.onnx"):
@@ -66,26 +97,80 @@ def run_mode(mode: str, size: int, device: str, dtype: torch.dtype) -> dict:
         return ((vae.decode(latent.to(dtype)).sample.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
 
     latent = torch.randn(1, 16, size // 8, size // 8, device=device)
+
+    def work():
+        if mode == "decode":
+            with torch.no_grad():
+                decode(latent)
+        elif mode in ("guided", "reused"):
+            if mode == "guided":
+                with torch.no_grad():
+                    decode(latent)  # the preview the node decodes to find faces (random weights show none)
+            reward_gradient(latent, decode, identities, face_model, faces=faces)
+        else:
+            pixels_latent = latent.clone().requires_grad_(True)
+            identity_reward(decode(pixels_latent), identities, face_model, faces=[faces]).values.sum().backward()
+
+    return work
+
+
+def run_mode(mode: str, size: int, device: str, dtype: torch.dtype, architecture: str) -> dict:
+    if mode == "transformer":
+        work = transformer_step(size, device, dtype, architecture)
+    else:
+        work = guidance_work(mode, size, device, dtype)
     if device == "cuda":
+        work()  # warm-up: kernel selection and allocations (on the CPU one run is minutes: not repeated)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     baseline = peak_bytes(device)
     start = time.perf_counter()
-    if mode == "decode":
-        with torch.no_grad():
-            decode(latent)
-    elif mode == "guided":
-        with torch.no_grad():
-            decode(latent)  # the preview the node decodes to find faces
-        reward_gradient(latent, decode, identities, face_model, faces=faces)
-    else:
-        pixels_latent = latent.clone().requires_grad_(True)
-        reward = identity_reward(decode(pixels_latent), identities, face_model, faces=[faces]).values.sum()
-        reward.backward()
+    work()
     if device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     return {"mode": mode, "size": size, "seconds": seconds, "peak_gib": (peak_bytes(device) - baseline) / 2**30}
+
+
+MIMR_STEPS = 6
+
+
+def mimr_of_reuse() -> None:
+    """MIMR after MIMR_STEPS guided steps, faces detected at every step versus every 3 steps."""
+    import numpy as np
+    from PIL import Image, ImageFilter
+
+    from umo_core import identity_metrics, load_face_model
+    from umo_core.guidance import FaceReuse, guide
+
+    pack = Path(tempfile.mkdtemp()) / "pack"
+    pack.mkdir()
+    for name in ("det_500m.onnx", "mobilefacenet_128d.onnx"):
+        shutil.copyfile(ASSETS / "models" / name, pack / name)
+    face_model = load_face_model(pack, provider="cpu", backend="torch")
+    photos = ASSETS / "images" / "photos"
+    identities = face_model.identities([photos / "Rob_Lowe_0001.jpg", photos / "Nathalie_Baye_0002.jpg"])
+    cases = {"head-shot": (Image.open(photos / "Rob_Lowe_0002.jpg"), 2.5),
+             "group": (Image.open(photos / "t1_six_people.jpg").resize((640, 443)), 1.5)}
+
+    def decode(latent):  # the latent is the image itself
+        return latent.permute(0, 2, 3, 1).clamp(0, 1)
+
+    def mimr(latent) -> float:
+        analysed = face_model.analyse(decode(latent))[0]
+        return identity_metrics(identities.embeddings, analysed.embeddings)["metrics"]["mimr"]
+
+    print(f"{'case':>9} {'before':>7} {'every step':>10} {'every 3':>8} {'difference':>10}")
+    for name, (photo, blur) in cases.items():
+        pixels = np.asarray(photo.convert("RGB").filter(ImageFilter.GaussianBlur(blur)), np.float32) / 255
+        start = torch.from_numpy(pixels).permute(2, 0, 1)[None]
+        results = []
+        for every in (1, 3):
+            latent, reuse = start, FaceReuse(every)
+            for _ in range(MIMR_STEPS):
+                latent, _ = guide(latent, decode, identities, face_model, 0.002, reuse=reuse)
+            results.append(mimr(latent))
+        print(f"{name:>9} {mimr(start):>7.4f} {results[0]:>10.4f} {results[1]:>8.4f} {results[1] - results[0]:>+10.4f}")
 
 
 def main() -> None:
@@ -93,24 +178,47 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[768, 1024])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    parser.add_argument("--modes", nargs="+", default=["decode", "guided", "full"])
+    parser.add_argument("--modes", nargs="+", default=["decode", "guided", "reused", "full"],
+                        choices=("decode", "guided", "reused", "full", "transformer"))
+    parser.add_argument("--transformer", default="full", choices=("full", "tiny"),
+                        help="architecture of the transformer mode: FLUX.1-dev, or bench/train_step.py's tiny one")
+    parser.add_argument("--mimr", action="store_true", help="also compare the MIMR of reused and per-step faces")
     parser.add_argument("--child", nargs=2, metavar=("MODE", "SIZE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     if args.child:
-        print(json.dumps(run_mode(args.child[0], int(args.child[1]), args.device, dtype)))
+        print(json.dumps(run_mode(args.child[0], int(args.child[1]), args.device, dtype, args.transformer)))
         return
-    print(f"# {platform.node()} {platform.machine()}, torch {torch.__version__}, device {args.device}, {args.dtype}")
-    print(f"{'size':>5} {'mode':>7} {'seconds':>8} {'peak GiB':>9} {'vs decode':>10}")
+    print(f"# {platform.node()} {platform.machine()}, torch {torch.__version__}, device {args.device}, {args.dtype}, "
+          f"transformer {args.transformer}, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"{'size':>5} {'mode':>11} {'seconds':>8} {'peak GiB':>9} {'vs decode':>10}")
     for size in args.sizes:
-        base = None
+        results = {}
         for mode in args.modes:
             out = subprocess.run([sys.executable, __file__, "--device", args.device, "--dtype", args.dtype,
-                                  "--child", mode, str(size)], capture_output=True, text=True, check=True)
-            result = json.loads(out.stdout.strip().splitlines()[-1])
-            base = base or result["seconds"]
-            print(f"{size:>5} {mode:>7} {result['seconds']:>8.2f} {result['peak_gib']:>9.2f} "
-                  f"{result['seconds'] / base:>9.2f}x")
+                                  "--transformer", args.transformer, "--child", mode, str(size)],
+                                 capture_output=True, text=True, check=True)
+            results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+            base = next(iter(results.values()))["seconds"]
+            print(f"{size:>5} {mode:>11} {results[mode]['seconds']:>8.2f} {results[mode]['peak_gib']:>9.2f} "
+                  f"{results[mode]['seconds'] / base:>9.2f}x")
+        if {"guided", "reused", "transformer"} <= results.keys():
+            seconds = {mode: results[mode]["seconds"] for mode in results}
+            print(f"{size:>5} guidance over the last {GUIDED_STEPS} of {SAMPLING_STEPS} steps, detecting every "
+                  f"{REDETECT_EVERY}: +{100 * sampling_overhead(seconds):.0f} % of the sampling time")
+    if args.mimr:
+        mimr_of_reuse()
+
+
+GUIDED_STEPS, SAMPLING_STEPS = 10, 25  # the node's default window (start 0.6) of a 25-step sampling
+
+
+def sampling_overhead(seconds: dict[str, float]) -> float:
+    """Guidance's extra time over a 25-step sampling (one transformer evaluation per step, FLUX.1-dev's
+    distilled guidance): the guided steps that detect cost `guided`, the others `reused`."""
+    detecting = -(-GUIDED_STEPS // REDETECT_EVERY)
+    extra = detecting * seconds["guided"] + (GUIDED_STEPS - detecting) * seconds["reused"]
+    return extra / (SAMPLING_STEPS * seconds["transformer"])
 
 
 if __name__ == "__main__":

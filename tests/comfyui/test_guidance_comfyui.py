@@ -95,3 +95,21 @@ def test_a_window_that_ends_before_it_starts_is_an_error(vae, flux_model, face_m
     identities = face_model.identities([photos / "Rob_Lowe_0001.jpg"])
     with pytest.raises(UMOError, match=r"start \(0.8\) is after end \(0.5\)"):
         _guidance_node().IdentityGuidance.execute(flux_model, vae, face_model, identities, 0.5, 0.8, 0.5, "mimr")
+
+
+def test_faces_are_kept_for_one_sampling_run_only():
+    """The hook's faces belong to one run: a new schedule tensor (ComfyUI's sampler puts each run's own into the
+    transformer options), a rising sigma without a schedule, or another latent shape start a new run; steps of
+    one run (falling sigma, a repeated sigma as Heun's second evaluation, the same schedule) do not."""
+    run = _guidance_node().SamplingRun()
+    shape = torch.Size([1, 16, 8, 8])
+    first, second = torch.linspace(1, 0, 5), torch.linspace(1, 0, 5)
+
+    def call(schedule, sigma, latent_shape=shape):
+        options = {"transformer_options": {"sample_sigmas": schedule}} if schedule is not None else {}
+        return run.is_new({"model_options": options}, sigma, latent_shape)
+
+    assert [call(first, s) for s in (0.75, 0.5, 0.5, 0.25)] == [True, False, False, False]
+    assert call(second, 0.75)  # the next run, at the same sigmas
+    assert call(second, 0.5, torch.Size([2, 16, 8, 8]))  # another batch
+    assert [call(None, s) for s in (0.5, 0.25, 0.75)] == [True, False, True]
