@@ -308,8 +308,8 @@ def log_step(accelerator: Accelerator, output: Path, step: int, batch: Batch, re
              settings: StepSettings) -> dict:
     """The step's record, over all processes, appended to OUTPUT/log.jsonl: the losses, the reward and the
     identity metrics of the decoded estimates."""
-    metrics = [identity_metrics(batch.identities[i].embeddings, r.embeddings[0].detach().cpu(),
-                                batch.ground_truth[i].embeddings)["metrics"] for i, r in enumerate(result.rewards)]
+    metrics = [identity_metrics(identities.embeddings, faces.detach().cpu(), truth.embeddings)["metrics"]
+               for identities, faces, truth in zip(batch.identities, result.rewards.embeddings, batch.ground_truth)]
     values = accelerator.reduce(torch.stack([result.loss, result.diffusion_loss, result.reward]).detach(),
                                 "mean").tolist()
     record = {"step": step, "loss": values[0], "diffusion_loss": values[1], "reward": values[2],

@@ -65,7 +65,7 @@ class StepResult:
     reward: torch.Tensor  # the batch mean of `rewards`
     reward_step: int  # the sampling step taken with gradient
     id_terms: dict[str, torch.Tensor]  # the ID terms that ran (none when every sample was too noisy)
-    rewards: list[RewardResult]  # per sample, of its decoded clean estimate
+    rewards: RewardResult  # per sample of the batch, of its decoded clean estimate
 
 
 def withanyone_terms(settings: StepSettings, vae, face_model: FaceModel, batch: Batch, noisy: torch.Tensor,
@@ -96,14 +96,12 @@ def withanyone_terms(settings: StepSettings, vae, face_model: FaceModel, batch: 
 
 
 def batch_reward(vae, face_model: FaceModel, batch: Batch, estimate: torch.Tensor, kind: str,
-                 faces: list[Faces] | None = None) -> tuple[torch.Tensor, list[RewardResult]]:
-    """R: the batch mean of each sample's reward (`kind`) of its decoded clean estimate, and those rewards.
-    Differentiable through the decoder and the face network; `faces` as in `rerefl_step`."""
-    images = decode_latents(vae, estimate)
-    rewards = [identity_reward(images[i:i + 1], batch.identities[i], face_model, kind=kind,
-                               faces=None if faces is None else [faces[i]])
-               for i in range(len(images))]
-    return torch.cat([r.values for r in rewards]).mean(), rewards
+                 faces: list[Faces] | None = None) -> tuple[torch.Tensor, RewardResult]:
+    """R: the batch mean of each sample's reward (`kind`) of its decoded clean estimate against the sample's own
+    references, and those rewards. Differentiable through the decoder and the face network; `faces` as in
+    `rerefl_step`."""
+    rewards = identity_reward(decode_latents(vae, estimate), batch.identities, face_model, kind=kind, faces=faces)
+    return rewards.values.mean(), rewards
 
 
 def rerefl_step(transformer, vae, face_model: FaceModel, batch: Batch, settings: StepSettings,
