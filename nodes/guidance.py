@@ -11,7 +11,7 @@ from .node_api import io
 from .sockets import FaceModelSocket, IdentitiesSocket
 
 # What ComfyUI's model loading sets on its layers (comfy.ops) and their forward then follows: weight casting
-# (low VRAM, and ComfyUI's dynamic VRAM, the default on NVIDIA since 0.9), low-VRAM patch functions, and dynamic
+# (low VRAM, and ComfyUI's dynamic VRAM, the default on NVIDIA after 0.8), low-VRAM patch functions, and dynamic
 # VRAM's device allocation `_v` with the weights staged in it.
 COMFY_LAYER_STATE = ("comfy_cast_weights", "weight_function", "bias_function", "weight_lowvram_function",
                      "bias_lowvram_function", "_v", "_v_weight", "_v_bias", "_v_signature")

@@ -48,7 +48,7 @@ def test_decoder_matches_comfyui_vae_decode_and_carries_the_gradient(vae, flux_m
 
 
 def test_decoder_copy_leaves_comfyui_layer_state_with_the_vae(vae, flux_model):
-    """ComfyUI's loaders set casting state on its layers; under dynamic VRAM (ComfyUI 0.9+) a device allocation
+    """ComfyUI's loaders set casting state on its layers; under dynamic VRAM (ComfyUI after 0.8) a device allocation
     `_v` the forward reads the weights through. The decoder's copy runs on its own weights without that state
     (here: a lock stands in for the allocation, which cannot be copied; weight functions that zero the weights
     show whether the copy still follows the state) and the VAE keeps it."""

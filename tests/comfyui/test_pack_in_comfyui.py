@@ -23,7 +23,8 @@ PACK_NODES = {
     "UMOLoraLoader": (["model", "lora_name", "strength"], ["MODEL"]),
     "UMOReferenceConditioning": (["positive", "vae", "backbone", "long_side", "negative", "images",
                                   "image_1", "image_2", "image_3", "image_4"], ["CONDITIONING", "CONDITIONING"]),
-    "UMOIdentityGuidance": (["model", "vae", "face_model", "identities", "strength", "start", "end", "reward"],
+    "UMOIdentityGuidance": (["model", "vae", "face_model", "identities", "strength", "start", "end", "reward",
+                             "redetect_every"],
                             ["MODEL"]),
 }
 
