@@ -6,10 +6,10 @@ import numpy as np
 import torch
 from comfy.utils import ProgressBar
 
-from umo_core import FaceModel, Identities, load_face_model, rank, score_images
+from umo_core import FaceModel, Identities, load_face_model, rank
 from umo_core.annotate import annotate
 from umo_core.images import to_rgb_uint8
-from umo_core.scoring import CRITERIA, ImageScore, score_table
+from umo_core.scoring import CRITERIA, ImageScore, ground_truth_embeddings, score_image, score_table
 
 from .model_paths import face_pack_names, insightface_roots
 from .node_api import io, ui
@@ -21,11 +21,12 @@ PROVIDERS = ["auto", "CPU", "CUDA", "ROCm", "CoreML"]
 def _progress_scores(face_model: FaceModel, identities: Identities, images: torch.Tensor,
                      ground_truth: torch.Tensor | None = None) -> list[ImageScore]:
     """Scores image by image so the progress bar moves and Cancel stops between images."""
-    gt = ground_truth[0] if ground_truth is not None else None
+    # The ground truth's faces once, not once per image.
+    gt = ground_truth_embeddings(face_model, ground_truth[0]) if ground_truth is not None else None
     bar = ProgressBar(len(images))
     scores = []
     for i, image in enumerate(images):
-        scores.extend(score_images(face_model, identities, [image], gt))
+        scores.append(score_image(face_model, identities, image, gt))
         bar.update_absolute(i + 1)
     return scores
 
