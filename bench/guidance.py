@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from umo_core.guidance import REDETECT_EVERY
+from umo_core.faces.guidance import REDETECT_EVERY
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT.parent / "shared" / "face-assets"
@@ -53,7 +53,8 @@ def transformer_step(size: int, device: str, dtype: torch.dtype, architecture: s
     at `architecture` 'full' (FLUX.1-dev) or 'tiny' (bench/train_step.py's), random weights."""
     from train_step import CONFIGS, random_models
 
-    from umo_core.flux import TextEmbedding, predict_velocity
+    from umo_core.backbones.flux1.runtime import predict_velocity
+    from umo_core.backbones.flux1.text_embedding import TextEmbedding
 
     config = CONFIGS[architecture]
     transformer = random_models(config, torch.device(device), dtype)[0].eval().requires_grad_(False)
@@ -73,11 +74,11 @@ def guidance_work(mode: str, size: int, device: str, dtype: torch.dtype) -> Call
     from diffusers import AutoencoderKL
 
     from umo_core import load_face_model
-    from umo_core.detection import Faces
-    from umo_core.flux import VAE_CONFIG
-    from umo_core.guidance import reward_gradient
+    from umo_core.backbones.flux1.loading import VAE_CONFIG
+    from umo_core.faces.detection import Faces
+    from umo_core.faces.guidance import reward_gradient
+    from umo_core.faces.reward import identity_reward
     from umo_core.images import load_image
-    from umo_core.reward import identity_reward
 
     torch.manual_seed(0)
     vae = AutoencoderKL.from_config(AutoencoderKL.load_config(VAE_CONFIG)).to(device, dtype)
@@ -141,7 +142,7 @@ def mimr_of_reuse() -> None:
     from PIL import Image, ImageFilter
 
     from umo_core import identity_metrics, load_face_model
-    from umo_core.guidance import FaceReuse, guide
+    from umo_core.faces.guidance import FaceReuse, guide
 
     pack = Path(tempfile.mkdtemp()) / "pack"
     pack.mkdir()

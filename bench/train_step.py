@@ -65,12 +65,15 @@ def data_folder(folder: Path, text_widths: tuple[int, int], text_tokens: int) ->
     """A one-row training data folder, as the trainer reads it."""
     from safetensors.torch import save_file
 
+    from umo_core.backbones.flux1.text_embedding import TextEmbedding, embedding_file_tensors
+
     (folder / "img").mkdir(parents=True)
     for name in (TARGET, *REFERENCES):
         shutil.copyfile(PHOTOS / name, folder / "img" / name)
     generator = torch.Generator().manual_seed(0)
-    save_file({"prompt_embeds": torch.randn(text_tokens, text_widths[0], generator=generator),
-               "pooled_prompt_embeds": torch.randn(text_widths[1], generator=generator)}, folder / "text.safetensors")
+    text = TextEmbedding(torch.randn(1, text_tokens, text_widths[0], generator=generator),
+                         torch.randn(1, text_widths[1], generator=generator))
+    save_file(embedding_file_tensors(text, 0), folder / "text.safetensors")
     row = {"prompt": "six people", "target": f"img/{TARGET}", "references": [f"img/{n}" for n in REFERENCES],
            "text_embedding": "text.safetensors"}
     (folder / "manifest.jsonl").write_text(json.dumps(row) + "\n")

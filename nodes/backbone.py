@@ -11,9 +11,9 @@ import node_helpers
 import torch
 from comfy.utils import ProgressBar
 
+from umo_core.backbones.lora_formats import check_family, load_lora_file, lora_family, to_comfy_lora
+from umo_core.backbones.references import reference_long_side, resize_reference
 from umo_core.errors import UMOError
-from umo_core.lora_formats import check_family, load_lora_file, lora_family, to_comfy_lora
-from umo_core.references import reference_long_side, resize_reference
 
 from .node_api import io
 from .sockets import collect_references, reference_image_inputs

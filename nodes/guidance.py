@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from umo_core.errors import UMOError
-from umo_core.guidance import REDETECT_EVERY, FaceReuse, autograd_copy, guide
+from umo_core.faces.guidance import REDETECT_EVERY, FaceReuse, autograd_copy, guide
 
 from .node_api import io
 from .sockets import FaceModelSocket, IdentitiesSocket

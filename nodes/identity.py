@@ -7,9 +7,9 @@ import torch
 from comfy.utils import ProgressBar
 
 from umo_core import FaceModel, Identities, load_face_model, rank
-from umo_core.annotate import annotate
+from umo_core.faces.annotate import annotate
+from umo_core.faces.scoring import CRITERIA, ImageScore, ground_truth_embeddings, score_image, score_table
 from umo_core.images import to_rgb_uint8
-from umo_core.scoring import CRITERIA, ImageScore, ground_truth_embeddings, score_image, score_table
 
 from .model_paths import face_pack_names, insightface_roots
 from .node_api import io, ui
@@ -38,7 +38,7 @@ def _annotated(images: torch.Tensor, scores: list[ImageScore], order: list[int])
 
 
 def _table(scores: list[ImageScore], order: list[int], criterion: str | None = None) -> str:
-    """The score table (umo_core.scoring.score_table; doubtful matches marked '?'), images by input number."""
+    """The score table (umo_core.faces.scoring.score_table; doubtful matches marked '?'), images by input number."""
     title = f"ranked by {criterion}, best first" if criterion else "in input order"
     return "\n".join([title, *score_table(scores, order, [str(i + 1) for i in range(len(scores))])])
 

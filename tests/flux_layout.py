@@ -1,7 +1,7 @@
 """diffusers -> Black Forest Labs layout for FLUX state dicts, to write the single files that flux1-dev.safetensors
 and ae.safetensors are (the layout ComfyUI loads) from tiny diffusers models.
 
-Written as the inverse of the layouts on its own, not from umo_core.flux, so that tests comparing the two can fail.
+Written as the inverse of the layouts on its own, not from umo_core.backbones.flux1, so that tests comparing the two can fail.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import re
 import torch
 from diffusers import AutoencoderKL, FluxTransformer2DModel
 
-from umo_core.flux import TRANSFORMER_CONFIG, VAE_CONFIG
+from umo_core.backbones.flux1.loading import TRANSFORMER_CONFIG, VAE_CONFIG
 
 # diffusers module -> BFL module for weights that only change name.
 _TOP_LEVEL = {

@@ -11,7 +11,7 @@ from insightface.utils.face_align import norm_crop
 from PIL import Image
 
 from tests.conftest import LFW
-from umo_core.alignment import align_faces
+from umo_core.faces.alignment import align_faces
 from umo_core.images import load_image
 
 # Stated tolerance: bilinear interpolation in float (ours) versus cv2's fixed-point bilinear.
@@ -42,7 +42,7 @@ def test_sampling_grid_is_torch_affine_grid(face_model, photos):
     """The NumPy grid (torch's affine_grid runs on the BLAS threads) is affine_grid's, for the faces of real photos."""
     import torch.nn.functional as F
 
-    from umo_core.alignment import CROP_SIZE, sampling_grid, sampling_thetas
+    from umo_core.faces.alignment import CROP_SIZE, sampling_grid, sampling_thetas
 
     image = load_image(photos / "t1_six_people.jpg")
     thetas = sampling_thetas(face_model.detect(image)[0].keypoints.astype(np.float64), image.shape[:2])

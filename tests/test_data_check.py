@@ -18,7 +18,7 @@ from tests.test_trainer import POOLED_DIM, TEXT_DIM, TEXT_LEN, tiny_transformer,
 from training.data import check_dataset, load_dataset
 from training.rerefl import main
 from umo_core import UMOError
-from umo_core.flux import check_vae, transformer_text_widths
+from umo_core.backbones.flux1.loading import check_vae, transformer_text_widths
 
 GOOD = {"prompt": "two people", "target": "img/Rob_Lowe_0002.jpg", "text_embedding": "text/0.safetensors",
         "references": ["img/Rob_Lowe_0001.jpg", "img/Nathalie_Baye_0002.jpg"], "identities": ["rob", "nathalie"]}

@@ -74,7 +74,7 @@ def test_nms_is_torchvision_nms(face_model, photos):
     on the raw candidates of real photos, and on random boxes with tied scores and empty boxes."""
     from torchvision.ops import nms as torchvision_nms
 
-    from umo_core.detection import NMS_IOU, detection_sizes, nms
+    from umo_core.faces.detection import NMS_IOU, detection_sizes, nms
 
     cases = []
     for name in ("t1_six_people.jpg", "Rob_Lowe_0001.jpg"):

@@ -14,7 +14,7 @@ from tests.conftest import ASSETS, PHOTOS, ROOT, make_pack
 from tests.official_packs import OFFICIAL_PACKS, add_inswapper, add_pack_files, fixture_detector, make_official_pack
 from umo_core import UMOError, load_face_model
 from umo_core.cli import main
-from umo_core.face_pack import find_face_pack, model_kind, onnx_session, read_onnx_model, resolve_providers
+from umo_core.faces.face_pack import find_face_pack, model_kind, onnx_session, read_onnx_model, resolve_providers
 
 REFERENCES = [PHOTOS / "Rob_Lowe_0001.jpg", PHOTOS / "Nathalie_Baye_0002.jpg"]
 IMAGES = [PHOTOS / "t1_six_people.jpg", PHOTOS / "Rob_Lowe_0002.jpg", PHOTOS / "no_face_view.jpg"]
@@ -153,7 +153,7 @@ assert main(sys.argv[1:]) == 0
 print("loaded:", sorted(set(SLOW_IMPORTS) & set(sys.modules)))
 import onnx
 from umo_core import load_face_model
-from umo_core.face_pack import read_onnx_model
+from umo_core.faces.face_pack import read_onnx_model
 model = load_face_model(sys.argv[sys.argv.index("--faces") + 1], provider="cpu", backend="torch")
 assert type(read_onnx_model(model.pack.recogniser)) is onnx.ModelProto and model.embedder.dim == 128
 """

@@ -13,17 +13,10 @@ from safetensors.torch import save_file
 
 from tests.flux_layout import transformer_to_bfl, vae_to_bfl
 from umo_core import UMOError
-from umo_core.flux import (
-    TRANSFORMER_CONFIG,
-    VAE_CONFIG,
-    TextEmbedding,
-    decode_latents,
-    encode_images,
-    flux_bfl_to_diffusers,
-    load_transformer,
-    load_vae,
-    predict_velocity,
-)
+from umo_core.backbones.flux1.keys import flux_bfl_to_diffusers
+from umo_core.backbones.flux1.loading import TRANSFORMER_CONFIG, VAE_CONFIG, load_transformer, load_vae
+from umo_core.backbones.flux1.runtime import decode_latents, encode_images, predict_velocity
+from umo_core.backbones.flux1.text_embedding import TextEmbedding
 
 TEXT_LEN, TEXT_DIM, POOLED_DIM = 4, 32, 16
 COMFY_PREFIX = "model.diffusion_model."

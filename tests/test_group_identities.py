@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from umo_core import identity_reward
+from umo_core.faces.matching import assign, similarity_matrix
 from umo_core.images import load_image
-from umo_core.matching import assign, similarity_matrix
 
 
 def _centres(boxes):

@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
-from umo_core.guidance import FaceReuse, guide, reward_gradient
+from umo_core.faces.guidance import FaceReuse, guide, reward_gradient
+from umo_core.faces.metrics import identity_metrics
 from umo_core.images import load_image
-from umo_core.metrics import identity_metrics
 
 
 def image_decoder(latent: torch.Tensor) -> torch.Tensor:
@@ -104,7 +104,7 @@ def test_gradient_through_a_real_vae_decoder(torch_face_model, photos):
 
 def test_autograd_copy_of_weights_loaded_in_inference_mode():
     """ComfyUI loads weights under inference mode; the gradient needs copies it can save for backward."""
-    from umo_core.guidance import autograd_copy
+    from umo_core.faces.guidance import autograd_copy
 
     with torch.inference_mode():
         loaded = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.GroupNorm(2, 4)).eval()

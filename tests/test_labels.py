@@ -14,11 +14,11 @@ from PIL import Image
 
 from tests.conftest import ASSETS, LFW
 from umo_core import load_face_model
-from umo_core.annotate import COLOURS, DOUBTFUL_LABEL, annotate
-from umo_core.face_model import SAME_PERSON_COSINE, same_person_threshold
+from umo_core.faces.annotate import COLOURS, DOUBTFUL_LABEL, annotate
+from umo_core.faces.face_model import SAME_PERSON_COSINE, same_person_threshold
+from umo_core.faces.metrics import identity_metrics
+from umo_core.faces.scoring import score_image, score_table
 from umo_core.images import load_image
-from umo_core.metrics import identity_metrics
-from umo_core.scoring import score_image, score_table
 
 
 def _lfw_pair_cosines(face_model) -> tuple[list[float], list[float]]:

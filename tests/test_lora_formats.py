@@ -20,7 +20,7 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import save_file
 
 from umo_core import UMOError
-from umo_core.lora_formats import (
+from umo_core.backbones.lora_formats import (
     UNO_TARGET_MODULES,
     check_family,
     detect_lora_format,

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from umo_core.matching import assign, mimr, similarity_matrix, sir
-from umo_core.metrics import blending, ground_truth_metrics, id_conf, id_sim, id_sim_matched, identity_metrics
+from umo_core.faces.matching import assign, mimr, similarity_matrix, sir
+from umo_core.faces.metrics import blending, ground_truth_metrics, id_conf, id_sim, id_sim_matched, identity_metrics
 
 S = torch.tensor([[0.2, 0.9, 0.1],
                   [0.8, 0.7, 0.0]])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from umo_core.references import reference_long_side, resize_reference
+from umo_core.backbones.references import reference_long_side, resize_reference
 
 
 @pytest.mark.parametrize(("count", "expected"), [(1, 512), (2, 320), (4, 320)])

@@ -17,8 +17,8 @@ from tokenizers.pre_tokenizers import ByteLevel
 from tests.test_trainer import POOLED_DIM, TEXT_DIM, tiny_transformer, tiny_vae
 from training.encode_prompts import cache_path
 from training.encode_prompts import main as encode_main
+from umo_core.backbones.flux1.text_encoders import encode_prompts, load_text_encoders
 from umo_core.errors import UMOError
-from umo_core.text_encoders import encode_prompts, load_text_encoders
 
 PROMPTS = ["two people at a cafe", "Zoé and Bob, smiling at the camera",
            "a prompt longer than CLIP's 77 tokens: " + "two people at a table " * 5]

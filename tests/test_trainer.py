@@ -96,7 +96,7 @@ def test_training_steps_change_only_the_lora(setup, tmp_path):
     # lora_B starts at zero in peft; after two steps it moved.
     assert any(v.abs().sum() > 0 for k, v in trained.items() if ".lora_B." in k)
     uno = load_file(tmp_path / "run" / "lora_uno.safetensors")
-    from umo_core.lora_formats import detect_lora_format
+    from umo_core.backbones.lora_formats import detect_lora_format
 
     assert detect_lora_format(uno) == "uno"
     assert json.loads((tmp_path / "run" / "training_config.json").read_text())["rank"] == 4
@@ -149,8 +149,9 @@ def test_reward_gradient_reaches_the_lora_through_vae_and_face_network(assets, p
     from peft import LoraConfig
 
     from umo_core import identity_reward, load_face_model
-    from umo_core.flux import TextEmbedding, decode_latents, predict_velocity
-    from umo_core.lora_formats import UNO_TARGET_MODULES
+    from umo_core.backbones.flux1.runtime import decode_latents, predict_velocity
+    from umo_core.backbones.flux1.text_embedding import TextEmbedding
+    from umo_core.backbones.lora_formats import UNO_TARGET_MODULES
 
     face_model = load_face_model(pack_dir, provider="cpu", backend="torch")
     identities = face_model.identities([photos / "Rob_Lowe_0001.jpg"])
@@ -184,9 +185,9 @@ def test_generate_command_with_and_without_a_uno_lora(setup, photos, tmp_path):
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
+    from umo_core.backbones.flux1.loading import merge_lora
+    from umo_core.backbones.lora_formats import UNO_TARGET_MODULES, diffusers_to_uno, save_lora_file
     from umo_core.cli import main as umo_main
-    from umo_core.flux import merge_lora
-    from umo_core.lora_formats import UNO_TARGET_MODULES, diffusers_to_uno, save_lora_file
 
     root, data, _ = setup
     adapted = tiny_transformer()
@@ -333,8 +334,8 @@ def test_trained_lora_has_the_same_effect_in_diffusers_and_in_comfyui(setup, tmp
     """The trainer's own lora_uno.safetensors: merged into the diffusers model (headless generation) and
     applied by ComfyUI's LoRA code to its fused FLUX weights (the pack's loader path), the weight
     deltas are the ones the trainer trained (peft's B @ A of lora_diffusers.safetensors)."""
-    from umo_core.flux import merge_lora
-    from umo_core.lora_formats import load_lora_file, to_comfy_lora
+    from umo_core.backbones.flux1.loading import merge_lora
+    from umo_core.backbones.lora_formats import load_lora_file, to_comfy_lora
 
     root, data, pack = setup
     assert main(_args(root, data, pack, tmp_path / "run", 2)) == 0
@@ -390,8 +391,8 @@ def test_withanyone_gradient_reaches_the_lora(setup, pack_dir):
     from training.data import load_dataset
     from training.step import StepSettings, withanyone_terms
     from umo_core import load_face_model
-    from umo_core.flux import predict_velocity
-    from umo_core.lora_formats import UNO_TARGET_MODULES
+    from umo_core.backbones.flux1.runtime import predict_velocity
+    from umo_core.backbones.lora_formats import UNO_TARGET_MODULES
 
     root, data, pack = setup
     face_model = load_face_model(pack_dir, provider="cpu", backend="torch")

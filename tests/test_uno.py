@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from umo_core.uno import clean_estimate, flux_sigmas, pack_latents, text_ids, uno_image_ids, unpack_latents
+from umo_core.backbones.flux1.uno import (
+    clean_estimate,
+    flux_sigmas,
+    pack_latents,
+    text_ids,
+    uno_image_ids,
+    unpack_latents,
+)
 
 
 def test_pack_unpack_round_trip_and_patch_order():

@@ -11,8 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from umo_core import UMOError
-from umo_core.images import float_image, load_image
-from umo_core.withanyone import (
+from umo_core.faces.withanyone import (
     contrastive_id_loss,
     gt_aligned_embeddings,
     gt_aligned_id_loss,
@@ -20,6 +19,7 @@ from umo_core.withanyone import (
     paired_with_references,
     reference_bank,
 )
+from umo_core.images import float_image, load_image
 
 
 def _batch(*arrays: np.ndarray) -> torch.Tensor:

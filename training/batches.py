@@ -9,12 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from safetensors.torch import load_file
 
-from umo_core.face_model import AnalysedImage, Identities
-from umo_core.flux import TextEmbedding, encode_images
+from umo_core.backbones.flux1.runtime import encode_images
+from umo_core.backbones.flux1.text_embedding import TextEmbedding, load_text_embeddings
+from umo_core.backbones.references import reference_long_side, resize_reference
+from umo_core.faces.face_model import AnalysedImage, Identities
 from umo_core.images import float_image, load_image
-from umo_core.references import reference_long_side, resize_reference
 
 from .buckets import fit_faces_to_bucket, fit_to_bucket
 from .data import Sample
@@ -41,9 +41,7 @@ def load_batch(samples: list[Sample], size: tuple[int, int], vae, device: torch.
     references = [encode_images(vae, torch.stack([resize_reference(float_image(people[k]), side)
                                                   for people in photos]).to(device))
                   for k in range(len(photos[0]))]
-    embeddings = [load_file(s.text_embedding) for s in samples]
-    text = TextEmbedding(torch.stack([e["prompt_embeds"] for e in embeddings]).to(device),
-                         torch.stack([e["pooled_prompt_embeds"] for e in embeddings]).to(device))
+    text = load_text_embeddings([s.text_embedding for s in samples], device)
     return Batch(rows=[s.row for s in samples], target=encode_images(vae, target_images.to(device)),
                  references=references, identities=[s.identities for s in samples],
                  names=[s.names for s in samples],

@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import ExifTags, Image
-from safetensors import safe_open
 
-from umo_core.detection import Faces
-from umo_core.face_model import AnalysedImage
-from umo_core.references import MULTIPLE, reference_long_side, resized_shape
+from umo_core.backbones.flux1.text_embedding import text_embedding_shapes
+from umo_core.backbones.references import MULTIPLE, reference_long_side, resized_shape
+from umo_core.faces.detection import Faces
+from umo_core.faces.face_model import AnalysedImage
 
 # width / height, from tall to wide: the usual photo formats.
 ASPECT_RATIOS = (1 / 2, 9 / 16, 2 / 3, 3 / 4, 1, 4 / 3, 3 / 2, 16 / 9, 2)
@@ -88,8 +88,7 @@ def shape_key(target: Path, references: list[Path], text_embedding: Path, resolu
     side = reference_long_side(len(references))
     reference_shapes = tuple(tuple(n // MULTIPLE * MULTIPLE for n in resized_shape(*image_size(p), side))
                              for p in references)
-    with safe_open(text_embedding, "pt") as embedding:
-        text_length = embedding.get_slice("prompt_embeds").get_shape()[0]
+    text_length = text_embedding_shapes(text_embedding)[0][0]
     return bucket, reference_shapes, text_length
 
 

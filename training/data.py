@@ -25,10 +25,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path, PurePath
 from typing import TypeVar
 
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 
+from umo_core.backbones.flux1.text_embedding import POOLED_KEY, PROMPT_KEY, text_embedding_shapes
 from umo_core.errors import UMOError
-from umo_core.face_model import AnalysedImage, FaceModel, Identities
+from umo_core.faces.face_model import AnalysedImage, FaceModel, Identities
 from umo_core.images import load_image
 
 Result = TypeVar("Result")
@@ -112,16 +113,13 @@ def _check_text_embedding(folder: Path, row: dict, widths: tuple[int, int] | Non
     if not path.is_file():
         raise UMOError(f"text embedding '{relative}' does not exist ({encode_hint})")
     try:
-        with safe_open(path, "pt") as embedding:
-            names = set(embedding.keys())
-            if not {"prompt_embeds", "pooled_prompt_embeds"} <= names:
-                raise UMOError(f"text embedding '{relative}' lacks prompt_embeds / pooled_prompt_embeds "
-                               f"({encode_hint})")
-            prompt = embedding.get_slice("prompt_embeds").get_shape()
-            pooled = embedding.get_slice("pooled_prompt_embeds").get_shape()
+        shapes = text_embedding_shapes(path)
     except (SafetensorError, OSError) as error:
         raise UMOError(f"text embedding '{relative}' is not a readable .safetensors file ({error}); "
                        f"delete it and {encode_hint}") from None
+    if shapes is None:
+        raise UMOError(f"text embedding '{relative}' lacks {PROMPT_KEY} / {POOLED_KEY} ({encode_hint})")
+    prompt, pooled = shapes
     if len(prompt) != 2 or prompt[0] < 1 or len(pooled) != 1:
         raise UMOError(f"text embedding '{relative}' has prompt_embeds {prompt} and pooled_prompt_embeds {pooled}; "
                        "they must be [L, width] and [width] (one prompt, no batch dimension)")

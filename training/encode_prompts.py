@@ -22,8 +22,9 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from umo_core.backbones.flux1.text_embedding import embedding_file_tensors
+from umo_core.backbones.flux1.text_encoders import encode_prompts, load_text_encoders
 from umo_core.errors import UMOError
-from umo_core.text_encoders import encode_prompts, load_text_encoders
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -90,8 +91,7 @@ def encode_data_folder(data: Path, text_encoders: Path, device: str, dtype: torc
             chunk = pending[start:start + batch_size]
             text = encode_prompts(encoders, [prompt for _, prompt in chunk])
             for i, (path, _) in enumerate(chunk):
-                _write_atomically(data / path, {"prompt_embeds": text.prompt_embeds[i].cpu(),
-                                                "pooled_prompt_embeds": text.pooled_prompt_embeds[i].cpu()})
+                _write_atomically(data / path, embedding_file_tensors(text, i))
     if filled:
         temporary = manifest.with_name(manifest.name + ".tmp")
         temporary.write_text("".join(line + "\n" for line in lines))

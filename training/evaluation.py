@@ -14,10 +14,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from umo_core.face_model import FaceModel
-from umo_core.flux import decode_latents, sample
-from umo_core.metrics import average_metrics
-from umo_core.scoring import score_image
+from umo_core.backbones.flux1.runtime import decode_latents, sample
+from umo_core.faces.face_model import FaceModel
+from umo_core.faces.metrics import average_metrics
+from umo_core.faces.scoring import score_image
 
 from .batches import Batch
 

@@ -33,19 +33,25 @@ from peft.utils import set_peft_model_state_dict
 from tqdm import tqdm
 
 from umo_core import UMOError, identity_metrics
-from umo_core.face_model import FaceModel
-from umo_core.face_pack import FacePack, find_face_pack
-from umo_core.flux import check_vae, load_flux_lora, load_transformer, load_vae, transformer_text_widths
-from umo_core.lora_formats import (
+from umo_core.backbones.flux1.loading import (
+    check_vae,
+    load_flux_lora,
+    load_transformer,
+    load_vae,
+    transformer_text_widths,
+)
+from umo_core.backbones.lora_formats import (
     BASE_MODEL_METADATA_KEY,
     FORMAT_METADATA_KEY,
     UNO_TARGET_MODULES,
     diffusers_to_uno,
     save_lora_file,
 )
-from umo_core.matching import REWARDS
-from umo_core.metrics import average_metrics
-from umo_core.withanyone import ReferenceBank, reference_bank
+from umo_core.faces.face_model import FaceModel
+from umo_core.faces.face_pack import FacePack, find_face_pack
+from umo_core.faces.matching import REWARDS
+from umo_core.faces.metrics import average_metrics
+from umo_core.faces.withanyone import ReferenceBank, reference_bank
 
 from .batches import Batch, load_batch
 from .buckets import BatchOrder, shape_key

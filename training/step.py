@@ -18,12 +18,12 @@ from dataclasses import dataclass
 import torch
 from accelerate import Accelerator
 
-from umo_core.detection import Faces
-from umo_core.face_model import FaceModel
-from umo_core.flux import decode_latents, predict_velocity, sample
-from umo_core.reward import RewardResult, identity_reward
-from umo_core.uno import clean_estimate, flux_sigmas
-from umo_core.withanyone import (
+from umo_core.backbones.flux1.runtime import decode_latents, predict_velocity, sample
+from umo_core.backbones.flux1.uno import clean_estimate, flux_sigmas
+from umo_core.faces.detection import Faces
+from umo_core.faces.face_model import FaceModel
+from umo_core.faces.reward import RewardResult, identity_reward
+from umo_core.faces.withanyone import (
     CONTRASTIVE_TEMPERATURE,
     ID_LOSS_MAX_SIGMA,
     ReferenceBank,
@@ -43,7 +43,7 @@ class StepSettings:
 
     sampling_steps: int = 25
     window: int = 10  # the gradient step is drawn from the last `window` sampling steps
-    reward: str = "mimr"  # a name in umo_core.matching.REWARDS
+    reward: str = "mimr"  # a name in umo_core.faces.matching.REWARDS
     diffusion_weight: float = 1.0  # lambda
     gt_id_weight: float = 0.0  # WithAnyone's GT-aligned ID loss (0: off)
     contrastive_weight: float = 0.0  # WithAnyone's contrastive ID loss (0: off)

@@ -12,15 +12,14 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 from tqdm import tqdm
 
-from .annotate import annotate
+from .backbones.flux1.text_embedding import TextEmbedding, load_text_embeddings
 from .errors import UMOError
-from .face_model import load_face_model
-from .flux import TextEmbedding
+from .faces.annotate import annotate
+from .faces.face_model import load_face_model
+from .faces.scoring import CRITERIA, ground_truth_embeddings, rank, score_image, score_table
 from .images import MAX_PIXELS, MAX_PIXELS_ENV, load_image, pixel_limit
-from .scoring import CRITERIA, ground_truth_embeddings, rank, score_image, score_table
 
 DEFAULT_PACK = "antelopev2"
 
@@ -71,21 +70,21 @@ def _prompt_embedding(args: argparse.Namespace, dtype: torch.dtype) -> TextEmbed
     if args.prompt is None:
         if args.text_encoders:
             raise UMOError("--text-encoders goes with --prompt; with --text-embedding leave it out")
-        embedding = load_file(args.text_embedding)
-        return TextEmbedding(embedding["prompt_embeds"][None], embedding["pooled_prompt_embeds"][None])
+        return load_text_embeddings([args.text_embedding])
     if not args.text_encoders:
         raise UMOError("--prompt needs --text-encoders: a diffusers FLUX folder with text_encoder/, tokenizer/, "
                        "text_encoder_2/ and tokenizer_2/")
-    from .text_encoders import encode_prompts, load_text_encoders
+    from .backbones.flux1.text_encoders import encode_prompts, load_text_encoders
 
     return encode_prompts(load_text_encoders(args.text_encoders, dtype, args.device), [args.prompt])
 
 
 def generate_command(args: argparse.Namespace) -> list[Path]:
     """The headless twin of the UMO-UNO ComfyUI graph."""
-    from .flux import decode_latents, encode_images, load_transformer, load_vae, merge_lora, sample
+    from .backbones.flux1.loading import load_transformer, load_vae, merge_lora
+    from .backbones.flux1.runtime import decode_latents, encode_images, sample
+    from .backbones.references import reference_long_side, resize_reference
     from .images import float_image
-    from .references import reference_long_side, resize_reference
 
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     # The prompt first: the text encoders are freed before the transformer takes the memory.

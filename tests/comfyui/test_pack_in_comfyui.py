@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import PHOTOS
-from umo_core.scoring import DOUBTFUL_MARK
+from umo_core.faces.scoring import DOUBTFUL_MARK
 
 # Small references keep the full-width FLUX block fast on a CPU (UNO's 320 px rule is tested in process).
 REFERENCE_LONG_SIDE = 128

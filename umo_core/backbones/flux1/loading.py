@@ -1,6 +1,7 @@
-"""FLUX with UNO's references in diffusers: loading, one velocity prediction, sampling.
+"""FLUX.1 models from the files people have, offline: the transformer, the autoencoder and LoRAs.
 
-The same functions serve the trainer (with gradient) and headless generation (without).
+Single files in Black Forest Labs' layout (what ComfyUI loads) or diffusers folders; every path is checked
+from its config or header first, so a wrong file is named before any weight is read.
 """
 
 from __future__ import annotations
@@ -8,25 +9,19 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .errors import UMOError
-from .lora_formats import detect_lora_format, load_lora_file, peft_alpha, uno_to_diffusers
-from .uno import flux_sigmas, pack_latents, text_ids, uno_image_ids, unpack_latents
+from ...errors import UMOError
+from ..lora_formats import detect_lora_format, load_lora_file, peft_alpha, uno_to_diffusers
+from .keys import COMFY_MODEL_PREFIX, TRANSFORMER_REQUIRED, VAE_REQUIRED, flux_bfl_to_diffusers
+from .runtime import LATENT_CHANNELS
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL, FluxTransformer2DModel
-
-
-@dataclass
-class TextEmbedding:
-    prompt_embeds: torch.Tensor  # [B, L, 4096] T5
-    pooled_prompt_embeds: torch.Tensor  # [B, 768] CLIP
 
 
 # FLUX.1-dev's diffusers configs, shipped so that single files load without the hub; the numbers a file
@@ -38,54 +33,6 @@ TRANSFORMER_FILES = ("flux1-dev.safetensors or flux1-schnell.safetensors (Black 
                      "ComfyUI's models/diffusion_models) or the 'transformer' folder of a diffusers FLUX.1 download")
 VAE_FILES = ("FLUX's ae.safetensors (as in ComfyUI's models/vae) or the 'vae' folder of a diffusers FLUX.1 "
              "download")
-# ComfyUI's all-in-one checkpoints keep the transformer under this prefix, beside the VAE and text encoders.
-COMFY_MODEL_PREFIX = "model.diffusion_model."
-FLUX_LATENT_CHANNELS = 16
-# Tensors a single file must have to be taken for a FLUX transformer / autoencoder (BFL names).
-TRANSFORMER_REQUIRED = ("img_in.weight", "txt_in.weight", "time_in.in_layer.weight", "vector_in.in_layer.weight",
-                        "final_layer.linear.weight", "double_blocks.0.img_attn.norm.query_norm.scale")
-VAE_REQUIRED = ("encoder.conv_in.weight", "encoder.conv_out.weight", "encoder.down.0.block.0.conv1.weight",
-                "decoder.conv_in.weight", "decoder.conv_out.weight")
-
-# BFL module -> diffusers module(s) of FluxTransformer2DModel. Fused weights (several targets) stack the
-# targets along the output rows, `hidden` rows each and the rest for the last (the single blocks' MLP input).
-BFL_TOP_LEVEL = {
-    "img_in": ("x_embedder",),
-    "txt_in": ("context_embedder",),
-    "time_in.in_layer": ("time_text_embed.timestep_embedder.linear_1",),
-    "time_in.out_layer": ("time_text_embed.timestep_embedder.linear_2",),
-    "vector_in.in_layer": ("time_text_embed.text_embedder.linear_1",),
-    "vector_in.out_layer": ("time_text_embed.text_embedder.linear_2",),
-    "guidance_in.in_layer": ("time_text_embed.guidance_embedder.linear_1",),
-    "guidance_in.out_layer": ("time_text_embed.guidance_embedder.linear_2",),
-    "final_layer.linear": ("proj_out",),
-    "final_layer.adaLN_modulation.1": ("norm_out.linear",),
-}
-BFL_DOUBLE_BLOCK = {
-    "img_mod.lin": ("norm1.linear",),
-    "txt_mod.lin": ("norm1_context.linear",),
-    "img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
-    "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
-    "img_attn.norm.query_norm": ("attn.norm_q",),
-    "img_attn.norm.key_norm": ("attn.norm_k",),
-    "txt_attn.norm.query_norm": ("attn.norm_added_q",),
-    "txt_attn.norm.key_norm": ("attn.norm_added_k",),
-    "img_attn.proj": ("attn.to_out.0",),
-    "txt_attn.proj": ("attn.to_add_out",),
-    "img_mlp.0": ("ff.net.0.proj",),
-    "img_mlp.2": ("ff.net.2",),
-    "txt_mlp.0": ("ff_context.net.0.proj",),
-    "txt_mlp.2": ("ff_context.net.2",),
-}
-BFL_SINGLE_BLOCK = {
-    "modulation.lin": ("norm.linear",),
-    "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
-    "norm.query_norm": ("attn.norm_q",),
-    "norm.key_norm": ("attn.norm_k",),
-    "linear2": ("proj_out",),
-}
-BFL_BLOCKS = {"double_blocks": ("transformer_blocks", BFL_DOUBLE_BLOCK),
-              "single_blocks": ("single_transformer_blocks", BFL_SINGLE_BLOCK)}
 
 
 def load_transformer(path: str | Path, dtype: torch.dtype = torch.bfloat16) -> FluxTransformer2DModel:
@@ -114,41 +61,6 @@ def load_transformer(path: str | Path, dtype: torch.dtype = torch.bfloat16) -> F
                        f"diffusers' names); give {TRANSFORMER_FILES}")
     model.load_state_dict(state_dict, assign=True)
     return model.eval()
-
-
-def flux_bfl_to_diffusers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A FLUX transformer state dict in Black Forest Labs' layout (`double_blocks.0.img_attn.qkv.weight`) as
-    FluxTransformer2DModel's (`transformer_blocks.0.attn.to_q.weight`); empties `state_dict` as it goes.
-
-    Keys it does not know are kept as they are, for the caller to report. (diffusers' own single-file converter
-    cuts the fused weights at FLUX.1's width of 3072, so other widths, the tests' tiny files among them, need
-    this one.)"""
-    hidden = state_dict["img_in.weight"].shape[0]
-    converted = {}
-    for key in list(state_dict):
-        tensor = state_dict.pop(key)
-        module, parameter = key.rsplit(".", 1)
-        parameter = "weight" if parameter == "scale" else parameter  # BFL's RMSNorm names its weight `scale`
-        group, _, rest = module.partition(".")
-        if group in BFL_BLOCKS and rest.partition(".")[0].isdigit():
-            index, _, inner = rest.partition(".")
-            prefix, table = f"{BFL_BLOCKS[group][0]}.{index}.", BFL_BLOCKS[group][1]
-        else:
-            prefix, inner, table = "", module, BFL_TOP_LEVEL
-        targets = table.get(inner)
-        if targets is None:
-            converted[key] = tensor
-            continue
-        if inner == "final_layer.adaLN_modulation.1":
-            # BFL's last layer reads (shift, scale) from this projection, diffusers' AdaLayerNormContinuous
-            # (scale, shift).
-            tensor = torch.cat(tensor.chunk(2)[::-1])
-        rows = [hidden] * (len(targets) - 1)
-        pieces = tensor.split(rows + [tensor.shape[0] - sum(rows)]) if rows else (tensor,)
-        for target, piece in zip(targets, pieces):
-            # Pieces of a fused weight get their own storage: parameters that share one cannot be saved.
-            converted[f"{prefix}{target}.{parameter}"] = piece.clone() if rows else piece
-    return converted
 
 
 def load_vae(path: str | Path, dtype: torch.dtype = torch.bfloat16) -> AutoencoderKL:
@@ -199,13 +111,13 @@ def check_vae(path: str | Path) -> None:
     path = Path(path)
     if path.is_dir():
         config = _diffusers_config(path, "AutoencoderKL", "FLUX autoencoder", VAE_FILES)
-        latent_channels = config.get("latent_channels", FLUX_LATENT_CHANNELS)
+        latent_channels = config.get("latent_channels", LATENT_CHANNELS)
     else:
         with _open_single_file(path, "FLUX autoencoder", VAE_FILES, VAE_REQUIRED) as (handle, names):
             latent_channels = handle.get_slice(names["decoder.conv_in.weight"]).get_shape()[1]
-    if latent_channels != FLUX_LATENT_CHANNELS:
+    if latent_channels != LATENT_CHANNELS:
         raise UMOError(f"autoencoder '{path}' has {latent_channels} latent channels, FLUX's has "
-                       f"{FLUX_LATENT_CHANNELS} (is it a Stable Diffusion VAE?); give {VAE_FILES}")
+                       f"{LATENT_CHANNELS} (is it a Stable Diffusion VAE?); give {VAE_FILES}")
 
 
 def _diffusers_config(path: Path, class_name: str, what: str, expected: str) -> dict:
@@ -283,56 +195,6 @@ def _transformer_config(state_dict: dict[str, torch.Tensor], path: Path) -> dict
     return config
 
 
-def encode_images(vae, images: torch.Tensor) -> torch.Tensor:
-    """Images [B,H,W,3] in 0..1 -> normalised FLUX latents [B,16,H/8,W/8] (the transformer's space)."""
-    pixels = images.movedim(-1, 1).to(vae.device, vae.dtype) * 2 - 1
-    latent = vae.encode(pixels).latent_dist.mode()
-    return (latent - vae.config.shift_factor) * vae.config.scaling_factor
-
-
-def decode_latents(vae, latent: torch.Tensor) -> torch.Tensor:
-    """Normalised latents -> images [B,H,W,3] in 0..1 (differentiable)."""
-    raw = latent.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
-    return ((vae.decode(raw).sample.float() + 1) / 2).clamp(0, 1).movedim(1, -1)
-
-
-def predict_velocity(transformer, latent: torch.Tensor, sigma: torch.Tensor | float, text: TextEmbedding,
-                     references: list[torch.Tensor], guidance: float = 1.0) -> torch.Tensor:
-    """The flow velocity for the target latent [B,16,h,w] with UNO's references (each [B,16,hk,wk])."""
-    b, _, h, w = latent.shape
-    tokens = torch.cat([pack_latents(latent)] + [pack_latents(r) for r in references], dim=1)
-    ids = uno_image_ids((h, w), [tuple(r.shape[-2:]) for r in references]).to(latent.device)
-    sigma = torch.as_tensor(sigma, device=latent.device, dtype=torch.float32).expand(b)
-    # Under multi-process training the transformer is wrapped (DistributedDataParallel): call the
-    # wrapper, which synchronises the gradients, and read dtype and config from the model inside.
-    model = getattr(transformer, "module", transformer)
-    dtype = model.dtype
-    output = transformer(
-        hidden_states=tokens.to(dtype),
-        encoder_hidden_states=text.prompt_embeds.to(latent.device, dtype),
-        pooled_projections=text.pooled_prompt_embeds.to(latent.device, dtype),
-        timestep=sigma.to(dtype),
-        img_ids=ids, txt_ids=text_ids(text.prompt_embeds.shape[1]).to(latent.device),
-        guidance=torch.full((b,), guidance, device=latent.device, dtype=dtype)
-        if model.config.guidance_embeds else None,
-        return_dict=False,
-    )[0]
-    target_tokens = (h // 2) * (w // 2)
-    return unpack_latents(output[:, :target_tokens].float(), h, w)
-
-
-@torch.no_grad()
-def sample(transformer, noise: torch.Tensor, text: TextEmbedding, references: list[torch.Tensor],
-           steps: int = 25, guidance: float = 4.0, stop_at: int | None = None) -> torch.Tensor:
-    """FLUX's Euler sampler from `noise` over the shifted schedule; `stop_at` ends after that many steps."""
-    sigmas = flux_sigmas(steps, (noise.shape[2] // 2) * (noise.shape[3] // 2))
-    latent = noise
-    for i in range(steps if stop_at is None else stop_at):
-        velocity = predict_velocity(transformer, latent, sigmas[i], text, references, guidance)
-        latent = latent + (sigmas[i + 1] - sigmas[i]) * velocity
-    return latent
-
-
 def load_flux_lora(path: str | Path) -> dict[str, torch.Tensor]:
     """A UNO-layout (UMO_UNO, this trainer's) or diffusers-peft FLUX LoRA as peft keys of
     FluxTransformer2DModel (`transformer_blocks.0.attn.to_q.lora_A.weight`), its alpha folded into the ups
@@ -369,3 +231,4 @@ def merge_lora(transformer, path: str | Path, strength: float = 1.0) -> int:
         weight += (strength * up.float() @ down.float()).to(weight)
         merged += 1
     return merged
+

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import UMOError
+from ..errors import UMOError
 
 SINGLE_REFERENCE_LONG_SIDE = 512
 MULTI_REFERENCE_LONG_SIDE = 320

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import UMOError
 from .detection import Faces
-from .errors import UMOError
 from .face_model import FaceModel, Identities
 from .matching import REWARDS, assign, similarity_matrix
 

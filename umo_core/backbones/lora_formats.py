@@ -31,7 +31,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .errors import UMOError
+from ..errors import UMOError
 
 # Metadata the project's trainer writes into its LoRA files.
 FORMAT_METADATA_KEY = "umo_format"

@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import UMOError
+from ..images import ImageLike, float_image, to_rgb_uint8
 from .alignment import align_faces
 from .detection import FaceDetector, Faces
 from .embedding import FaceEmbedder, make_embedder
-from .errors import UMOError
 from .face_pack import FacePack, find_face_pack, resolve_providers
-from .images import ImageLike, float_image, to_rgb_uint8
 
 SAME_PERSON_COSINE = {512: 0.40, 128: 0.45}  # by embedding size; the numbers' sources: same_person_threshold
 DEFAULT_SAME_PERSON_COSINE = 0.40

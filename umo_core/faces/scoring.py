@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..images import ImageLike
 from .detection import Faces
 from .face_model import FaceModel, Identities
-from .images import ImageLike
 from .metrics import identity_metrics
 
 CRITERIA = ("mimr", "id_sim", "id_conf")

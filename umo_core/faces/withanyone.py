@@ -20,8 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import UMOError
 from .detection import Faces
-from .errors import UMOError
 from .face_model import AnalysedImage, FaceModel
 from .matching import assign, similarity_matrix
 

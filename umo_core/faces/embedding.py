@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import UMOError
+from ..errors import UMOError
 from .face_pack import onnx_session, read_onnx_model
 
 if TYPE_CHECKING:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .errors import UMOError
+from ..errors import UMOError
 from .face_pack import onnx_session
 
 BASE_SIZES = (128, 640)

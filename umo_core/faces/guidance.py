@@ -33,10 +33,10 @@ import numpy as np
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from ..errors import UMOError
+from ..images import to_rgb_uint8
 from .detection import Faces
-from .errors import UMOError
 from .face_model import FaceModel, Identities
-from .images import to_rgb_uint8
 from .reward import reward_of_faces
 
 Decoder = Callable[[torch.Tensor], torch.Tensor]  # latent [1,C,h,w] -> image [1,H,W,3] in 0..1

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import onnxruntime
 
-from .errors import UMOError
+from ..errors import UMOError
 
 if TYPE_CHECKING:
     from onnx import ModelProto

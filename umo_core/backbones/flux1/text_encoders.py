@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .errors import UMOError
-from .flux import TextEmbedding
+from ...errors import UMOError
+from .text_embedding import TextEmbedding
 
 if TYPE_CHECKING:
     from transformers import CLIPTextModel, PreTrainedTokenizerBase, T5EncoderModel

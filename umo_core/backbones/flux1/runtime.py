@@ -1,0 +1,63 @@
+"""FLUX.1 with UNO's references at run time: latents in and out of the autoencoder, one velocity prediction,
+Euler sampling. The same functions serve the trainer (with gradient) and headless generation (without).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .text_embedding import TextEmbedding
+from .uno import euler_step, flux_sigmas, pack_latents, text_ids, uno_image_ids, unpack_latents
+
+LATENT_CHANNELS = 16  # FLUX.1's autoencoder; the transformer packs them into 2x2 patches of 64
+
+
+def encode_images(vae, images: torch.Tensor) -> torch.Tensor:
+    """Images [B,H,W,3] in 0..1 -> normalised FLUX latents [B,16,H/8,W/8] (the transformer's space)."""
+    pixels = images.movedim(-1, 1).to(vae.device, vae.dtype) * 2 - 1
+    latent = vae.encode(pixels).latent_dist.mode()
+    return (latent - vae.config.shift_factor) * vae.config.scaling_factor
+
+
+def decode_latents(vae, latent: torch.Tensor) -> torch.Tensor:
+    """Normalised latents -> images [B,H,W,3] in 0..1 (differentiable)."""
+    raw = latent.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+    return ((vae.decode(raw).sample.float() + 1) / 2).clamp(0, 1).movedim(1, -1)
+
+
+def predict_velocity(transformer, latent: torch.Tensor, sigma: torch.Tensor | float, text: TextEmbedding,
+                     references: list[torch.Tensor], guidance: float = 1.0) -> torch.Tensor:
+    """The flow velocity for the target latent [B,16,h,w] with UNO's references (each [B,16,hk,wk])."""
+    b, _, h, w = latent.shape
+    tokens = torch.cat([pack_latents(latent)] + [pack_latents(r) for r in references], dim=1)
+    ids = uno_image_ids((h, w), [tuple(r.shape[-2:]) for r in references]).to(latent.device)
+    sigma = torch.as_tensor(sigma, device=latent.device, dtype=torch.float32).expand(b)
+    # Under multi-process training the transformer is wrapped (DistributedDataParallel): call the
+    # wrapper, which synchronises the gradients, and read dtype and config from the model inside.
+    model = getattr(transformer, "module", transformer)
+    dtype = model.dtype
+    output = transformer(
+        hidden_states=tokens.to(dtype),
+        encoder_hidden_states=text.prompt_embeds.to(latent.device, dtype),
+        pooled_projections=text.pooled_prompt_embeds.to(latent.device, dtype),
+        timestep=sigma.to(dtype),
+        img_ids=ids, txt_ids=text_ids(text.prompt_embeds.shape[1]).to(latent.device),
+        guidance=torch.full((b,), guidance, device=latent.device, dtype=dtype)
+        if model.config.guidance_embeds else None,
+        return_dict=False,
+    )[0]
+    target_tokens = (h // 2) * (w // 2)
+    return unpack_latents(output[:, :target_tokens].float(), h, w)
+
+
+@torch.no_grad()
+def sample(transformer, noise: torch.Tensor, text: TextEmbedding, references: list[torch.Tensor],
+           steps: int = 25, guidance: float = 4.0, stop_at: int | None = None) -> torch.Tensor:
+    """FLUX's Euler sampler from `noise` over the shifted schedule; `stop_at` ends after that many steps."""
+    sigmas = flux_sigmas(steps, (noise.shape[2] // 2) * (noise.shape[3] // 2))
+    latent = noise
+    for i in range(steps if stop_at is None else stop_at):
+        velocity = predict_velocity(transformer, latent, sigmas[i], text, references, guidance)
+        latent = euler_step(latent, velocity, sigmas[i], sigmas[i + 1])
+    return latent
+
