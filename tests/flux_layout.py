@@ -1,7 +1,8 @@
 """diffusers -> Black Forest Labs layout for FLUX state dicts, to write the single files that flux1-dev.safetensors
 and ae.safetensors are (the layout ComfyUI loads) from tiny diffusers models.
 
-Written as the inverse of the layouts on its own, not from umo_core.backbones.flux1, so that tests comparing the two can fail.
+Written as the inverse of the layouts on its own, not from umo_core.backbones.flux1, so that tests comparing
+the two can fail.
 """
 
 from __future__ import annotations

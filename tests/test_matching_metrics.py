@@ -1,4 +1,5 @@
-"""Hungarian matching, MIMR/SIR exactly as umo-method.md defines them, and the metrics."""
+"""Hungarian matching, MIMR/SIR exactly as the UMO paper (arXiv 2509.06818) defines them, and the
+metrics (the README's Metrics)."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ A photo is a target when every face in it that is not background (filters.IGNORE
 identified, no identity appears twice, and it shows between --min-people and --max-people people.
 The row's identities go left to right. Each person's reference is their best face (references.py)
 in another photo: never the target itself or a near-duplicate of it, which would teach the model to
-paste the reference (WithAnyone's paired data, umo-method.md section 7). With --same-photo-references
+paste the reference (WithAnyone's paired data, arXiv 2510.14975). With --same-photo-references
 a person without another photo is cropped from the target instead, and the row says so.
 """
 

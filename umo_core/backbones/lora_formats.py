@@ -1,6 +1,6 @@
 """LoRA files for UMO's backbones: reading, writing, recognising the key layout, converting between layouts.
 
-Layouts (umo-method.md section 5), as `detect_lora_format` names them:
+Layouts (the README's "LoRA files and key layouts"), as `detect_lora_format` names them:
 - "uno": UNO / UMO_UNO / this project's trainer, FLUX processor keys
   `double_blocks.{i}.processor.{qkv_lora1,proj_lora1,qkv_lora2,proj_lora2}.{down,up}.weight`,
   `single_blocks.{i}.processor.{qkv_lora,proj_lora}.{down,up}.weight` (optionally `diffusion_model.`-prefixed);

@@ -1,4 +1,4 @@
-"""UNO's reference-image preparation (umo-method.md section 4): the resize rule.
+"""UNO's reference-image preparation (UNO, arXiv 2504.02160): the resize rule.
 
 Each reference's long side goes to 512 px when there is one reference and 320 px when there
 are several (LANCZOS), then the image is centre-cropped to multiples of 16 so it packs into

@@ -1,4 +1,4 @@
-"""Identity matching and UMO's rewards (umo-method.md section 2).
+"""Identity matching and UMO's rewards (the UMO paper, arXiv 2509.06818).
 
 All functions take torch tensors so the same code serves scoring (no grad) and training or
 guidance (grad flows through the similarity matrix). The assignment itself is discrete and

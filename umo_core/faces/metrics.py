@@ -1,4 +1,5 @@
-"""Identity metrics (umo-method.md section 6). Undefined values are None, never 0 or NaN.
+"""Identity metrics (the UMO paper's evaluation, arXiv 2509.06818; the README's Metrics).
+Undefined values are None, never 0 or NaN.
 
 Units follow the papers: ID-Sim, matched ID-Sim and ID-Conf are x100 (as UMO and XVerseBench
 report them); WithAnyone's Sim(GT), CP and Bld stay in cosine / [-1,1] units.

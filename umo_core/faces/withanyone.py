@@ -1,4 +1,4 @@
-"""WithAnyone's optional identity losses (umo-method.md section 7), off unless the trainer asks.
+"""WithAnyone's optional identity losses (WithAnyone, arXiv 2510.14975), off unless the trainer asks.
 
 - GT-aligned ID loss: the faces are located on the ground-truth photo only (its detection is
   done once, on a clean image); the generated image is cropped at those same keypoints and its

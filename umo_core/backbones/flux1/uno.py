@@ -1,4 +1,4 @@
-"""UNO's multi-reference token scheme for FLUX (umo-method.md section 4) and FLUX's schedule.
+"""UNO's multi-reference token scheme for FLUX (UNO, arXiv 2504.02160) and FLUX's schedule.
 
 The transformer sees `[text | target | ref1 | ref2 ...]`. Latents are packed into 2x2 patches
 (one token per patch); position ids have three axes (index, row, column): text tokens are all
