@@ -6,11 +6,14 @@ import fcntl
 import json
 import os
 import pty
+import pwd
 import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 import termios
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -273,16 +276,66 @@ def test_bad_output_paths_fail_before_any_work(name, case, tmp_path, capsys):
     assert line.startswith(f"error: {flag} '{target}'") and message in line, line
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="running as root: a folder's read-only permission bits do not stop "
-                    "root from writing (the /proc and folder cases above fail for root too)")
-def test_json_into_a_read_only_folder_fails_before_any_work(case, tmp_path, capsys):
-    _, refs, images = case
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(0o555)
+NO_CAPABILITIES = ["setpriv", "--inh-caps=-all", "--bounding-set=-all"]
+
+
+def _unprivileged() -> tuple[list[str], pwd.struct_passwd | None] | str:
+    """How to run a command that a folder's permission bits stop: (a command prefix, a user to switch to), or
+    why there is no way.
+
+    Not root: as is. Root (permission bits do not stop it): first still uid 0 but without any capability
+    (setpriv), so mode bits apply to it like to any owner and the interpreter stays reachable (pyenv's lives
+    under /root, which `nobody` cannot enter); else as `nobody` (needs the interpreter and this checkout
+    readable by everyone). Each way is tried with a short probe that imports the CLI."""
+    if os.geteuid() != 0:
+        return [], None
+    probe = [sys.executable, "-c", "import re, umo_core.cli; "
+             "print(re.search(r'CapEff:\\s+(\\w+)', open('/proc/self/status').read())[1])"]
+    tried = []
+    if shutil.which("setpriv"):
+        result = subprocess.run(NO_CAPABILITIES + probe, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        if result.returncode == 0 and int(result.stdout.split()[-1], 16) == 0:
+            return NO_CAPABILITIES, None
+        tried.append(f"setpriv without capabilities failed: {result.stderr.strip()[-300:]}")
+    else:
+        tried.append("no setpriv (util-linux) to drop root's capabilities")
     try:
-        assert main(_args(tmp_path / "no_pack_here", refs, images, "--json", locked / "report.json")) == 2
-        line = _error_line(capsys)
+        nobody = pwd.getpwnam("nobody")
+        result = subprocess.run(probe, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                                user=nobody.pw_uid, group=nobody.pw_gid, extra_groups=[])
+        if result.returncode == 0:
+            return [], nobody
+        tried.append(f"as nobody the interpreter or this checkout is not readable: {result.stderr.strip()[-300:]}")
+    except (KeyError, OSError) as error:
+        tried.append(f"cannot run as nobody: {error}")
+    return "running as root without a way to drop privileges, so a read-only folder would not stop the CLI: " + \
+        "; ".join(tried)
+
+
+def test_json_into_a_read_only_folder_fails_before_any_work(photos, tmp_path):
+    """The real command, run by a user that a folder's permission bits stop (see _unprivileged): one error
+    line, exit 2, before the face pack is loaded (the pack path given does not exist). The read-only folder is
+    owned by that user, in a fresh folder everyone can enter (pytest's tmp_path is root's alone)."""
+    how = _unprivileged()
+    if isinstance(how, str):
+        pytest.skip(how)
+    prefix, user = how
+    scratch = Path(tempfile.mkdtemp(prefix="umo_read_only_"))
+    try:
+        scratch.chmod(0o755)
+        refs = [shutil.copyfile(photos / name, scratch / name) for name in ("Rob_Lowe_0001.jpg", "Rob_Lowe_0002.jpg")]
+        locked = scratch / "locked"
+        locked.mkdir()
+        switch = {}
+        if user is not None:
+            os.chown(locked, user.pw_uid, user.pw_gid)
+            switch = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
+        locked.chmod(0o555)
+        args = _args(tmp_path / "no_pack_here", refs[:1], refs[1:], "--json", locked / "report.json")
+        result = subprocess.run([*prefix, sys.executable, "-m", "umo_core", *args], cwd=ROOT, capture_output=True,
+                                text=True, timeout=300, **switch)
     finally:
-        locked.chmod(0o755)
-    assert f"cannot create files in '{locked}' (Permission denied)" in line
+        shutil.rmtree(scratch, ignore_errors=True)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr
+    assert f"cannot create files in '{locked}' (Permission denied)" in errors[0], errors[0]
