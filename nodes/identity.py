@@ -9,7 +9,7 @@ from comfy.utils import ProgressBar
 from umo_core import FaceModel, Identities, load_face_model, rank
 from umo_core.faces.annotate import annotate
 from umo_core.faces.scoring import CRITERIA, ImageScore, ground_truth_embeddings, score_image, score_table
-from umo_core.images import to_rgb_uint8
+from umo_core.images import float_image, to_rgb_uint8
 
 from .model_paths import face_pack_names, insightface_roots
 from .node_api import io, ui
@@ -34,7 +34,7 @@ def _progress_scores(face_model: FaceModel, identities: Identities, images: torc
 def _annotated(images: torch.Tensor, scores: list[ImageScore], order: list[int]) -> torch.Tensor:
     arrays = to_rgb_uint8(images)
     drawn = [annotate(arrays[i], scores[i]) for i in order]
-    return torch.from_numpy(np.stack(drawn)).float() / 255.0
+    return float_image(np.stack(drawn))
 
 
 def _table(scores: list[ImageScore], order: list[int], criterion: str | None = None) -> str:

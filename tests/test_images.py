@@ -19,7 +19,7 @@ import torch
 from PIL import Image, features
 
 from umo_core.errors import UMOError
-from umo_core.images import MAX_PIXELS, load_image, pixel_limit, to_rgb_uint8
+from umo_core.images import MAX_PIXELS, float_image, load_image, pixel_limit, save_image, to_rgb_uint8
 
 
 @pytest.fixture(scope="module")
@@ -205,6 +205,22 @@ def test_tensors_and_arrays(photo):
     np.testing.assert_array_equal(to_rgb_uint8(_grey(photo))[0], _rgb(_grey(photo)))
     alpha = _alpha(photo.shape[:2])
     assert np.abs(to_rgb_uint8(np.dstack([photo, alpha]))[0].astype(int) - _over_white(photo, alpha)).max() <= 1
+
+
+def test_float_images_are_rounded_and_clamped_to_uint8_and_back(tmp_path):
+    """One rule both ways: x * 255 to the nearest step, clamped (what PNGs and PIL get); uint8 / 255 back."""
+    image = torch.tensor([[[0.0, 0.5, 1.0], [-0.1, 1.2, 0.998]]])  # [1,2,3]
+    save_image(image, tmp_path / "image.png")
+    written = np.asarray(Image.open(tmp_path / "image.png"))
+    np.testing.assert_array_equal(written, [[[0, 128, 255], [0, 255, 254]]])
+    np.testing.assert_array_equal(float_image(written).numpy(), written.astype(np.float32) / 255)
+
+
+def test_float_image_takes_pil_images_and_batches(photo):
+    np.testing.assert_array_equal(float_image(Image.fromarray(photo)), float_image(photo))
+    batch = float_image(np.stack([photo, photo]))
+    assert batch.shape == (2, *photo.shape) and batch.dtype == torch.float32
+    np.testing.assert_array_equal(to_rgb_uint8(batch)[1], photo)
 
 
 def _animation(photos, path, **options):

@@ -154,7 +154,8 @@ def to_rgb_uint8(images: ImageLike | Sequence[ImageLike]) -> list[np.ndarray]:
     """Turn one image or a batch into a list of RGB uint8 [H,W,3] arrays.
 
     Accepts paths, PIL images (any mode, see above), uint8 or float (0..1) numpy arrays, and
-    torch tensors in ComfyUI's IMAGE layout ([B,H,W,C] or [H,W,C], float 0..1).
+    torch tensors in ComfyUI's IMAGE layout ([B,H,W,C] or [H,W,C], float 0..1). Floats become the nearest
+    uint8 (x * 255 rounded), clamped to 0..255.
     """
     if isinstance(images, torch.Tensor):
         array = images.detach().float().cpu().numpy()
@@ -177,8 +178,17 @@ def to_rgb_uint8(images: ImageLike | Sequence[ImageLike]) -> list[np.ndarray]:
     return result
 
 
-def float_image(image: np.ndarray) -> torch.Tensor:
-    """RGB uint8 [H,W,3] -> float tensor [H,W,3] in 0..1 (a copy: the array may be read-only).
+def save_image(image: torch.Tensor | np.ndarray, path: Path) -> None:
+    """Write one image (float [H,W,3] in 0..1, or RGB uint8 [H,W,3]) to `path`, in the format its suffix names.
+
+    Floats are rounded to the nearest uint8 and clamped (`to_rgb_uint8`).
+    """
+    Image.fromarray(to_rgb_uint8(image)[0]).save(path)
+
+
+def float_image(image: np.ndarray | Image.Image) -> torch.Tensor:
+    """RGB uint8 [..,H,W,3] (or an RGB PIL image) -> float tensor [..,H,W,3] in 0..1 (a copy: the array may be
+    read-only).
 
     Converted in NumPy (the same float32 values as torch's division): torch would run it on its OpenMP
     threads, which spin for a while after each parallel operation and take the cores from the detector.
