@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import comfy.lora
 import comfy.model_base
 import folder_paths
@@ -12,13 +10,17 @@ import torch
 from comfy.utils import ProgressBar
 
 from umo_core.backbones.lora_formats import check_family, load_lora_file, lora_family, to_comfy_lora
-from umo_core.backbones.references import reference_long_side, resize_reference
+from umo_core.backbones.references import (
+    OMNIGEN2_REFERENCE_PIXELS,
+    reference_long_side,
+    resize_omnigen2_reference,
+    resize_reference,
+)
 from umo_core.errors import UMOError
 
 from .node_api import io
 from .sockets import collect_references, reference_image_inputs
 
-OMNIGEN2_REFERENCE_PIXELS = 1024 * 1024  # the official OmniGen2 graph scales references to 1 megapixel
 BACKBONES = {"auto": None, "flux (UNO)": "flux", "omnigen2": "omnigen2"}
 # Width of the text embedding in the conditioning -> the backbone it was made for.
 TEXT_WIDTH_FAMILY = {4096: "flux", 2048: "omnigen2"}  # T5-XXL (FLUX), Qwen2.5-VL-3B (OmniGen2)
@@ -79,15 +81,6 @@ class UMOLoraLoader(io.ComfyNode):
         return io.NodeOutput(patched)
 
 
-def _scale_to_pixels(image: torch.Tensor, pixels: int) -> torch.Tensor:
-    """[H,W,3] -> about `pixels` pixels, sides multiples of 16 (OmniGen2's references)."""
-    h, w = image.shape[:2]
-    scale = math.sqrt(pixels / (h * w))
-    size = (max(16, round(h * scale / 16) * 16), max(16, round(w * scale / 16) * 16))
-    resized = torch.nn.functional.interpolate(image.permute(2, 0, 1)[None], size=size, mode="area")
-    return resized[0].permute(1, 2, 0)
-
-
 def conditioning_family(positive: list, backbone: str) -> str:
     """'flux' or 'omnigen2': the `backbone` choice, checked against the text encoder that made `positive`."""
     width = positive[0][0].shape[-1]
@@ -143,7 +136,10 @@ class ReferenceConditioning(io.ComfyNode):
         latents = []
         for i, reference in enumerate(references):
             rgb = reference[..., :3]
-            prepared = resize_reference(rgb, side) if flux else _scale_to_pixels(rgb, OMNIGEN2_REFERENCE_PIXELS)
+            if flux:
+                prepared = resize_reference(rgb, side)
+            else:
+                prepared = resize_omnigen2_reference(rgb, OMNIGEN2_REFERENCE_PIXELS)
             latents.append(vae.encode(prepared[None]))
             bar.update_absolute(i + 1)
         return io.NodeOutput(*(None if c is None else _with_references(c, latents, flux) for c in (positive, negative)))

@@ -18,7 +18,14 @@ import torch
 from PIL import ExifTags, Image
 
 from umo_core.backbones.flux1.text_embedding import text_embedding_shapes
-from umo_core.backbones.references import MULTIPLE, reference_long_side, resized_shape
+from umo_core.backbones.references import (
+    centre_corner,
+    cover_shape,
+    nearest_multiple,
+    reference_long_side,
+    reference_shape,
+    resize_and_crop,
+)
 from umo_core.faces.detection import Faces
 from umo_core.faces.face_model import AnalysedImage
 
@@ -28,12 +35,8 @@ ASPECT_RATIOS = (1 / 2, 9 / 16, 2 / 3, 3 / 4, 1, 4 / 3, 3 / 2, 16 / 9, 2)
 
 def bucket_sizes(resolution: int) -> list[tuple[int, int]]:
     """(height, width) of each bucket: about resolution**2 pixels, sides multiples of 16."""
-    sizes = []
-    for ratio in ASPECT_RATIOS:
-        height = max(MULTIPLE, round(resolution / math.sqrt(ratio) / MULTIPLE) * MULTIPLE)
-        width = max(MULTIPLE, round(resolution * math.sqrt(ratio) / MULTIPLE) * MULTIPLE)
-        sizes.append((height, width))
-    return sizes
+    return [(nearest_multiple(resolution / math.sqrt(ratio)), nearest_multiple(resolution * math.sqrt(ratio)))
+            for ratio in ASPECT_RATIOS]
 
 
 def nearest_bucket(height: int, width: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
@@ -41,27 +44,16 @@ def nearest_bucket(height: int, width: int, buckets: list[tuple[int, int]]) -> t
     return min(buckets, key=lambda size: abs(math.log((size[1] / size[0]) / (width / height))))
 
 
-def bucket_crop(image_hw: tuple[int, int], size: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
-    """How an image of image_hw fits the bucket `size`: the (width, height) it is scaled to, so that it covers
-    the bucket, and the (left, top) corner of the centred crop."""
-    height, width = size
-    scale = max(height / image_hw[0], width / image_hw[1])
-    scaled_w, scaled_h = max(width, round(image_hw[1] * scale)), max(height, round(image_hw[0] * scale))
-    return (scaled_w, scaled_h), ((scaled_w - width) // 2, (scaled_h - height) // 2)
-
-
 def fit_to_bucket(image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
     """RGB uint8 [H,W,3] -> float [h,w,3] in 0..1: scaled to cover the bucket (LANCZOS), centre-cropped."""
-    (scaled_w, scaled_h), (left, top) = bucket_crop(image.shape[:2], size)
-    resized = Image.fromarray(image).resize((scaled_w, scaled_h), resample=Image.LANCZOS)
-    cropped = resized.crop((left, top, left + size[1], top + size[0]))
-    return torch.from_numpy(np.asarray(cropped).copy()).float().div(255.0)
+    return resize_and_crop(image, cover_shape(image.shape[:2], size), size)
 
 
 def fit_faces_to_bucket(analysed: AnalysedImage, image_hw: tuple[int, int], size: tuple[int, int]) -> AnalysedImage:
     """Faces found on an image of image_hw, in the pixels of its `fit_to_bucket` copy; a face with a keypoint
     outside the crop is left out (the bucket shows it cut). The embeddings stay those of the full photo."""
-    (scaled_w, scaled_h), (left, top) = bucket_crop(image_hw, size)
+    scaled_h, scaled_w = cover_shape(image_hw, size)
+    left, top = centre_corner((scaled_h, scaled_w), size)
     scale = np.array([scaled_w / image_hw[1], scaled_h / image_hw[0]], np.float32)
     corner = np.array([left, top], np.float32)
     faces = analysed.faces
@@ -86,8 +78,7 @@ def shape_key(target: Path, references: list[Path], text_embedding: Path, resolu
     """What must be equal for two samples to share a batch."""
     bucket = nearest_bucket(*image_size(target), bucket_sizes(resolution))
     side = reference_long_side(len(references))
-    reference_shapes = tuple(tuple(n // MULTIPLE * MULTIPLE for n in resized_shape(*image_size(p), side))
-                             for p in references)
+    reference_shapes = tuple(reference_shape(*image_size(p), side) for p in references)
     text_length = text_embedding_shapes(text_embedding)[0][0]
     return bucket, reference_shapes, text_length
 
