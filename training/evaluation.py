@@ -10,14 +10,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
-from umo_core.backbones.flux1.runtime import decode_latents, sample
+from umo_core.backbones.flux1.generation import LATENT_SCALE, generate_image
 from umo_core.faces.face_model import FaceModel
 from umo_core.faces.metrics import average_metrics
 from umo_core.faces.scoring import score_image
+from umo_core.images import save_image
 
 from .batches import Batch
 
@@ -32,12 +31,11 @@ def evaluate(step: int, transformer, vae, face_model: FaceModel, batches: list[B
     folder.mkdir(parents=True, exist_ok=True)
     images = []
     for batch in batches:
-        generator = torch.Generator().manual_seed(seed + batch.rows[0])
-        noise = torch.randn(batch.target.shape, generator=generator).to(batch.target.device)
-        latent = sample(transformer, noise, batch.text, batch.references, sampling_steps, guidance)
-        image = decode_latents(vae, latent)[0].cpu()
+        height, width = (side * LATENT_SCALE for side in batch.target.shape[2:])  # the target photo's bucket
+        image = generate_image(transformer, vae, batch.text, batch.references, seed + batch.rows[0], height, width,
+                               sampling_steps, guidance)
         name = f"row_{batch.rows[0]:04d}.png"
-        Image.fromarray((image.numpy() * 255 + 0.5).astype(np.uint8)).save(folder / name)
+        save_image(image, folder / name)
         score = score_image(face_model, batch.identities[0], image, batch.ground_truth[0].embeddings)
         images.append({"row": batch.rows[0], "image": name, "faces": score.faces_json(),
                        "similarity": score.similarity, "assignment": score.assignment, "metrics": score.metrics})

@@ -11,7 +11,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from .backbones.flux1.text_embedding import TextEmbedding, load_text_embeddings
@@ -19,7 +18,7 @@ from .errors import UMOError
 from .faces.annotate import annotate
 from .faces.face_model import load_face_model
 from .faces.scoring import CRITERIA, ground_truth_embeddings, rank, score_image, score_table
-from .images import MAX_PIXELS, MAX_PIXELS_ENV, load_image, pixel_limit
+from .images import MAX_PIXELS, MAX_PIXELS_ENV, load_image, pixel_limit, save_image
 
 DEFAULT_PACK = "antelopev2"
 
@@ -81,8 +80,9 @@ def _prompt_embedding(args: argparse.Namespace, dtype: torch.dtype) -> TextEmbed
 
 def generate_command(args: argparse.Namespace) -> list[Path]:
     """The headless twin of the UMO-UNO ComfyUI graph."""
+    from .backbones.flux1.generation import generate_image
     from .backbones.flux1.loading import load_transformer, load_vae, merge_lora
-    from .backbones.flux1.runtime import decode_latents, encode_images, sample
+    from .backbones.flux1.runtime import encode_images
     from .backbones.references import reference_long_side, resize_reference
     from .images import float_image
 
@@ -101,14 +101,11 @@ def generate_command(args: argparse.Namespace) -> list[Path]:
             references.append(encode_images(vae, resize_reference(photo, side)[None]))
     args.out.mkdir(parents=True, exist_ok=True)
     written = []
-    for index in range(args.count):
-        generator = torch.Generator().manual_seed(args.seed + index)
-        noise = torch.randn(1, 16, args.size // 8, args.size // 8, generator=generator).to(args.device)
-        latent = sample(transformer, noise, text, references, args.steps, args.guidance)
-        with torch.no_grad():
-            image = decode_latents(vae, latent)[0]
-        path = args.out / f"umo_{args.seed + index:06d}.png"
-        Image.fromarray((image.cpu().numpy() * 255 + 0.5).astype("uint8")).save(path)
+    for seed in range(args.seed, args.seed + args.count):
+        image = generate_image(transformer, vae, text, references, seed, args.size, args.size, args.steps,
+                               args.guidance)
+        path = args.out / f"umo_{seed:06d}.png"
+        save_image(image, path)
         written.append(path)
         print(path)
     return written
@@ -259,7 +256,7 @@ def score_command(args: argparse.Namespace) -> dict:
             path = args.image[index]
             # Read again rather than kept: scoring many images holds one image in memory at a time.
             drawn = annotate(load_image(path, image_labels[index], max_pixels=args.max_pixels), scores[index])
-            Image.fromarray(drawn).save(args.annotate / annotated_name(place, index, len(args.image), path))
+            save_image(drawn, args.annotate / annotated_name(place, index, len(args.image), path))
     return report
 
 
