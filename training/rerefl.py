@@ -32,7 +32,7 @@ from peft import LoraConfig
 from peft.utils import set_peft_model_state_dict
 from tqdm import tqdm
 
-from umo_core import UMOError, identity_metrics
+from umo_core import UMOError
 from umo_core.backbones.flux1.loading import (
     check_vae,
     load_flux_lora,
@@ -50,7 +50,7 @@ from umo_core.backbones.lora_formats import (
 from umo_core.faces.face_model import FaceModel
 from umo_core.faces.face_pack import FacePack, find_face_pack
 from umo_core.faces.matching import REWARDS
-from umo_core.faces.metrics import average_metrics
+from umo_core.faces.metrics import average_metrics, match_metrics
 from umo_core.faces.withanyone import ReferenceBank, reference_bank
 
 from .batches import Batch, load_batch
@@ -314,8 +314,11 @@ def log_step(accelerator: Accelerator, output: Path, step: int, batch: Batch, re
              settings: StepSettings) -> dict:
     """The step's record, over all processes, appended to OUTPUT/log.jsonl: the losses, the reward and the
     identity metrics of the decoded estimates."""
-    metrics = [identity_metrics(identities.embeddings, faces.detach().cpu(), truth.embeddings)["metrics"]
-               for identities, faces, truth in zip(batch.identities, result.rewards.embeddings, batch.ground_truth)]
+    rewards = result.rewards  # its similarities and assignments: the matching is not done again
+    metrics = [match_metrics(identities.embeddings, faces.detach().cpu(), similarity, assignment,
+                             truth.embeddings)["metrics"]
+               for identities, faces, similarity, assignment, truth in zip(
+                   batch.identities, rewards.embeddings, rewards.similarity, rewards.assignment, batch.ground_truth)]
     values = accelerator.reduce(torch.stack([result.loss, result.diffusion_loss, result.reward]).detach(),
                                 "mean").tolist()
     record = {"step": step, "loss": values[0], "diffusion_loss": values[1], "reward": values[2],

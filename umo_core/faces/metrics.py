@@ -90,7 +90,17 @@ def identity_metrics(references: torch.Tensor, faces: torch.Tensor,
     Returns the similarity matrix (list of rows), the assignment, and the metrics dict.
     """
     similarity = similarity_matrix(references, faces)
-    assignment = assign(similarity)
+    return match_metrics(references, faces, similarity, assign(similarity), ground_truth)
+
+
+def match_metrics(references: torch.Tensor, faces: torch.Tensor, similarity: torch.Tensor,
+                  assignment: list[int | None], ground_truth: torch.Tensor | None = None) -> dict:
+    """`identity_metrics` from the similarity [M,N] of references and faces and its assignment, for a caller
+    that already has them (a RewardResult holds both): the matching is not done twice.
+
+    `similarity` may carry gradient; the metrics are plain numbers.
+    """
+    similarity = similarity.detach()
     sim_gt, cp = (None, None)
     if ground_truth is not None and len(ground_truth) and len(faces):
         sim_gt, cp = ground_truth_metrics(references, faces, assignment, ground_truth)
