@@ -81,3 +81,42 @@ def group(face_model, photos):
         box = (int(max(0, x1 - w)), int(max(0, y1 - h)), int(min(width, x2 + w)), int(min(height, y2 + h)))
         references.append(np.asarray(Image.fromarray(image).crop(box)))
     return image, faces, references
+
+
+@pytest.fixture(scope="module")
+def trainer_inputs(assets, photos, tmp_path_factory) -> tuple[Path, Path, Path]:
+    """What the trainer reads: (a folder with the tiny FLUX's transformer/ and vae/, a data folder, the face pack).
+    The data folder has three rows with one random text embedding: rows 1 and 3 share a target shape, row 2's
+    target is wide (another bucket)."""
+    import json
+
+    import torch
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from tests.tiny_models import random_text_embedding, save_flux_folder
+
+    root = save_flux_folder(tmp_path_factory.mktemp("rerefl"))
+    pack = make_pack(root / "pack")
+    data = root / "data"
+    (data / "img").mkdir(parents=True)
+    (data / "text").mkdir()
+    for name in ("Rob_Lowe_0001.jpg", "Rob_Lowe_0002.jpg", "Nathalie_Baye_0002.jpg", "no_face_view.jpg"):
+        shutil.copyfile(photos / name, data / "img" / name)
+    with Image.open(photos / "Rob_Lowe_0002.jpg") as photo:  # a landscape target: another bucket
+        photo.resize((400, 250)).save(data / "img" / "wide.jpg")
+    save_file(random_text_embedding(torch.Generator().manual_seed(0)), data / "text" / "0.safetensors")
+    row = {"prompt": "two people", "target": "img/Rob_Lowe_0002.jpg", "text_embedding": "text/0.safetensors",
+           "references": ["img/Rob_Lowe_0001.jpg", "img/Nathalie_Baye_0002.jpg"], "identities": ["rob", "nathalie"]}
+    # Rows 1 and 3 share a shape (another prompt: an identical row is refused as a duplicate), row 2 is wide.
+    rows = [row, {**row, "target": "img/wide.jpg"}, {**row, "prompt": "two people, again"}]
+    (data / "manifest.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return root, data, pack
+
+
+def trainer_args(root: Path, data: Path, pack: Path, output: Path, steps: int, *extra: str) -> list[str]:
+    """The trainer's command line for `trainer_inputs` on the CPU: a tiny run (64 px, 4 sampling steps, rank 4)."""
+    return ["--data", str(data), "--transformer", str(root / "transformer"), "--vae", str(root / "vae"),
+            "--faces", str(pack), "--output", str(output), "--steps", str(steps), "--rank", "4",
+            "--resolution", "64", "--sampling-steps", "4", "--window", "2", "--mixed-precision", "no",
+            "--provider", "cpu", "--lr", "1e-3", "--checkpoint-every", "2", "--eval-every", "0", *extra]

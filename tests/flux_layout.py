@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, FluxTransformer2DModel
+from safetensors.torch import save_file
 
 from umo_core.backbones.flux1.loading import TRANSFORMER_CONFIG, VAE_CONFIG
 
@@ -130,3 +132,11 @@ def ae_file_shapes() -> dict[str, torch.Tensor]:
     """The keys and shapes of FLUX's ae.safetensors (meta tensors)."""
     with torch.device("meta"):
         return vae_to_bfl(AutoencoderKL.from_config(json.loads(VAE_CONFIG.read_text())).state_dict())
+
+
+def save_bfl_file(model: FluxTransformer2DModel | AutoencoderKL, path: Path, prefix: str = "") -> Path:
+    """`model` as a single file in BFL's layout (flux1-dev.safetensors, ae.safetensors); `prefix` on every key
+    ("model.diffusion_model.": a ComfyUI checkpoint's transformer)."""
+    to_bfl = transformer_to_bfl if isinstance(model, FluxTransformer2DModel) else vae_to_bfl
+    save_file({prefix + key: tensor.contiguous() for key, tensor in to_bfl(model.state_dict()).items()}, path)
+    return path

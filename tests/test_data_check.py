@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.flux_layout import transformer_to_bfl
-from tests.test_trainer import POOLED_DIM, TEXT_DIM, TEXT_LEN, tiny_transformer, tiny_vae
+from tests.flux_layout import save_bfl_file
+from tests.tiny_models import POOLED_DIM, TEXT_DIM, TEXT_LEN, save_flux_folder, tiny_flux_transformer
 from training.data import check_dataset, load_dataset
 from training.rerefl import main
 from umo_core import UMOError
@@ -124,13 +124,9 @@ def test_without_a_transformer_the_text_widths_must_agree(template, tmp_path, fa
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    tiny_transformer().save_pretrained(root / "transformer")
-    tiny_vae().save_pretrained(root / "vae")
-    save_file({k: v.contiguous() for k, v in transformer_to_bfl(tiny_transformer().state_dict()).items()},
-              root / "flux1.safetensors")
-    save_file({"model.diffusion_model." + k: v.contiguous()
-               for k, v in transformer_to_bfl(tiny_transformer().state_dict()).items()}, root / "comfy.safetensors")
+    root = save_flux_folder(tmp_path_factory.mktemp("models"))
+    save_bfl_file(tiny_flux_transformer(), root / "flux1.safetensors")
+    save_bfl_file(tiny_flux_transformer(), root / "comfy.safetensors", prefix="model.diffusion_model.")
     (root / "random.safetensors").write_bytes(os.urandom(300))
     (root / "empty").mkdir()
     (root / "broken").mkdir()

@@ -11,14 +11,22 @@ import torch
 from diffusers import AutoencoderKL, FluxTransformer2DModel
 from safetensors.torch import save_file
 
-from tests.flux_layout import transformer_to_bfl, vae_to_bfl
+from tests.flux_layout import save_bfl_file, transformer_to_bfl
+from tests.tiny_models import (
+    FLUX_HEAD_DIM,
+    POOLED_DIM,
+    TEXT_DIM,
+    TEXT_LEN,
+    randomized,
+    tiny_flux_transformer,
+    tiny_vae,
+)
 from umo_core import UMOError
 from umo_core.backbones.flux1.keys import flux_bfl_to_diffusers
 from umo_core.backbones.flux1.loading import TRANSFORMER_CONFIG, VAE_CONFIG, load_transformer, load_vae
 from umo_core.backbones.flux1.runtime import decode_latents, encode_images, predict_velocity
 from umo_core.backbones.flux1.text_embedding import TextEmbedding
 
-TEXT_LEN, TEXT_DIM, POOLED_DIM = 4, 32, 16
 COMFY_PREFIX = "model.diffusion_model."
 
 
@@ -37,36 +45,15 @@ def connections(monkeypatch):
     assert not attempts, f"network access attempted: {attempts}"
 
 
-def randomized(model):
-    """`model` with every parameter random (norm weights start at one, which would hide swapped norms)."""
-    generator = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
-    return model.eval()
+def random_flux_transformer(layers: int = 1, single_layers: int = 1, guidance: bool = True) -> FluxTransformer2DModel:
+    """The tiny FLUX at FLUX's head size (the loader reads the rotary embedding's axes from it), every weight random."""
+    return randomized(tiny_flux_transformer(layers, single_layers, guidance, head_dim=FLUX_HEAD_DIM))
 
 
-def tiny_flux(layers: int = 1, single_layers: int = 1, guidance: bool = True) -> FluxTransformer2DModel:
-    # FLUX's head size of 128 (its rotary embedding's 16 + 56 + 56), two heads.
-    return randomized(FluxTransformer2DModel(
-        patch_size=1, in_channels=64, num_layers=layers, num_single_layers=single_layers, attention_head_dim=128,
-        num_attention_heads=2, joint_attention_dim=TEXT_DIM, pooled_projection_dim=POOLED_DIM,
-        guidance_embeds=guidance, axes_dims_rope=(16, 56, 56)))
-
-
-def tiny_vae(latent_channels: int = 16) -> AutoencoderKL:
-    # 32 channels a level: FLUX's 32 norm groups (a number no weight shows, so the loader keeps FLUX's).
-    return randomized(AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=(32, 64, 64, 64),
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1,
-        norm_num_groups=32, shift_factor=0.1159, scaling_factor=0.3611, use_quant_conv=False,
-        use_post_quant_conv=False))
-
-
-def save_bfl(model, path, prefix: str = ""):
-    to_bfl = transformer_to_bfl if isinstance(model, FluxTransformer2DModel) else vae_to_bfl
-    save_file({prefix + key: tensor.contiguous() for key, tensor in to_bfl(model.state_dict()).items()}, path)
-    return path
+def random_vae(latent_channels: int = 16) -> AutoencoderKL:
+    """The tiny autoencoder with 32 channels a level: FLUX's 32 norm groups (a number no weight shows, so the loader
+    keeps FLUX's); every weight random."""
+    return randomized(tiny_vae((32, 64, 64, 64), latent_channels, norm_groups=32))
 
 
 def velocity(transformer) -> torch.Tensor:
@@ -91,8 +78,8 @@ def assert_same_weights(loaded, original):
     (2, 3, False, ""),  # flux1-schnell.safetensors (no guidance_in), another depth
 ])
 def test_transformer_from_a_bfl_file_is_the_original(tmp_path, layers, single_layers, guidance, prefix):
-    original = tiny_flux(layers, single_layers, guidance)
-    path = save_bfl(original, tmp_path / "flux1.safetensors", prefix)
+    original = random_flux_transformer(layers, single_layers, guidance)
+    path = save_bfl_file(original, tmp_path / "flux1.safetensors", prefix)
     loaded = load_transformer(path, torch.float32)
     for name in ("num_layers", "num_single_layers", "guidance_embeds", "num_attention_heads", "attention_head_dim",
                  "joint_attention_dim", "pooled_projection_dim", "in_channels"):
@@ -104,16 +91,16 @@ def test_transformer_from_a_bfl_file_is_the_original(tmp_path, layers, single_la
 
 
 def test_transformer_loads_in_the_asked_dtype_from_a_folder_and_a_file(tmp_path):
-    original = tiny_flux()
+    original = random_flux_transformer()
     original.save_pretrained(tmp_path / "transformer")
     from_folder = load_transformer(tmp_path / "transformer", torch.bfloat16)
-    from_file = load_transformer(save_bfl(original, tmp_path / "flux1.safetensors"), torch.bfloat16)
+    from_file = load_transformer(save_bfl_file(original, tmp_path / "flux1.safetensors"), torch.bfloat16)
     assert from_file.dtype == from_folder.dtype == torch.bfloat16
     assert_same_weights(from_file, from_folder)
 
 
 def test_comfyui_checkpoint_keeps_only_the_transformer(tmp_path):
-    original = tiny_flux()
+    original = random_flux_transformer()
     tensors = {COMFY_PREFIX + k: v for k, v in transformer_to_bfl(original.state_dict()).items()}
     tensors |= {"first_stage_model.encoder.conv_in.weight": torch.zeros(8, 3, 3, 3),
                 "text_encoders.t5xxl.transformer.shared.weight": torch.zeros(4, 4)}
@@ -140,8 +127,8 @@ def test_conversion_agrees_with_diffusers_at_flux1_width():
 
 
 def test_vae_from_ae_safetensors_is_the_original(tmp_path):
-    original = tiny_vae()
-    loaded = load_vae(save_bfl(original, tmp_path / "ae.safetensors"), torch.float32)
+    original = random_vae()
+    loaded = load_vae(save_bfl_file(original, tmp_path / "ae.safetensors"), torch.float32)
     flux_vae = json.loads(VAE_CONFIG.read_text())
     assert (loaded.config.scaling_factor, loaded.config.shift_factor) == (flux_vae["scaling_factor"],
                                                                           flux_vae["shift_factor"])
@@ -174,17 +161,17 @@ def _bad_file(kind, tmp_path):
         path = tmp_path / "transformer"
         path.mkdir()
     elif kind == "transformer":
-        save_bfl(tiny_flux(), path)
+        save_bfl_file(random_flux_transformer(), path)
     elif kind == "vae":
-        save_bfl(tiny_vae(), path)
+        save_bfl_file(random_vae(), path)
     elif kind == "sd_vae":  # Stable Diffusion's 4 latent channels
-        save_bfl(tiny_vae(latent_channels=4), path)
+        save_bfl_file(random_vae(latent_channels=4), path)
     elif kind == "incomplete":
-        tensors = transformer_to_bfl(tiny_flux().state_dict())
+        tensors = transformer_to_bfl(random_flux_transformer().state_dict())
         del tensors["single_blocks.0.linear2.weight"]
         save_file(tensors, path)
     elif kind == "head_size":  # heads of 64 channels: not FLUX's rotary embedding
-        tensors = transformer_to_bfl(tiny_flux().state_dict())
+        tensors = transformer_to_bfl(random_flux_transformer().state_dict())
         tensors["double_blocks.0.img_attn.norm.query_norm.scale"] = torch.ones(64)
         save_file(tensors, path)
     return path

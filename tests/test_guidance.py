@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
+from tests.tiny_models import tiny_vae
 from umo_core.faces.guidance import FaceReuse, guide, reward_gradient
 from umo_core.faces.metrics import identity_metrics
 from umo_core.images import load_image
@@ -73,12 +74,7 @@ def test_gradient_through_a_real_vae_decoder(torch_face_model, photos):
     draw no faces, so the latent also carries a real photo losslessly (pixel-unshuffled into its 48
     channels) and the decoded image is photo + decoder output: detection finds real faces, and the
     gradient reaching the latent includes the decoder's part (it changes when the decoder is off)."""
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=48, block_out_channels=(16, 32, 32),
-                        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-                        layers_per_block=1, norm_num_groups=8).eval().requires_grad_(False)
+    vae = tiny_vae((16, 32, 32), latent_channels=48, norm_groups=8).eval().requires_grad_(False)
     photo = Image.open(photos / "t1_six_people.jpg").convert("RGB").resize((640, 440))
     latent = torch.nn.functional.pixel_unshuffle(_as_latent(np.asarray(photo)), 4)  # [1,48,110,160]
 

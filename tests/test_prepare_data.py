@@ -23,36 +23,18 @@ import torch
 from PIL import Image, ImageFilter
 from safetensors.torch import save_file
 
-from tests.conftest import LFW, PHOTOS, ROOT
-from tests.test_trainer import POOLED_DIM, TEXT_DIM, TEXT_LEN, tiny_transformer, tiny_vae
+from tests.conftest import PHOTOS, ROOT
+from tests.group_photos import FACE_SIDE, group_photo, lfw_face
+from tests.tiny_models import random_text_embedding, save_flux_folder
 from training.dataset_builder import filters, rows
 from training.encode_prompts import cache_path
 from training.prepare_data import main
 from training.rerefl import main as rerefl_main
 from umo_core.images import load_image
 
-FACE_SIDE = 224
-BACKGROUND = (128, 128, 128)
 SIDECAR_PROMPT = "three colleagues at the office"
 ORIENTATION_TAG = 0x0112
 ROTATE_ON_DISPLAY = 6  # EXIF: the stored pixels are shown turned 90 degrees clockwise
-
-
-def lfw_face(name: str, side: int = FACE_SIDE) -> Image.Image:
-    with Image.open(LFW / f"{name}.jpg") as face:
-        return face.convert("RGB").resize((side, side), Image.LANCZOS)
-
-
-def group_photo(faces: list[Image.Image], gap: int = FACE_SIDE // 2) -> Image.Image:
-    """The faces side by side on a plain background, `gap` px apart and from the edges."""
-    width = sum(face.width for face in faces) + gap * (len(faces) + 1)
-    height = max(face.height for face in faces) + 2 * gap
-    photo = Image.new("RGB", (width, height), BACKGROUND)
-    x = gap
-    for face in faces:
-        photo.paste(face, (x, gap))
-        x += face.width + gap
-    return photo
 
 
 def real_photo(name: str) -> Image.Image:
@@ -250,18 +232,13 @@ def _add_text_embeddings(folder: Path) -> None:
     for line in lines:
         line["text_embedding"] = cache_path(line["prompt"])
         (folder / "text").mkdir(exist_ok=True)
-        save_file({"prompt_embeds": torch.randn(TEXT_LEN, TEXT_DIM, generator=generator),
-                   "pooled_prompt_embeds": torch.randn(POOLED_DIM, generator=generator)},
-                  folder / line["text_embedding"])
+        save_file(random_text_embedding(generator), folder / line["text_embedding"])
     (folder / "manifest.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
 
 
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny_flux")
-    tiny_transformer().save_pretrained(root / "transformer")
-    tiny_vae().save_pretrained(root / "vae")
-    return root
+    return save_flux_folder(tmp_path_factory.mktemp("tiny_flux"))
 
 
 def test_the_data_folder_and_its_evaluation_split_pass_the_data_check_and_train(inputs, tiny_models, tmp_path,

@@ -12,9 +12,8 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from tokenizers.pre_tokenizers import ByteLevel
 
-from tests.test_trainer import POOLED_DIM, TEXT_DIM, tiny_transformer, tiny_vae
+from tests.tiny_models import POOLED_DIM, TEXT_DIM, save_clip_text_encoder, save_flux_folder, save_t5_text_encoder
 from training.encode_prompts import cache_path
 from training.encode_prompts import main as encode_main
 from umo_core.backbones.flux1.text_encoders import encode_prompts, load_text_encoders
@@ -22,7 +21,6 @@ from umo_core.errors import UMOError
 
 PROMPTS = ["two people at a cafe", "Zoé and Bob, smiling at the camera",
            "a prompt longer than CLIP's 77 tokens: " + "two people at a table " * 5]
-CLIP_MERGES = [("t", "w"), ("tw", "o</w>"), ("a", "t</w>")]
 # FLUX.1-dev's model_index.json: what FluxPipeline.from_pretrained reads.
 MODEL_INDEX = {
     "_class_name": "FluxPipeline", "_diffusers_version": "0.30.0.dev0",
@@ -33,55 +31,14 @@ MODEL_INDEX = {
 }
 
 
-def write_clip(folder) -> None:
-    """CLIP-L's tokenizer files as FLUX ships them (vocab.json, merges.txt: byte-level BPE with '</w>' word
-    ends) over a small vocabulary, and a small CLIPTextModel with FLUX's token ids (eos 2: the pooled
-    output is taken at the highest token id, the end of text)."""
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    characters = sorted(ByteLevel.alphabet())
-    tokens = characters + [c + "</w>" for c in characters] + ["tw", "two</w>", "at</w>"]
-    vocab = {token: i for i, token in enumerate(tokens + ["<|startoftext|>", "<|endoftext|>"])}
-    (folder / "tokenizer").mkdir(parents=True)
-    (folder / "tokenizer" / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "tokenizer" / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in CLIP_MERGES))
-    (folder / "tokenizer" / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True,
-        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
-        "unk_token": "<|endoftext|>"}))
-    torch.manual_seed(2)
-    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=POOLED_DIM, intermediate_size=32, num_hidden_layers=2,
-                            num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=2,
-                            pad_token_id=1)
-    CLIPTextModel(config).save_pretrained(folder / "text_encoder")
-
-
-def write_t5(folder) -> None:
-    """A unigram T5 tokenizer (tokenizer.json, as in FLUX's tokenizer_2) and a small T5 v1.1 encoder."""
-    from transformers import T5Config, T5EncoderModel, T5Tokenizer
-
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-    pieces += [(c, -3.0) for c in "abcdefghijklmnopqrstuvwxyz,:0123456789"]
-    pieces += [("▁" + word, -1.0) for word in ("two", "people", "a", "at", "the", "and", "table")]
-    tokenizer = T5Tokenizer(vocab=pieces, extra_ids=0)
-    tokenizer.save_pretrained(folder / "tokenizer_2")
-    torch.manual_seed(3)
-    config = T5Config(vocab_size=len(tokenizer), d_model=TEXT_DIM, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                      relative_attention_num_buckets=8, relative_attention_max_distance=16,
-                      feed_forward_proj="gated-gelu")
-    T5EncoderModel(config).save_pretrained(folder / "text_encoder_2")
-
-
 @pytest.fixture(scope="module")
 def flux_folder(tmp_path_factory):
     """A diffusers FLUX folder with tiny models whose text widths fit the tiny transformer."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    root = tmp_path_factory.mktemp("flux")
-    write_clip(root)
-    write_t5(root)
-    tiny_transformer().save_pretrained(root / "transformer")
-    tiny_vae().save_pretrained(root / "vae")
+    root = save_flux_folder(tmp_path_factory.mktemp("flux"))
+    save_clip_text_encoder(root)
+    save_t5_text_encoder(root)
     FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True).save_pretrained(root / "scheduler")
     (root / "model_index.json").write_text(json.dumps(MODEL_INDEX))
     return root

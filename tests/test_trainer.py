@@ -16,75 +16,14 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from tests.conftest import make_pack
-from tests.test_lora_formats import (
-    HIDDEN,
-    UNO_TO_COMFY,
-    UNO_TO_DIFFUSERS,
-    _comfy,
-    _comfy_deltas,
-    assert_same_deltas,
-    make_comfy_flux,
-    needs_comfyui,
-)
+from tests.conftest import trainer_args
+from tests.tiny_models import POOLED_DIM, TEXT_DIM, TEXT_LEN, add_lora, tiny_flux_transformer, tiny_vae
 from training.rerefl import main
 
-TEXT_LEN, TEXT_DIM, POOLED_DIM = 4, 32, 16
 
-
-def tiny_transformer():
-    from diffusers import FluxTransformer2DModel
-
-    torch.manual_seed(0)
-    return FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
-                                  attention_head_dim=16, num_attention_heads=2, joint_attention_dim=TEXT_DIM,
-                                  pooled_projection_dim=POOLED_DIM, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
-
-
-def tiny_vae():
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(1)
-    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 8, 8, 8),
-                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                         layers_per_block=1, norm_num_groups=4, shift_factor=0.1159, scaling_factor=0.3611,
-                         use_quant_conv=False, use_post_quant_conv=False)
-
-
-@pytest.fixture(scope="module")
-def setup(assets, photos, tmp_path_factory):
-    root = tmp_path_factory.mktemp("rerefl")
-    tiny_transformer().save_pretrained(root / "transformer")
-    tiny_vae().save_pretrained(root / "vae")
-    pack = make_pack(root / "pack")
-    data = root / "data"
-    (data / "img").mkdir(parents=True)
-    (data / "text").mkdir()
-    for name in ("Rob_Lowe_0001.jpg", "Rob_Lowe_0002.jpg", "Nathalie_Baye_0002.jpg", "no_face_view.jpg"):
-        shutil.copyfile(photos / name, data / "img" / name)
-    with Image.open(photos / "Rob_Lowe_0002.jpg") as photo:  # a landscape target: another bucket
-        photo.resize((400, 250)).save(data / "img" / "wide.jpg")
-    generator = torch.Generator().manual_seed(0)
-    save_file({"prompt_embeds": torch.randn(TEXT_LEN, TEXT_DIM, generator=generator),
-               "pooled_prompt_embeds": torch.randn(POOLED_DIM, generator=generator)}, data / "text" / "0.safetensors")
-    row = {"prompt": "two people", "target": "img/Rob_Lowe_0002.jpg", "text_embedding": "text/0.safetensors",
-           "references": ["img/Rob_Lowe_0001.jpg", "img/Nathalie_Baye_0002.jpg"], "identities": ["rob", "nathalie"]}
-    # Rows 1 and 3 share a shape (another prompt: an identical row is refused as a duplicate), row 2 is wide.
-    rows = [row, {**row, "target": "img/wide.jpg"}, {**row, "prompt": "two people, again"}]
-    (data / "manifest.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    return root, data, pack
-
-
-def _args(root, data, pack, output, steps, *extra):
-    return ["--data", str(data), "--transformer", str(root / "transformer"), "--vae", str(root / "vae"),
-            "--faces", str(pack), "--output", str(output), "--steps", str(steps), "--rank", "4",
-            "--resolution", "64", "--sampling-steps", "4", "--window", "2", "--mixed-precision", "no",
-            "--provider", "cpu", "--lr", "1e-3", "--checkpoint-every", "2", "--eval-every", "0", *extra]
-
-
-def test_training_steps_change_only_the_lora(setup, tmp_path):
-    root, data, pack = setup
-    assert main(_args(root, data, pack, tmp_path / "run", 2)) == 0
+def test_training_steps_change_only_the_lora(trainer_inputs, tmp_path):
+    root, data, pack = trainer_inputs
+    assert main(trainer_args(root, data, pack, tmp_path / "run", 2)) == 0
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2]
     assert all(torch.isfinite(torch.tensor([r["loss"], r["diffusion_loss"], r["reward"]])).all() for r in log)
@@ -102,13 +41,13 @@ def test_training_steps_change_only_the_lora(setup, tmp_path):
     assert json.loads((tmp_path / "run" / "training_config.json").read_text())["rank"] == 4
 
 
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(setup, tmp_path):
-    root, data, pack = setup
-    assert main(_args(root, data, pack, tmp_path / "straight", 4)) == 0
-    assert main(_args(root, data, pack, tmp_path / "resumed", 2)) == 0  # stops after step 2 with a checkpoint
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(trainer_inputs, tmp_path):
+    root, data, pack = trainer_inputs
+    assert main(trainer_args(root, data, pack, tmp_path / "straight", 4)) == 0
+    assert main(trainer_args(root, data, pack, tmp_path / "resumed", 2)) == 0  # stops after step 2 with a checkpoint
     with (tmp_path / "resumed" / "log.jsonl").open("a") as log:  # a step logged after the checkpoint
         log.write(json.dumps({"step": 3, "loss": 0.0}) + "\n")
-    assert main(_args(root, data, pack, tmp_path / "resumed", 4, "--resume")) == 0
+    assert main(trainer_args(root, data, pack, tmp_path / "resumed", 4, "--resume")) == 0
     log = [json.loads(line) for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
     expected = [json.loads(line) for line in (tmp_path / "straight" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4] and [r["rows"] for r in log] == [r["rows"] for r in expected]
@@ -126,18 +65,18 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(setup, tmp_path):
     ({"target": "text/0.safetensors"}, "cannot be read as an image"),
     ({"text_embedding": "text/absent.safetensors"}, "absent.safetensors"),
 ])
-def test_bad_rows_are_named_before_training(setup, tmp_path, capsys, row, message):
-    root, data, pack = setup
+def test_bad_rows_are_named_before_training(trainer_inputs, tmp_path, capsys, row, message):
+    root, data, pack = trainer_inputs
     good = json.loads((data / "manifest.jsonl").read_text().splitlines()[0])
     bad_data = tmp_path / "data"
     shutil.copytree(data, bad_data)
     # Another prompt: a row with row 1's prompt, target and references would be refused as a duplicate.
     (bad_data / "manifest.jsonl").write_text(json.dumps(good) + "\n" + json.dumps({**good, "prompt": "b", **row}))
-    assert main(_args(root, bad_data, pack, tmp_path / "out", 1)) == 2
+    assert main(trainer_args(root, bad_data, pack, tmp_path / "out", 1)) == 2
     error = capsys.readouterr().err
     assert "row 2" in error and message in error
     assert not (tmp_path / "out" / "log.jsonl").exists()
-    assert main(_args(root, bad_data, pack, tmp_path / "skip", 1, "--on-bad-rows", "skip")) == 0
+    assert main(trainer_args(root, bad_data, pack, tmp_path / "skip", 1, "--on-bad-rows", "skip")) == 0
     assert "skipped manifest.jsonl row 2" in capsys.readouterr().out
 
 
@@ -146,18 +85,13 @@ def test_reward_gradient_reaches_the_lora_through_vae_and_face_network(assets, p
     decoder -> face network -> MIMR. Random weights decode no faces, so the decoded image is a real
     photo plus the decoder's output (scaled down): detection finds the real face, and the only way
     the reward depends on the LoRA is through the decoder and the face network."""
-    from peft import LoraConfig
-
     from umo_core import identity_reward, load_face_model
     from umo_core.backbones.flux1.runtime import decode_latents, predict_velocity
     from umo_core.backbones.flux1.text_embedding import TextEmbedding
-    from umo_core.backbones.lora_formats import UNO_TARGET_MODULES
 
     face_model = load_face_model(pack_dir, provider="cpu", backend="torch")
     identities = face_model.identities([photos / "Rob_Lowe_0001.jpg"])
-    transformer = tiny_transformer().requires_grad_(False)
-    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
-                                       target_modules=UNO_TARGET_MODULES))
+    transformer = add_lora(tiny_flux_transformer().requires_grad_(False), rank=4, alpha=4)
     vae = tiny_vae().requires_grad_(False)
     photo = Image.open(photos / "Rob_Lowe_0002.jpg").convert("RGB").resize((256, 256))
     photo = torch.tensor(list(photo.getdata()), dtype=torch.float32).reshape(1, 256, 256, 3) / 255
@@ -180,25 +114,20 @@ def test_reward_gradient_reaches_the_lora_through_vae_and_face_network(assets, p
     assert all(p.grad is None for p in vae.parameters())
 
 
-def test_generate_command_with_and_without_a_uno_lora(setup, photos, tmp_path):
+def test_generate_command_with_and_without_a_uno_lora(trainer_inputs, photos, tmp_path):
     """The headless twin of the ComfyUI graph: same seed, same image; a merged UNO LoRA changes it."""
-    from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
     from umo_core.backbones.flux1.loading import merge_lora
-    from umo_core.backbones.lora_formats import UNO_TARGET_MODULES, diffusers_to_uno, save_lora_file
+    from umo_core.backbones.lora_formats import diffusers_to_uno, save_lora_file
     from umo_core.cli import main as umo_main
 
-    root, data, _ = setup
-    adapted = tiny_transformer()
-    adapted.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights="gaussian", target_modules=UNO_TARGET_MODULES))
-    for name, parameter in adapted.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(parameter, std=0.5)
+    root, data, _ = trainer_inputs
+    adapted = add_lora(tiny_flux_transformer(), rank=2, alpha=2, lora_b_std=0.5)
     lora_path = tmp_path / "lora_uno.safetensors"
     save_lora_file(lora_path, diffusers_to_uno(get_peft_model_state_dict(adapted)))
 
-    base = tiny_transformer()
+    base = tiny_flux_transformer()
     before = {k: v.clone() for k, v in base.state_dict().items()}
     assert merge_lora(base, lora_path) == 4 * 2 + 4  # 8 double-block and 4 single-block modules
     changed = {k for k, v in base.state_dict().items() if not torch.equal(v, before[k])}
@@ -222,16 +151,16 @@ def _log(output):
     return [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
 
 
-def test_batches_hold_one_aspect_ratio_bucket(setup, tmp_path):
-    root, data, pack = setup
-    assert main(_args(root, data, pack, tmp_path / "run", 2, "--batch-size", "2")) == 0
+def test_batches_hold_one_aspect_ratio_bucket(trainer_inputs, tmp_path):
+    root, data, pack = trainer_inputs
+    assert main(trainer_args(root, data, pack, tmp_path / "run", 2, "--batch-size", "2")) == 0
     assert sorted(sorted(r["rows"]) for r in _log(tmp_path / "run")) == [[1, 3], [2]]
 
 
-def test_evaluation_images_and_report(setup, tmp_path):
-    root, data, pack = setup
+def test_evaluation_images_and_report(trainer_inputs, tmp_path):
+    root, data, pack = trainer_inputs
     output = tmp_path / "run"
-    assert main(_args(root, data, pack, output, 2, "--eval-every", "2", "--eval-count", "2")) == 0
+    assert main(trainer_args(root, data, pack, output, 2, "--eval-every", "2", "--eval-count", "2")) == 0
     assert [json.loads(line)["step"] for line in (output / "eval.jsonl").read_text().splitlines()] == [0, 2]
     for step in ("step_000000", "step_000002"):
         report = json.loads((output / "eval" / step / "report.json").read_text())
@@ -243,25 +172,25 @@ def test_evaluation_images_and_report(setup, tmp_path):
     assert not np.array_equal(before, after)  # the evaluation samples with the trained LoRA
 
 
-def test_evaluation_on_held_out_data(setup, tmp_path):
-    root, data, pack = setup
+def test_evaluation_on_held_out_data(trainer_inputs, tmp_path):
+    root, data, pack = trainer_inputs
     held_out = tmp_path / "held_out"
     shutil.copytree(data, held_out)
     wide_row = (data / "manifest.jsonl").read_text().splitlines()[1]
     (held_out / "manifest.jsonl").write_text(wide_row + "\n")
     output = tmp_path / "run"
-    assert main(_args(root, data, pack, output, 1, "--eval-every", "1", "--eval-data", str(held_out))) == 0
+    assert main(trainer_args(root, data, pack, output, 1, "--eval-every", "1", "--eval-data", str(held_out))) == 0
     report = json.loads((output / "eval" / "step_000001" / "report.json").read_text())
     assert [i["row"] for i in report["images"]] == [1]
     assert np.asarray(Image.open(output / "eval" / "step_000001" / "row_0001.png")).shape == (48, 80, 3)
 
 
-def test_init_lora_continues_from_a_uno_file(setup, tmp_path):
-    root, data, pack = setup
-    assert main(_args(root, data, pack, tmp_path / "first", 2)) == 0
+def test_init_lora_continues_from_a_uno_file(trainer_inputs, tmp_path):
+    root, data, pack = trainer_inputs
+    assert main(trainer_args(root, data, pack, tmp_path / "first", 2)) == 0
     uno = str(tmp_path / "first" / "lora_uno.safetensors")
     # lr 0: the step changes nothing, so the result is the loaded file itself.
-    args = _args(root, data, pack, tmp_path / "second", 1, "--init-lora", uno, "--lr", "0")
+    args = trainer_args(root, data, pack, tmp_path / "second", 1, "--init-lora", uno, "--lr", "0")
     del args[args.index("--rank"):args.index("--rank") + 2]  # the rank comes from the file
     assert main(args) == 0
     first = load_file(tmp_path / "first" / "lora_diffusers.safetensors")
@@ -270,25 +199,25 @@ def test_init_lora_continues_from_a_uno_file(setup, tmp_path):
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
-def test_init_lora_errors(setup, tmp_path, capsys):
-    root, data, pack = setup
-    assert main(_args(root, data, pack, tmp_path / "first", 1)) == 0
+def test_init_lora_errors(trainer_inputs, tmp_path, capsys):
+    root, data, pack = trainer_inputs
+    assert main(trainer_args(root, data, pack, tmp_path / "first", 1)) == 0
     uno = str(tmp_path / "first" / "lora_uno.safetensors")
-    assert main(_args(root, data, pack, tmp_path / "out", 1, "--init-lora", uno, "--rank", "8")) == 2
+    assert main(trainer_args(root, data, pack, tmp_path / "out", 1, "--init-lora", uno, "--rank", "8")) == 2
     assert "--rank 8 differs from the rank 4" in capsys.readouterr().err
     omnigen2 = tmp_path / "omnigen2.safetensors"
     save_file({"transformer.layers.0.attn.to_q.lora_A.weight": torch.zeros(2, 8),
                "transformer.layers.0.attn.to_q.lora_B.weight": torch.zeros(8, 2)}, omnigen2)
-    assert main(_args(root, data, pack, tmp_path / "out", 1, "--init-lora", str(omnigen2))) == 2
+    assert main(trainer_args(root, data, pack, tmp_path / "out", 1, "--init-lora", str(omnigen2))) == 2
     assert "omnigen2.safetensors' is a omnigen2_peft LoRA" in capsys.readouterr().err
 
 
 def _command(root, data, pack, output, steps, *extra):
-    return [sys.executable, "-m", "training.rerefl", *_args(root, data, pack, output, steps, *extra)]
+    return [sys.executable, "-m", "training.rerefl", *trainer_args(root, data, pack, output, steps, *extra)]
 
 
-def test_sigterm_checkpoints_the_finished_step_and_resume_goes_on(setup, tmp_path):
-    root, data, pack = setup
+def test_sigterm_checkpoints_the_finished_step_and_resume_goes_on(trainer_inputs, tmp_path):
+    root, data, pack = trainer_inputs
     output = tmp_path / "run"
     process = subprocess.Popen(_command(root, data, pack, output, 1000, "--checkpoint-every", "1000"),
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -301,22 +230,22 @@ def test_sigterm_checkpoints_the_finished_step_and_resume_goes_on(setup, tmp_pat
     assert process.returncode == 0, out
     state = json.loads((output / "checkpoint" / "state.json").read_text())
     assert f"stopped at step {state['step']}" in out and len(_log(output)) == state["step"]
-    assert main(_args(root, data, pack, output, state["step"] + 1, "--resume")) == 0
+    assert main(trainer_args(root, data, pack, output, state["step"] + 1, "--resume")) == 0
     assert [r["step"] for r in _log(output)] == list(range(1, state["step"] + 2))
 
 
 def _torchrun(root, data, pack, output, steps, *extra):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "-m", "training.rerefl", *_args(root, data, pack, output, steps, *extra)]
+               "-m", "training.rerefl", *trainer_args(root, data, pack, output, steps, *extra)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-def test_two_processes_share_the_data_and_resume_exactly(setup, tmp_path):
+def test_two_processes_share_the_data_and_resume_exactly(trainer_inputs, tmp_path):
     """The same command on two processes (torchrun, gloo on the CPU): each step takes one batch per
     process, the checkpoint holds every process's RNG, and a resume continues exactly."""
-    root, data, pack = setup
+    root, data, pack = trainer_inputs
     _torchrun(root, data, pack, tmp_path / "straight", 2)
     log = _log(tmp_path / "straight")
     assert [len(r["rows"]) for r in log] == [2, 2]
@@ -326,39 +255,8 @@ def test_two_processes_share_the_data_and_resume_exactly(setup, tmp_path):
     straight = load_file(tmp_path / "straight" / "lora_diffusers.safetensors")
     resumed = load_file(tmp_path / "resumed" / "lora_diffusers.safetensors")
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
-    assert main(_args(root, data, pack, tmp_path / "resumed", 3, "--resume")) == 2  # one process cannot resume it
-
-
-@needs_comfyui
-def test_trained_lora_has_the_same_effect_in_diffusers_and_in_comfyui(setup, tmp_path, caplog):
-    """The trainer's own lora_uno.safetensors: merged into the diffusers model (headless generation) and
-    applied by ComfyUI's LoRA code to its fused FLUX weights (the pack's loader path), the weight
-    deltas are the ones the trainer trained (peft's B @ A of lora_diffusers.safetensors)."""
-    from umo_core.backbones.flux1.loading import merge_lora
-    from umo_core.backbones.lora_formats import load_lora_file, to_comfy_lora
-
-    root, data, pack = setup
-    assert main(_args(root, data, pack, tmp_path / "run", 2)) == 0
-    trained = load_file(tmp_path / "run" / "lora_diffusers.safetensors")
-    trained_deltas = {module: trained[f"{module}.lora_B.weight"] @ trained[f"{module}.lora_A.weight"]
-                      for module in (k.removesuffix(".lora_A.weight") for k in trained if ".lora_A." in k)}
-
-    base = tiny_transformer()
-    before = {k: v.clone() for k, v in base.state_dict().items()}
-    merge_lora(base, tmp_path / "run" / "lora_uno.safetensors")
-    for module, delta in trained_deltas.items():
-        merged = base.state_dict()[f"{module}.weight"] - before[f"{module}.weight"]
-        torch.testing.assert_close(merged, delta, rtol=1e-5, atol=1e-6, msg=module)
-
-    expected = {}
-    for uno_module, comfy_module in UNO_TO_COMFY.items():
-        delta = torch.cat([trained_deltas[m] for m in UNO_TO_DIFFUSERS[uno_module]])
-        if comfy_module.endswith("linear1_qkv"):  # q, k, v are the first 3H rows of linear1 (then the MLP)
-            delta = torch.cat([delta, torch.zeros(4 * HIDDEN, HIDDEN)])
-            comfy_module = comfy_module.replace("linear1_qkv", "linear1")
-        expected[f"diffusion_model.{comfy_module}.weight"] = delta
-    uno_file = to_comfy_lora(*load_lora_file(tmp_path / "run" / "lora_uno.safetensors"))
-    assert_same_deltas(_comfy_deltas(_comfy(), make_comfy_flux(), uno_file, caplog), expected)
+    # One process cannot resume it.
+    assert main(trainer_args(root, data, pack, tmp_path / "resumed", 3, "--resume")) == 2
 
 
 @pytest.mark.parametrize(("extra", "message"), [
@@ -367,45 +265,38 @@ def test_trained_lora_has_the_same_effect_in_diffusers_and_in_comfyui(setup, tmp
     (["--batch-size", "0"], "--batch-size must be at least 1"),
     (["--resume"], "--resume: no checkpoint in"),
 ])
-def test_bad_arguments_are_named(setup, tmp_path, capsys, extra, message):
-    root, data, pack = setup
-    assert main(_args(root, data, pack, tmp_path / "out", 1, *extra)) == 2
+def test_bad_arguments_are_named(trainer_inputs, tmp_path, capsys, extra, message):
+    root, data, pack = trainer_inputs
+    assert main(trainer_args(root, data, pack, tmp_path / "out", 1, *extra)) == 2
     assert message in capsys.readouterr().err
 
 
-def test_withanyone_terms_are_logged_and_gated(setup, tmp_path):
-    root, data, pack = setup
-    assert main(_args(root, data, pack, tmp_path / "run", 4, "--gt-id-weight", "1", "--contrastive-weight", "1")) == 0
+def test_withanyone_terms_are_logged_and_gated(trainer_inputs, tmp_path):
+    root, data, pack = trainer_inputs
+    withanyone = ("--gt-id-weight", "1", "--contrastive-weight", "1")
+    assert main(trainer_args(root, data, pack, tmp_path / "run", 4, *withanyone)) == 0
     log = _log(tmp_path / "run")
     ran = [r for r in log if r["gt_id_loss"] is not None]  # null at steps drawn above sigma 0.6
     assert ran and all(r["contrastive_loss"] is not None for r in ran)
     assert all(0 <= r["gt_id_loss"] <= 2 and np.isfinite(r["contrastive_loss"]) for r in ran)
 
 
-def test_withanyone_gradient_reaches_the_lora(setup, pack_dir):
+def test_withanyone_gradient_reaches_the_lora(trainer_inputs, pack_dir):
     """The GT-aligned term on the flow-matching branch: the target photo's keypoints crop the decoded
     clean estimate, and the loss's gradient reaches the LoRA through the VAE decoder and the face network."""
-    from peft import LoraConfig
-
     from training.batches import load_batch
     from training.data import load_dataset
     from training.step import StepSettings, withanyone_terms
     from umo_core import load_face_model
     from umo_core.backbones.flux1.runtime import predict_velocity
-    from umo_core.backbones.lora_formats import UNO_TARGET_MODULES
 
-    root, data, pack = setup
+    root, data, pack = trainer_inputs
     face_model = load_face_model(pack_dir, provider="cpu", backend="torch")
     samples, _ = load_dataset(data, face_model)
     vae = tiny_vae().requires_grad_(False)
     batch = load_batch(samples[:1], (256, 256), vae, torch.device("cpu"))
     assert len(batch.ground_truth[0].faces) == 1  # Rob Lowe's face in the target photo
-    transformer = tiny_transformer().requires_grad_(False)
-    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
-                                       target_modules=UNO_TARGET_MODULES))
-    for name, parameter in transformer.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(parameter, std=0.1)
+    transformer = add_lora(tiny_flux_transformer().requires_grad_(False), rank=4, alpha=4, lora_b_std=0.1)
     t = torch.full((1, 1, 1, 1), 0.3)
     noisy = (1 - t) * batch.target + t * torch.randn(batch.target.shape, generator=torch.Generator().manual_seed(0))
     velocity = predict_velocity(transformer, noisy, t.flatten(), batch.text, batch.references)
@@ -420,12 +311,12 @@ def test_withanyone_gradient_reaches_the_lora(setup, pack_dir):
     assert withanyone_terms(settings, vae, face_model, batch, noisy, velocity, noisier, None) == {}
 
 
-def test_a_batch_reuses_what_the_data_check_found(setup, torch_face_model):
+def test_a_batch_reuses_what_the_data_check_found(trainer_inputs, torch_face_model):
     """The references' people and the target's faces come from the data check, not from a detection per step."""
     from training.batches import load_batch
     from training.data import load_dataset
 
-    root, data, pack = setup
+    root, data, pack = trainer_inputs
     samples, _ = load_dataset(data, torch_face_model)
     wide = samples[1]  # the 400 x 250 target, in the 48 x 80 bucket at --resolution 64
     batch = load_batch([wide], (48, 80), tiny_vae(), torch.device("cpu"))
