@@ -11,7 +11,7 @@ import torch
 from diffusers import AutoencoderKL, FluxTransformer2DModel
 from safetensors.torch import save_file
 
-from tests.flux_layout import save_bfl_file, transformer_to_bfl
+from tests.flux_layout import flux1_file_shapes, save_bfl_file, transformer_to_bfl
 from tests.tiny_models import (
     FLUX_HEAD_DIM,
     POOLED_DIM,
@@ -23,7 +23,7 @@ from tests.tiny_models import (
 )
 from umo_core import UMOError
 from umo_core.backbones.flux1.keys import flux_bfl_to_diffusers
-from umo_core.backbones.flux1.loading import TRANSFORMER_CONFIG, VAE_CONFIG, load_transformer, load_vae
+from umo_core.backbones.flux1.loading import VAE_CONFIG, load_transformer, load_vae
 from umo_core.backbones.flux1.runtime import decode_latents, encode_images, predict_velocity
 from umo_core.backbones.flux1.text_embedding import TextEmbedding
 
@@ -113,9 +113,7 @@ def test_conversion_agrees_with_diffusers_at_flux1_width():
     only, so tensors of FLUX.1-dev's row counts and one column check every name, cut and swap against it."""
     from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
 
-    config = json.loads(TRANSFORMER_CONFIG.read_text()) | {"num_layers": 1, "num_single_layers": 1}
-    with torch.device("meta"):
-        shapes = transformer_to_bfl(FluxTransformer2DModel.from_config(config).state_dict())
+    shapes = flux1_file_shapes(double_blocks=1, single_blocks=1)
     generator = torch.Generator().manual_seed(4)
     bfl = {key: torch.randn(shape.shape[0], *([1] if shape.ndim > 1 else []), generator=generator)
            for key, shape in shapes.items()}
