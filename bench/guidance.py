@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from umo_core.backbones.flux1.runtime import LATENT_CHANNELS
 from umo_core.faces.guidance import REDETECT_EVERY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,7 +61,7 @@ def transformer_step(size: int, device: str, dtype: torch.dtype, architecture: s
     transformer = random_models(config, torch.device(device), dtype)[0].eval().requires_grad_(False)
     widths = (config["transformer"]["joint_attention_dim"], config["transformer"]["pooled_projection_dim"])
     text = TextEmbedding(torch.randn(1, 512, widths[0], device=device), torch.randn(1, widths[1], device=device))
-    latent = torch.randn(1, 16, size // 8, size // 8, device=device)
+    latent = torch.randn(1, LATENT_CHANNELS, size // 8, size // 8, device=device)
 
     @torch.no_grad()
     def step():
@@ -97,7 +98,7 @@ def guidance_work(mode: str, size: int, device: str, dtype: torch.dtype) -> Call
     def decode(latent):
         return ((vae.decode(latent.to(dtype)).sample.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
 
-    latent = torch.randn(1, 16, size // 8, size // 8, device=device)
+    latent = torch.randn(1, LATENT_CHANNELS, size // 8, size // 8, device=device)
 
     def work():
         if mode == "decode":

@@ -10,7 +10,8 @@ from onnx import numpy_helper
 from PIL import Image
 
 from tests.conftest import ASSETS
-from umo_core import UMOError, identity_reward, load_face_model
+from umo_core import UMOError, identity_metrics, identity_reward, load_face_model
+from umo_core.faces.metrics import match_metrics
 
 SIDE = 250  # the LFW photos' size; the other images are cut to it so that they stack into one batch
 
@@ -88,3 +89,14 @@ def test_one_set_of_references_per_image(torch_face_model, batch, photos):
     assert mixed.values[0] > 0.4 and mixed.values[3] > 0.4  # each image scored against its own person
     with pytest.raises(UMOError, match="2 sets of references for 4 images"):
         identity_reward(batch, [rob, nathalie], torch_face_model)
+
+
+def test_metrics_from_the_reward_equal_identity_metrics(torch_face_model, batch, photos):
+    """match_metrics on a RewardResult's own similarity and assignment (the trainer's log) gives exactly the
+    metrics that identity_metrics computes from the embeddings alone."""
+    identities = torch_face_model.identities([photos / "Rob_Lowe_0001.jpg", photos / "Nathalie_Baye_0002.jpg"])
+    result, _ = _reward_and_gradient(batch, identities, torch_face_model)
+    references = identities.embeddings
+    for embeddings, similarity, assignment in zip(result.embeddings, result.similarity, result.assignment):
+        faces = embeddings.detach().float()
+        assert match_metrics(references, faces, similarity, assignment) == identity_metrics(references, faces)
