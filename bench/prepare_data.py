@@ -1,7 +1,7 @@
 """training.prepare_data throughput: photos/s of the whole command next to a plain per-photo detect + embed loop.
 
 For each count, a collection of group composites (one to three ArcFace-aligned LFW faces of the face-assets,
-pasted at random sizes, the same builder as tests/test_prepare_data.py) is written as JPEGs; then, in one
+pasted at random sizes, the same builder as tests/group_photos.py) is written as JPEGs; then, in one
 process, one after the other:
 - plain: for each photo, load_image + FaceModel.analyse([photo]) (what a hand-written script would do);
 - cold: python -m training.prepare_data on an empty cache (hashing, reading, detect + embed, clustering,
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from tests.conftest import LFW, make_pack
-from tests.test_prepare_data import group_photo, lfw_face
+from tests.group_photos import group_photo, lfw_face
 from training.prepare_data import main as prepare_data
 from umo_core import load_face_model
 from umo_core.images import load_image

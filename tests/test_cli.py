@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import ASSETS, ROOT, make_pack
-from tests.test_images import huge_png
+from tests.image_files import huge_png
 from umo_core.cli import main
 
 METRIC_KEYS = {"mimr", "sir", "id_sim", "id_sim_matched", "id_conf", "bld", "sim_gt", "cp"}

@@ -7,9 +7,7 @@ within 1/255 of the twin, and the fixture face model must find the same face wit
 
 from __future__ import annotations
 
-import struct
 import warnings
-import zlib
 
 import cv2
 import numpy as np
@@ -18,6 +16,7 @@ import tifffile
 import torch
 from PIL import Image, features
 
+from tests.image_files import huge_png
 from umo_core.errors import UMOError
 from umo_core.images import MAX_PIXELS, float_image, load_image, pixel_limit, save_image, to_rgb_uint8
 
@@ -250,18 +249,6 @@ def test_animated_files_use_the_first_frame_and_say_so(suffix, photos, face_mode
     still: list[str] = []
     load_image(photos / "Rob_Lowe_0001.jpg", notes=still)
     assert still == []
-
-
-def huge_png(path, width: int, height: int):
-    """A real PNG header that declares width x height, with one tiny compressed row: what a
-    decompression bomb looks like (PIL alone raises DecompressionBombError on opening it)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 65))
-                     + chunk(b"IEND", b""))
-    return path
 
 
 def test_pixel_limit_names_the_file_its_size_the_limit_and_the_flag(photos, tmp_path, monkeypatch):
