@@ -288,7 +288,7 @@ def comfy(tmp_path_factory, assets) -> ComfyServer:
         process = subprocess.Popen(command, cwd=COMFYUI_PATH, stdout=log_file, stderr=subprocess.STDOUT)
     server = ComfyServer(f"http://127.0.0.1:{port}", base, log)
     try:
-        deadline = time.time() + 240
+        deadline = time.time() + 600  # minutes on a loaded 2-core machine (imports, node registration)
         while True:
             try:
                 server.get("/object_info/UMOFaceModelLoader")
