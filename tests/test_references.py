@@ -16,6 +16,7 @@ from umo_core.backbones.references import (
     resize_omnigen2_reference,
     resize_reference,
 )
+from umo_core.images import float_image, load_image
 
 
 @pytest.mark.parametrize(("count", "expected"), [(1, 512), (2, 320), (4, 320)])
@@ -36,6 +37,12 @@ def test_resize_and_centre_crop_to_multiples_of_16(height, width, long_side, exp
     assert 0 <= resized.min() and resized.max() <= 1
     assert reference_shape(height, width, long_side) == expected  # known from the file's size alone
 
+
+
+def test_a_uint8_photo_and_its_float_twin_give_the_same_reference(photos):
+    """The trainer and `generate` hand load_image's uint8 array straight in; ComfyUI hands float images."""
+    photo = load_image(photos / "Rob_Lowe_0001.jpg")
+    assert torch.equal(resize_reference(photo, 320), resize_reference(float_image(photo), 320))
 
 def test_omnigen2_references_keep_the_pixel_count_with_sides_multiples_of_16():
     image = torch.full((100, 200, 3), 0.25)

@@ -14,7 +14,7 @@ from umo_core.backbones.flux1.runtime import encode_images
 from umo_core.backbones.flux1.text_embedding import TextEmbedding, load_text_embeddings
 from umo_core.backbones.references import reference_long_side, resize_reference
 from umo_core.faces.face_model import AnalysedImage, Identities
-from umo_core.images import float_image, load_image
+from umo_core.images import load_image
 
 from .buckets import fit_faces_to_bucket, fit_to_bucket
 from .data import Sample
@@ -38,7 +38,7 @@ def load_batch(samples: list[Sample], size: tuple[int, int], vae, device: torch.
     target_images = torch.stack([fit_to_bucket(target, size) for target in targets])
     photos = [[load_image(p) for p in s.references] for s in samples]
     side = reference_long_side(len(samples[0].references))
-    references = [encode_images(vae, torch.stack([resize_reference(float_image(people[k]), side)
+    references = [encode_images(vae, torch.stack([resize_reference(people[k], side)
                                                   for people in photos]).to(device))
                   for k in range(len(photos[0]))]
     text = load_text_embeddings([s.text_embedding for s in samples], device)

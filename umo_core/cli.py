@@ -84,7 +84,6 @@ def generate_command(args: argparse.Namespace) -> list[Path]:
     from .backbones.flux1.loading import load_transformer, load_vae, merge_lora
     from .backbones.flux1.runtime import encode_images
     from .backbones.references import reference_long_side, resize_reference
-    from .images import float_image
 
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     # The prompt first: the text encoders are freed before the transformer takes the memory.
@@ -97,7 +96,7 @@ def generate_command(args: argparse.Namespace) -> list[Path]:
     references = []
     with torch.no_grad():
         for i, path in enumerate(args.ref):
-            photo = float_image(load_image(path, f"reference {i + 1} '{path}'"))
+            photo = load_image(path, f"reference {i + 1} '{path}'")
             references.append(encode_images(vae, resize_reference(photo, side)[None]))
     args.out.mkdir(parents=True, exist_ok=True)
     written = []

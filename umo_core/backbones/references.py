@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from ..errors import UMOError
-from ..images import float_image, to_rgb_uint8
+from ..images import ImageLike, float_image, to_rgb_uint8
 
 MULTIPLE = 16
 SINGLE_REFERENCE_LONG_SIDE = 512
@@ -74,9 +74,9 @@ def reference_shape(height: int, width: int, long_side: int) -> tuple[int, int]:
     return scaled_h // MULTIPLE * MULTIPLE, scaled_w // MULTIPLE * MULTIPLE
 
 
-def resize_reference(image: torch.Tensor, long_side: int) -> torch.Tensor:
-    """One reference image [H,W,3] float 0..1 -> UNO's [h,w,3]: long side `long_side`, centre-cropped to
-    multiples of 16."""
+def resize_reference(image: ImageLike, long_side: int) -> torch.Tensor:
+    """One reference image (float [H,W,3] in 0..1, RGB uint8 [H,W,3] as load_image gives it, or anything
+    `to_rgb_uint8` reads) -> UNO's float [h,w,3]: long side `long_side`, centre-cropped to multiples of 16."""
     array = to_rgb_uint8(image)[0]
     scaled = resized_shape(*array.shape[:2], long_side)
     if min(scaled) < MULTIPLE:
