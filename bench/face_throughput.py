@@ -49,8 +49,9 @@ def real_photos() -> list[np.ndarray]:
     return [load_image(p) for p in photos if p.name != "no_face_view.jpg"]
 
 
-def wait_until_idle(window: float = 0.02, busy: float = 0.001, limit: float = 2.0) -> None:
-    """Return once this process uses under `busy` CPU seconds in a `window` (its worker threads have stopped)."""
+def wait_until_idle(window: float = 0.02, busy: float = 0.001, limit: float = 0.5) -> None:
+    """Return once this process uses under `busy` CPU seconds in a `window` (its worker threads have stopped),
+    or after `limit` seconds: a process that never goes idle costs gpu.sh's time limit no more than that per turn."""
     deadline = time.perf_counter() + limit
     while time.perf_counter() < deadline:
         cpu = time.process_time()
