@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from umo_core.faces.embedding import BACKENDS
+
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT.parent / "shared" / "face-assets"
 COUNTS = (1, 4, 16)
@@ -101,7 +103,7 @@ def main() -> None:
     parser.add_argument("--pack", type=Path)
     parser.add_argument("--detector", default="det_500m.onnx", help="fixture detector when --pack is not given")
     parser.add_argument("--provider", default="cpu")
-    parser.add_argument("--backend", default="onnx", choices=("onnx", "torch"))
+    parser.add_argument("--backend", default="onnx", choices=BACKENDS)
     parser.add_argument("--repeats", type=int, default=9)
     args = parser.parse_args()
 

@@ -6,6 +6,7 @@ import torch
 
 from umo_core.errors import UMOError
 from umo_core.faces.guidance import REDETECT_EVERY, FaceReuse, autograd_copy, guide
+from umo_core.faces.matching import REWARDS
 
 from .node_api import io
 from .sockets import FaceModelSocket, IdentitiesSocket
@@ -90,7 +91,7 @@ class IdentityGuidance(io.ComfyNode):
                 io.Float.Input("start", default=0.6, min=0.0, max=1.0, step=0.01,
                                tooltip="fraction of the schedule where guidance starts (0 = first step)"),
                 io.Float.Input("end", default=1.0, min=0.0, max=1.0, step=0.01),
-                io.Combo.Input("reward", options=["mimr", "sir"], default="mimr"),
+                io.Combo.Input("reward", options=list(REWARDS), default="mimr"),
                 io.Int.Input("redetect_every", default=REDETECT_EVERY, min=1, max=100, optional=True,
                              tooltip="guided steps between two face detections (the faces found are reused in "
                                      "between, saving a full preview decode per step; a face whose similarity "

@@ -8,6 +8,7 @@ from comfy.utils import ProgressBar
 
 from umo_core import FaceModel, Identities, load_face_model, rank
 from umo_core.faces.annotate import annotate
+from umo_core.faces.embedding import BACKENDS
 from umo_core.faces.scoring import CRITERIA, ImageScore, ground_truth_embeddings, score_image, score_table
 from umo_core.images import float_image, to_rgb_uint8
 
@@ -55,7 +56,7 @@ class FaceModelLoader(io.ComfyNode):
             inputs=[
                 io.Combo.Input("face_pack", options=face_pack_names(), tooltip="a folder in models/insightface/models"),
                 io.Combo.Input("provider", options=PROVIDERS, default="auto"),
-                io.Combo.Input("embedder", options=["onnx", "torch"], default="onnx",
+                io.Combo.Input("embedder", options=list(BACKENDS), default="onnx",
                                tooltip="onnx: fastest; torch: differentiable (needed for identity guidance)"),
             ],
             outputs=[FaceModelSocket.Output(display_name="face_model")],

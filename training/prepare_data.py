@@ -25,6 +25,8 @@ import torch
 import torch.distributed as dist
 
 from umo_core import UMOError, load_face_model
+from umo_core.faces.embedding import BACKENDS
+from umo_core.faces.face_pack import PROVIDER_CHOICES
 
 from .dataset_builder import filters as quality
 from .dataset_builder.cache import FaceCache, pack_key
@@ -61,8 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, required=True, help="the data folder to write")
     parser.add_argument("--faces", default=os.environ.get("UMO_FACE_PACK", "antelopev2"),
                         help="face pack name or folder (default $UMO_FACE_PACK, else antelopev2)")
-    parser.add_argument("--provider", default="auto", help="onnxruntime provider: auto, cpu, cuda, rocm, coreml")
-    parser.add_argument("--backend", choices=("onnx", "torch"), default="onnx", help="face embedder backend")
+    parser.add_argument("--provider", default="auto", help=f"onnxruntime provider: {', '.join(PROVIDER_CHOICES)}")
+    parser.add_argument("--backend", choices=BACKENDS, default="onnx", help="face embedder backend")
     parser.add_argument("--min-people", type=int, default=1)
     parser.add_argument("--max-people", type=int, default=6)
     parser.add_argument("--match-threshold", type=float, default=DEFAULT_MATCH_THRESHOLD,

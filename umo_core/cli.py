@@ -16,7 +16,9 @@ from tqdm import tqdm
 from .backbones.flux1.text_embedding import TextEmbedding, load_text_embeddings
 from .errors import UMOError
 from .faces.annotate import annotate
+from .faces.embedding import BACKENDS
 from .faces.face_model import load_face_model
+from .faces.face_pack import PROVIDER_CHOICES
 from .faces.scoring import CRITERIA, ground_truth_embeddings, rank, score_image, score_table
 from .images import MAX_PIXELS, MAX_PIXELS_ENV, load_image, pixel_limit, save_image
 
@@ -36,8 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument("--criterion", choices=CRITERIA, default="mimr", help="ranking criterion (default mimr)")
     score.add_argument("--json", type=Path, help="write the full report as JSON here")
     score.add_argument("--annotate", type=Path, help="write annotated copies of the images into this folder")
-    score.add_argument("--provider", default="auto", help="onnxruntime provider: auto, cpu, cuda, rocm, coreml")
-    score.add_argument("--backend", choices=("onnx", "torch"), default="onnx", help="face embedder backend")
+    score.add_argument("--provider", default="auto", help=f"onnxruntime provider: {', '.join(PROVIDER_CHOICES)}")
+    score.add_argument("--backend", choices=BACKENDS, default="onnx", help="face embedder backend")
     score.add_argument("--max-pixels", type=int, help=f"refuse image files with more pixels than this (default "
                        f"${MAX_PIXELS_ENV} or {MAX_PIXELS}; 0 = no limit)")
     generate = commands.add_parser("generate", help="images of the reference people from a prompt (FLUX + UNO)")

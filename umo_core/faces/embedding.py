@@ -109,6 +109,9 @@ class TorchEmbedder(FaceEmbedder):
         return F.normalize(features.float(), dim=-1).to(crops.device)
 
 
+BACKENDS = ("onnx", "torch")  # make_embedder's choices: the CLIs', the node's and the bench's
+
+
 def make_embedder(path: Path, backend: str, providers: list[str], device: str | torch.device = "cpu",
                   dtype: torch.dtype = torch.float32) -> FaceEmbedder:
     """An embedder for `backend` 'onnx' (onnxruntime with `providers`) or 'torch' (`device`, `dtype`)."""
@@ -116,4 +119,4 @@ def make_embedder(path: Path, backend: str, providers: list[str], device: str | 
         return OnnxEmbedder(path, providers)
     if backend == "torch":
         return TorchEmbedder(path, device, dtype)
-    raise UMOError(f"embedder backend '{backend}' is unknown; choose 'onnx' or 'torch'")
+    raise UMOError(f"embedder backend '{backend}' is unknown; choose one of {', '.join(BACKENDS)}")

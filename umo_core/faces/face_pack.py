@@ -31,6 +31,8 @@ PROVIDERS = {
     "coreml": "CoreMLExecutionProvider",
 }
 
+PROVIDER_CHOICES = ("auto", *PROVIDERS)  # what resolve_providers takes (in any case)
+
 EXPECTED_FILES = (
     "one SCRFD face detector (e.g. scrfd_10g_bnkps.onnx or det_10g.onnx) and one ArcFace "
     "recogniser (e.g. glintr100.onnx or w600k_r50.onnx)"
@@ -259,7 +261,7 @@ def resolve_providers(provider: str = "auto") -> list[str]:
             return ["CUDAExecutionProvider", "CPUExecutionProvider"]
         return ["CPUExecutionProvider"]
     if choice not in PROVIDERS:
-        raise UMOError(f"provider '{provider}' is unknown; choose one of auto, {', '.join(PROVIDERS)}")
+        raise UMOError(f"provider '{provider}' is unknown; choose one of {', '.join(PROVIDER_CHOICES)}")
     name = PROVIDERS[choice]
     if name not in available:
         hint = " (install onnxruntime-gpu instead of onnxruntime)" if choice == "cuda" else ""
