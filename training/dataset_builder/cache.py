@@ -12,7 +12,6 @@ one cache at once (each photo's file is written by whoever analysed it).
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import fields
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from umo_core import FaceModel
+from umo_core.files import atomic_path
 
 from .faces import PhotoFaces
 from .photos import HASH_CHUNK
@@ -59,10 +59,7 @@ class FaceCache:
         return PhotoFaces(height=height, width=width, **{name: arrays[name] for name in _ARRAYS})
 
     def save(self, digest: str, faces: PhotoFaces) -> None:
-        path = self.path(digest)
-        path.parent.mkdir(parents=True, exist_ok=True)
         arrays = {name: np.ascontiguousarray(getattr(faces, name)) for name in _ARRAYS}
         arrays["size"] = np.array([faces.height, faces.width], np.int64)
-        temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # one per process: shards may meet here
-        save_file(arrays, temporary)
-        os.replace(temporary, path)
+        with atomic_path(self.path(digest)) as temporary:  # shards may write the same photo's file at once
+            save_file(arrays, temporary)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+
+from umo_core.files import atomic_path
 
 from .embedding_pass import PassResult
 from .identities import FaceId
@@ -65,9 +66,8 @@ def build_report(settings: dict, mode: str, cache: Path, found: int, skipped: li
 def write_report(folder: Path, report: dict) -> None:
     for name, text in (("report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n"),
                        ("report.md", markdown(report))):
-        temporary = folder / (name + ".tmp")
-        temporary.write_text(text, encoding="utf-8")
-        os.replace(temporary, folder / name)
+        with atomic_path(folder / name) as temporary:
+            temporary.write_text(text, encoding="utf-8")
 
 
 def _counts(title: str, counts: dict[str, int]) -> list[str]:

@@ -22,6 +22,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from umo_core import UMOError
+from umo_core.files import atomic_path
 from umo_core.images import load_image
 
 from ..encode_prompts import cache_path
@@ -56,10 +57,8 @@ def reference_file(identity: str, face: FaceId) -> str:
 
 
 def write_image(path: Path, image: Image.Image) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp.png")
-    image.save(temporary)
-    os.replace(temporary, path)
+    with atomic_path(path, suffix=".tmp.png") as temporary:  # PIL picks the format by the suffix
+        image.save(temporary)
 
 
 def link_target(source: Path, destination: Path) -> None:
@@ -117,9 +116,9 @@ def manifest_rows(folder: Path, rows: list[Row], prompts: dict[str, str]) -> lis
 
 
 def write_manifest(folder: Path, lines: list[dict]) -> None:
-    temporary = folder / "manifest.jsonl.tmp"
-    temporary.write_text("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines), encoding="utf-8")
-    os.replace(temporary, folder / "manifest.jsonl")
+    with atomic_path(folder / "manifest.jsonl") as temporary:
+        temporary.write_text("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines),
+                             encoding="utf-8")
 
 
 def remove_stale(folder: Path, written: set[Path]) -> None:

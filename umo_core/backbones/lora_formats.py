@@ -22,9 +22,7 @@ diffusers' XLabs converter use):
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
@@ -32,6 +30,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..errors import UMOError
+from ..files import atomic_path
 
 # Metadata the project's trainer writes into its LoRA files.
 FORMAT_METADATA_KEY = "umo_format"
@@ -112,17 +111,10 @@ def save_lora_file(path: str | Path, state_dict: dict[str, torch.Tensor],
     not_text = [key for key, value in metadata.items() if not isinstance(key, str) or not isinstance(value, str)]
     if not_text:
         raise UMOError(f"LoRA metadata for '{path}' must map text to text; convert {not_text} to str")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
+    with atomic_path(path) as temporary:
         # safetensors refuses views and shared storage; LoRA tensors are small, so copy them.
         save_file({key: tensor.detach().contiguous().clone() for key, tensor in state_dict.items()},
                   temporary, metadata=metadata)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def detect_lora_format(state_dict: dict[str, torch.Tensor]) -> str:
