@@ -72,9 +72,19 @@ class Identities:
     faces: Faces  # the face used in each reference (one row per reference)
     crops: torch.Tensor | None  # [M,3,112,112] aligned crops in 0..1, for previews; None where none are shown
     notes: list[str] = field(default_factory=list)  # e.g. "reference 2 has 3 faces; using the largest"
+    # The reference photos as given (RGB uint8 [H,W,3]), for re-sampling toward a person (the face fix);
+    # None for identities made without photos (e.g. from stored embeddings).
+    photos: list[np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.embeddings)
+
+    def person(self, reference: int) -> Identities:
+        """Reference `reference` alone, as one-person identities (its notes are about the whole set: dropped)."""
+        one = [reference]
+        return Identities(self.embeddings[one], self.faces.select(one),
+                          None if self.crops is None else self.crops[one], [],
+                          None if self.photos is None else [self.photos[reference]])
 
 
 class FaceModel:
@@ -154,7 +164,7 @@ class FaceModel:
                 notes.append(f"{names[first]} and {names[second]} look like the same person (cosine "
                              f"{similarity[first, second]:.2f}, same person from {self.same_person_threshold:.2f} "
                              "for this face network): the matching cannot tell them apart; give one photo per person")
-        return Identities(embeddings, faces, crops, notes)
+        return Identities(embeddings, faces, crops, notes, arrays)
 
 
 def load_face_model(pack: str | Path, provider: str = "auto", backend: str = "onnx",
