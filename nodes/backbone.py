@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import comfy.lora
 import comfy.model_base
 import folder_paths
@@ -103,6 +105,29 @@ def _with_references(conditioning: list, latents: list[torch.Tensor], flux: bool
     return conditioning
 
 
+def attach_references(positive: list, negative: list | None, vae, references: list[torch.Tensor], family: str,
+                      long_side: int = 0, on_encoded: Callable[[int], None] | None = None) -> tuple[list, list | None]:
+    """Encode reference photos [H,W,3] by the backbone's rule and attach them to `positive` (and `negative`
+    when given): UNO's resize and the uxo/uno placement for 'flux', OmniGen2's convention for 'omnigen2'.
+
+    UMO Reference Conditioning's work, shared with the face fix (one reference per face). `long_side` > 0
+    overrides UNO's long side; `on_encoded(n)` is called after the n-th reference is encoded.
+    """
+    flux = family == "flux"
+    side = reference_long_side(len(references), long_side)
+    latents = []
+    for reference in references:
+        rgb = reference[..., :3]
+        if flux:
+            prepared = resize_reference(rgb, side)
+        else:
+            prepared = resize_omnigen2_reference(rgb, OMNIGEN2_REFERENCE_PIXELS)
+        latents.append(vae.encode(prepared[None]))
+        if on_encoded is not None:
+            on_encoded(len(latents))
+    return tuple(None if c is None else _with_references(c, latents, flux) for c in (positive, negative))
+
+
 class ReferenceConditioning(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -130,16 +155,7 @@ class ReferenceConditioning(io.ComfyNode):
         references = collect_references(images, single_images)
         if not references:
             raise UMOError("UMO Reference Conditioning: connect at least one reference image")
-        flux = conditioning_family(positive, backbone) == "flux"
-        side = reference_long_side(len(references), long_side)
+        family = conditioning_family(positive, backbone)
         bar = ProgressBar(len(references))
-        latents = []
-        for i, reference in enumerate(references):
-            rgb = reference[..., :3]
-            if flux:
-                prepared = resize_reference(rgb, side)
-            else:
-                prepared = resize_omnigen2_reference(rgb, OMNIGEN2_REFERENCE_PIXELS)
-            latents.append(vae.encode(prepared[None]))
-            bar.update_absolute(i + 1)
-        return io.NodeOutput(*(None if c is None else _with_references(c, latents, flux) for c in (positive, negative)))
+        return io.NodeOutput(*attach_references(positive, negative, vae, references, family, long_side,
+                                                on_encoded=bar.update_absolute))
