@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import fcntl
 import json
 import os
@@ -183,6 +184,20 @@ def test_missing_pack(case, capsys, monkeypatch, tmp_path):
     assert main(_args("no_such_pack", refs, images)) == 2
     line = _error_line(capsys)
     assert "no_such_pack" in line and "insightface/models/no_such_pack" in line
+    # A new user's first run ends here (the default pack is antelopev2): the line says where packs come from.
+    assert line.endswith("(the official packs (antelopev2, buffalo_l) are insightface's release files: see 'Face "
+                         "models' in the README, https://github.com/umo-identity/comfyui-umo#face-models)")
+
+
+def test_an_onnx_file_as_the_pack_says_a_pack_is_a_folder(pack_dir, case, tmp_path, capsys):
+    _, refs, images = case
+    onnx_file = pack_dir / "det_500m.onnx"
+    assert main(_args(onnx_file, refs, images, "--json", tmp_path / "report.json")) == 2
+    assert _error_line(capsys) == (
+        f"error: face pack '{onnx_file}' is a file, but a face pack is a folder with one SCRFD face detector (e.g. "
+        "scrfd_10g_bnkps.onnx or det_10g.onnx) and one ArcFace recogniser (e.g. glintr100.onnx or w600k_r50.onnx); "
+        f"give the folder that holds them (e.g. '{pack_dir}')")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_corrupt_onnx(assets, case, tmp_path, capsys):
@@ -252,7 +267,112 @@ def test_too_large_images_are_a_clear_error(pack_dir, case, tmp_path, capsys):
     assert main(_args(pack_dir, refs, images[:1], "--max-pixels", 62499)) == 2  # the references are 250 x 250
     assert _error_line(capsys).startswith(f"error: reference 1 '{refs[0]}' is 250x250")
     assert main(_args(pack_dir, refs, images[:1], "--max-pixels", -3)) == 2
-    assert "--max-pixels" in _error_line(capsys)
+    assert _error_line(capsys) == "error: --max-pixels is -3; give a positive number of pixels, or 0 for no limit"
+
+
+def test_a_small_pixel_limit_is_shown_in_pixels(pack_dir, case, tmp_path, capsys):
+    """Not "0.1 megapixels, above the limit of 0.0 megapixels"."""
+    _, refs, images = case
+    assert main(_args(pack_dir, refs, images[:1], "--max-pixels", 100, "--json", tmp_path / "report.json")) == 2
+    assert _error_line(capsys) == (
+        f"error: reference 1 '{refs[0]}' is 250x250 = 62500 pixels, above the limit of 100 pixels; pass --max-pixels "
+        "62500 (or set UMO_MAX_PIXELS=62500, 0 for no limit) to read it anyway, or use a smaller copy")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("setting", ["abc", "-5", "1e8"])
+def test_a_bad_pixel_limit_setting_is_one_line_before_any_work(setting, case, tmp_path, capsys, monkeypatch):
+    """The variable is named, once (not as every photo's problem), before the face pack is loaded (it does not
+    exist here)."""
+    _, refs, images = case
+    monkeypatch.setenv("UMO_MAX_PIXELS", setting)
+    assert main(_args(tmp_path / "no_pack_here", refs, images, "--json", tmp_path / "report.json")) == 2
+    assert _error_line(capsys) == (f"error: $UMO_MAX_PIXELS is '{setting}'; set it to a whole number of pixels "
+                                   "(0 for no limit) or unset it")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_criterion_null_for_every_image_ranks_by_mimr_and_says_so(pack_dir, case, photos, tmp_path, capsys):
+    """id_conf needs two faces in an image: with one face or none it is null everywhere, and ranking by it would
+    keep the input order (the image without a face first)."""
+    _, refs, _ = case
+    images = [photos / "no_face_view.jpg", photos / "Rob_Lowe_0002.jpg"]
+    out = tmp_path / "report.json"
+    assert main(_args(pack_dir, refs[:1], images, "--criterion", "id_conf", "--json", out)) == 0
+    captured = capsys.readouterr()
+    warning = ("--criterion id_conf: every image's id_conf is null (undefined: see the README's metrics table), so "
+               "it cannot rank them; ranked by mimr instead")
+    assert [line for line in captured.err.splitlines() if line.startswith("warning: ")] == [f"warning: {warning}"]
+    assert "ranking by mimr, best first:" in captured.out
+    report = json.loads(out.read_text())
+    assert report["criterion"] == "mimr" and report["ranking"] == [1, 0] and warning in report["notes"]
+    assert all(entry["metrics"]["id_conf"] is None for entry in report["images"])
+
+
+def test_every_score_option_says_its_default(capsys):
+    """`score --help`: each option's text gives its default, or says it is required."""
+    from umo_core.cli import _parser
+
+    commands = next(action for action in _parser()._actions if isinstance(action, argparse._SubParsersAction))
+    options = [action for action in commands.choices["score"]._actions if action.dest != "help"]
+    assert len(options) == 10
+    for action in options:
+        assert action.help and ("(default" in action.help or "(required" in action.help), action.option_strings
+
+
+def _symlink_loop(path: Path) -> Path:
+    path.symlink_to(path.name)  # a link to itself
+    return path
+
+
+LOOPS = {
+    "image": lambda refs, images, loop: _args(NO_PACK, refs, [images[0], loop]),
+    "reference": lambda refs, images, loop: _args(NO_PACK, [refs[0], loop], images),
+    "gt": lambda refs, images, loop: _args(NO_PACK, refs, images, "--gt", loop),
+    "json": lambda refs, images, loop: _args(NO_PACK, refs, images, "--json", loop),
+    "annotate": lambda refs, images, loop: _args(NO_PACK, refs, images, "--annotate", loop),
+    "json below": lambda refs, images, loop: _args(NO_PACK, refs, images, "--json", loop / "report.json"),
+    "faces": lambda refs, images, loop: _args(loop, refs, images),
+}
+LOOP_LINES = {
+    "image": "error: image 2 '{loop}' is a symbolic link loop (its links lead back to themselves); give the image "
+             "file itself",
+    "reference": "error: reference 2 '{loop}' is a symbolic link loop (its links lead back to themselves); give the "
+                 "image file itself",
+    "gt": "error: --gt '{loop}' is a symbolic link loop (its links lead back to themselves); give the image file "
+          "itself",
+    "json": "error: --json '{loop}' is a symbolic link loop (its links lead back to themselves); give another file "
+            "name",
+    "annotate": "error: --annotate '{loop}' is a symbolic link loop (its links lead back to themselves); give "
+                "another folder",
+    "json below": "error: --json '{loop}/report.json' is a symbolic link loop (its links lead back to themselves); "
+                  "give another file name",
+    "faces": "error: face pack '{loop}' is a symbolic link loop (its links lead back to themselves); give the pack's "
+             "folder itself",
+}
+NO_PACK = Path("/nonexistent/no_pack_here")
+
+
+@pytest.mark.parametrize("role", list(LOOPS))
+def test_a_symlink_loop_is_one_line_naming_it(role, case, tmp_path, capsys):
+    """Not pathlib's RuntimeError traceback. Before any work: the face pack given does not exist (except where the
+    pack is the loop), and nothing is written."""
+    _, refs, images = case
+    loop = _symlink_loop(tmp_path / "loop")
+    args = LOOPS[role](refs, images, loop)
+    for flag, output in (("--json", tmp_path / "report.json"), ("--annotate", tmp_path / "annotated")):
+        if flag not in args:
+            args += [flag, str(output)]
+    assert main(args) == 2
+    assert _error_line(capsys) == LOOP_LINES[role].format(loop=loop)
+    assert [p.name for p in tmp_path.iterdir()] == ["loop"]
+
+
+def test_a_missing_last_image_is_named_before_any_work(case, tmp_path, capsys):
+    _, refs, images = case
+    missing = tmp_path / "typo.png"
+    assert main(_args(NO_PACK, refs, [*images, missing])) == 2
+    assert _error_line(capsys) == f"error: image 4 '{missing}' does not exist or is not a file"
 
 
 BAD_OUTPUTS = {

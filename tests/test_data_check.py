@@ -219,3 +219,14 @@ def test_training_needs_its_paths_unless_checking_data(capsys):
     assert exit_code.value.code == 2
     assert "the following arguments are required: --transformer, --output (or give --check-data)" in \
         capsys.readouterr().err
+
+
+def test_a_bad_pixel_limit_setting_is_one_error_not_every_rows_problem(template, tmp_path, pack_dir, capsys,
+                                                                       monkeypatch):
+    data = _folder(template, tmp_path, [GOOD, {**GOOD, "prompt": "again"}])
+    monkeypatch.setenv("UMO_MAX_PIXELS", "abc")
+    assert main(["--data", str(data), "--check-data", "--faces", str(pack_dir), "--provider", "cpu"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.strip() == ("error: $UMO_MAX_PIXELS is 'abc'; set it to a whole number of pixels (0 for no "
+                                    "limit) or unset it")

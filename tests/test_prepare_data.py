@@ -371,3 +371,13 @@ def test_bad_inputs_are_one_clear_error_each(inputs, tmp_path, capsys):
     assert "was not written by training.prepare_data" in _error(capsys)
     assert build(root, pack, tmp_path / "out", "--shard", "2/2") == 2
     assert "--shard" in _error(capsys)
+
+
+def test_a_bad_pixel_limit_setting_is_one_error_not_every_photo_unreadable(inputs, tmp_path, capsys, monkeypatch):
+    """$UMO_MAX_PIXELS=abc: the variable named once, no data folder written (not every photo 'unreadable')."""
+    root, pack = inputs
+    monkeypatch.setenv("UMO_MAX_PIXELS", "abc")
+    assert build(root, pack, tmp_path / "out") == 2
+    assert _error(capsys) == ("error: $UMO_MAX_PIXELS is 'abc'; set it to a whole number of pixels (0 for no limit) "
+                              "or unset it")
+    assert not (tmp_path / "out").exists()

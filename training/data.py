@@ -30,7 +30,7 @@ from safetensors import SafetensorError
 from umo_core.backbones.flux1.text_embedding import POOLED_KEY, PROMPT_KEY, text_embedding_shapes
 from umo_core.errors import UMOError
 from umo_core.faces.face_model import AnalysedImage, FaceModel, Identities
-from umo_core.images import load_image
+from umo_core.images import load_image, pixel_limit
 
 Result = TypeVar("Result")
 MANIFEST = "manifest.jsonl"
@@ -164,6 +164,7 @@ def check_dataset(folder: str | Path, face_model: FaceModel,
     embedding must have the widths most rows have.
     """
     folder = Path(folder)
+    pixel_limit()  # a bad $UMO_MAX_PIXELS is the run's one error, not every row's problem
     samples, problems = [], {}  # problems: row number -> message
     first_rows: dict[tuple, int] = {}  # (prompt, target, references) -> the first row that has them
     found_widths: dict[int, tuple[int, int]] = {}

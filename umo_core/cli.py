@@ -19,8 +19,17 @@ from .faces.annotate import annotate
 from .faces.embedding import BACKENDS
 from .faces.face_model import load_face_model
 from .faces.face_pack import PROVIDER_CHOICES
-from .faces.scoring import CRITERIA, ground_truth_embeddings, rank, score_image, score_table
-from .images import MAX_PIXELS, MAX_PIXELS_ENV, load_image, pixel_limit, save_image
+from .faces.scoring import (
+    CRITERIA,
+    DEFAULT_CRITERION,
+    ImageScore,
+    ground_truth_embeddings,
+    rank,
+    score_image,
+    score_table,
+)
+from .files import atomic_path, is_symlink_loop
+from .images import MAX_PIXELS, MAX_PIXELS_ENV, check_image_file, load_image, pixel_limit, save_image
 
 DEFAULT_PACK = "antelopev2"
 
@@ -29,19 +38,31 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m umo_core", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     score = commands.add_parser("score", help="score and rank images against reference photos")
-    score.add_argument("--faces", default=os.environ.get("UMO_FACE_PACK", DEFAULT_PACK),
-                       help="face pack name (looked up in ComfyUI's models/insightface/models and "
-                            "~/.insightface/models) or folder; default $UMO_FACE_PACK or antelopev2")
-    score.add_argument("--ref", action="append", required=True, type=Path, help="reference photo, one per person")
-    score.add_argument("--image", action="extend", nargs="+", required=True, type=Path, help="images to score")
-    score.add_argument("--gt", type=Path, help="ground-truth photo of the same people (for Sim(GT) and CP)")
-    score.add_argument("--criterion", choices=CRITERIA, default="mimr", help="ranking criterion (default mimr)")
-    score.add_argument("--json", type=Path, help="write the full report as JSON here")
-    score.add_argument("--annotate", type=Path, help="write annotated copies of the images into this folder")
-    score.add_argument("--provider", default="auto", help=f"onnxruntime provider: {', '.join(PROVIDER_CHOICES)}")
-    score.add_argument("--backend", choices=BACKENDS, default="onnx", help="face embedder backend")
-    score.add_argument("--max-pixels", type=int, help=f"refuse image files with more pixels than this (default "
-                       f"${MAX_PIXELS_ENV} or {MAX_PIXELS}; 0 = no limit)")
+    score.add_argument("--faces", default=os.environ.get("UMO_FACE_PACK", DEFAULT_PACK), metavar="PACK",
+                       help="face pack: a name looked up in $COMFYUI_PATH/models/insightface/models, "
+                            "$INSIGHTFACE_HOME/models and ~/.insightface/models, or a folder (default "
+                            f"$UMO_FACE_PACK, else {DEFAULT_PACK}; where to get one: the README's 'Face models')")
+    score.add_argument("--ref", action="append", required=True, type=Path, metavar="PHOTO",
+                       help="reference photo, one per person, in order (required; repeat for each person)")
+    score.add_argument("--image", action="extend", nargs="+", required=True, type=Path,
+                       help="images to score (required; one or more, the flag may repeat)")
+    score.add_argument("--gt", type=Path, metavar="PHOTO",
+                       help="ground-truth photo of the same people, for sim_gt and cp (default: none, they are null)")
+    score.add_argument("--criterion", choices=CRITERIA, default=DEFAULT_CRITERION,
+                       help=f"ranking criterion (default {DEFAULT_CRITERION}; where every image's value is null, "
+                            f"the ranking is by {DEFAULT_CRITERION}, with a warning)")
+    score.add_argument("--json", type=Path, metavar="FILE",
+                       help="write the full report as JSON to this file (default: none)")
+    score.add_argument("--annotate", type=Path, metavar="FOLDER",
+                       help="write annotated copies of the images into this folder, made if missing (default: none)")
+    score.add_argument("--provider", default="auto", help=f"onnxruntime provider: {', '.join(PROVIDER_CHOICES)} "
+                       "(default auto: cuda where onnxruntime and torch have a GPU, else cpu)")
+    score.add_argument("--backend", choices=BACKENDS, default="onnx",
+                       help="face embedder: onnx (onnxruntime, fastest) or torch (the differentiable network over "
+                            "the same file) (default onnx)")
+    score.add_argument("--max-pixels", type=int, metavar="N",
+                       help=f"refuse image files with more pixels than this (default ${MAX_PIXELS_ENV} or "
+                            f"{MAX_PIXELS}; 0 = no limit)")
     generate = commands.add_parser("generate", help="images of the reference people from a prompt (FLUX + UNO)")
     generate.add_argument("--transformer", type=Path, required=True,
                           help="FLUX transformer: diffusers folder or single .safetensors file (flux1-dev.safetensors)")
@@ -142,6 +163,9 @@ def _check_outputs(args: argparse.Namespace) -> None:
     inputs = {path.resolve() for path in [*args.ref, *args.image, *([args.gt] if args.gt else [])]}
     if args.json:
         what = f"--json '{args.json}'"
+        if is_symlink_loop(args.json):
+            raise UMOError(f"{what} is a symbolic link loop (its links lead back to themselves); give another "
+                           "file name")
         if args.json.is_dir():
             raise UMOError(f"{what} is a folder; give a file name such as '{args.json / 'report.json'}'")
         if args.json.resolve() in inputs:
@@ -151,6 +175,9 @@ def _check_outputs(args: argparse.Namespace) -> None:
         _writable_folder(args.json.parent, what)
     if args.annotate:
         what = f"--annotate '{args.annotate}'"
+        if is_symlink_loop(args.annotate):
+            raise UMOError(f"{what} is a symbolic link loop (its links lead back to themselves); give another "
+                           "folder")
         if args.annotate.exists() and not args.annotate.is_dir():
             raise UMOError(f"{what} is a file; give a folder for the annotated copies (it is made if missing)")
         _writable_folder(args.annotate, what)
@@ -192,11 +219,25 @@ def annotated_name(place: int, index: int, count: int, path: Path) -> str:
     return f"rank{place:0{digits}d}_img{index + 1:0{digits}d}_{path.stem}.png"
 
 
+def _ranking_criterion(criterion: str, scores: list[ImageScore]) -> tuple[str, str | None]:
+    """The criterion that ranks the images: `criterion`, or DEFAULT_CRITERION with a warning where `criterion`
+    is null (undefined) for every image, since it would then rank nothing (the input order)."""
+    if criterion == DEFAULT_CRITERION or any(score.metrics[criterion] is not None for score in scores):
+        return criterion, None
+    return DEFAULT_CRITERION, (f"--criterion {criterion}: every image's {criterion} is null (undefined: see the "
+                               f"README's metrics table), so it cannot rank them; ranked by {DEFAULT_CRITERION} "
+                               "instead")
+
+
 def score_command(args: argparse.Namespace) -> dict:
-    _check_outputs(args)
     reference_labels = [f"reference {i + 1} '{p}'" for i, p in enumerate(args.ref)]
     image_labels = [f"image {i + 1} '{p}'" for i, p in enumerate(args.image)]
     gt_label = f"--gt '{args.gt}'"
+    # Every input is a file before any model loads: a typo in the last image is not found after the rest are scored.
+    for path, label in [*zip(args.ref, reference_labels), *zip(args.image, image_labels),
+                        *([(args.gt, gt_label)] if args.gt else [])]:
+        check_image_file(path, label)
+    _check_outputs(args)
     pixel_limit(args.max_pixels)  # a bad --max-pixels or $UMO_MAX_PIXELS is named before the models load
     for warning in _same_reference_warnings(args.ref, reference_labels):
         _tell("warning", warning)
@@ -225,10 +266,14 @@ def score_command(args: argparse.Namespace) -> dict:
                 _tell("note", note)
             notes += image_notes
             bar.update()
-    ranking = rank(scores, args.criterion)
+    criterion, warning = _ranking_criterion(args.criterion, scores)
+    if warning:
+        _tell("warning", warning)
+        notes.append(warning)
+    ranking = rank(scores, criterion)
 
     report = {
-        "criterion": args.criterion,
+        "criterion": criterion,
         "ranking": ranking,
         "face_pack": str(face_model.pack.directory),
         "same_person_threshold": face_model.same_person_threshold,
@@ -241,14 +286,14 @@ def score_command(args: argparse.Namespace) -> dict:
     }
 
     print(f"{len(args.ref)} reference(s), {len(args.image)} image(s), face pack {face_model.pack.directory}")
-    print(f"ranking by {args.criterion}, best first:")
+    print(f"ranking by {criterion}, best first:")
     for line in score_table(scores, ranking, [str(p) for p in args.image]):
         print(line)
 
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
         try:
-            args.json.write_text(json.dumps(report, indent=2))
+            with atomic_path(args.json) as temporary:
+                temporary.write_text(json.dumps(report, indent=2))
         except OSError as error:
             raise UMOError(f"--json '{args.json}' cannot be written ({error.strerror})") from None
     if args.annotate:
@@ -257,7 +302,9 @@ def score_command(args: argparse.Namespace) -> dict:
             path = args.image[index]
             # Read again rather than kept: scoring many images holds one image in memory at a time.
             drawn = annotate(load_image(path, image_labels[index], max_pixels=args.max_pixels), scores[index])
-            save_image(drawn, args.annotate / annotated_name(place, index, len(args.image), path))
+            with atomic_path(args.annotate / annotated_name(place, index, len(args.image), path),
+                             suffix=".tmp.png") as temporary:  # PIL picks the format by the suffix
+                save_image(drawn, temporary)
     return report
 
 

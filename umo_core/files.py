@@ -1,7 +1,8 @@
-"""Writing files so that an interruption never leaves a half-written one."""
+"""Writing files so that an interruption never leaves a half-written one; paths that cannot be followed."""
 
 from __future__ import annotations
 
+import errno
 import os
 import uuid
 from collections.abc import Iterator
@@ -28,3 +29,16 @@ def atomic_path(path: Path, suffix: str = ".tmp") -> Iterator[Path]:
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+def is_symlink_loop(path: Path) -> bool:
+    """Whether following `path`'s symbolic links never ends (a link to itself, or links that point at each other).
+
+    pathlib's exists() and is_file() just say False for such a path, and resolve() raises RuntimeError (Python
+    before 3.13): callers name it instead.
+    """
+    try:
+        os.stat(path)
+    except OSError as error:
+        return error.errno == errno.ELOOP
+    return False

@@ -32,6 +32,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import UMOError
+from .files import is_symlink_loop
 
 ImageLike = str | Path | np.ndarray | torch.Tensor | Image.Image
 
@@ -44,30 +45,43 @@ _PIL_LIMIT_LOCK = threading.Lock()
 
 
 def pixel_limit(max_pixels: int | None = None) -> int:
-    """The pixel limit in force: `max_pixels` if given, else $UMO_MAX_PIXELS, else MAX_PIXELS; 0 = none."""
-    if max_pixels is None:
-        setting = os.environ.get(MAX_PIXELS_ENV, "").strip()
-        if not setting:
-            return MAX_PIXELS
-        try:
-            max_pixels = int(setting)
-        except ValueError:
-            raise UMOError(f"${MAX_PIXELS_ENV} is '{setting}'; set it to a whole number of pixels "
-                           "(0 for no limit) or unset it") from None
-    if max_pixels < 0:
-        raise UMOError(f"the pixel limit (--max-pixels or ${MAX_PIXELS_ENV}) is {max_pixels}; give a positive "
-                       "number of pixels, or 0 for no limit")
-    return max_pixels
+    """The pixel limit in force: `max_pixels` (the CLI's --max-pixels) if given, else $UMO_MAX_PIXELS, else
+    MAX_PIXELS; 0 = none. A bad value is an error naming where it came from."""
+    if max_pixels is not None:
+        if max_pixels < 0:
+            raise UMOError(f"--max-pixels is {max_pixels}; give a positive number of pixels, or 0 for no limit")
+        return max_pixels
+    setting = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if not setting:
+        return MAX_PIXELS
+    try:
+        limit = int(setting)
+    except ValueError:
+        limit = -1
+    if limit < 0:
+        raise UMOError(f"${MAX_PIXELS_ENV} is '{setting}'; set it to a whole number of pixels (0 for no limit) "
+                       "or unset it")
+    return limit
+
+
+def _pixel_counts(count: int, limit: int) -> tuple[str, str]:
+    """An image's pixel count and the limit as a user reads them: megapixels with one decimal, or the exact
+    numbers where that would show a small limit as 0.0 or the two as equal."""
+    megapixels = f"{count / 1e6:.1f} megapixels", f"{limit / 1e6:.1f} megapixels"
+    if limit < 1_000_000 or megapixels[0] == megapixels[1]:
+        return f"{count} pixels", f"{limit} pixels"
+    return megapixels
 
 
 def _check_pixels(size: tuple[int, int], label: str, max_pixels: int | None) -> None:
     limit = pixel_limit(max_pixels)
     width, height = size
     if limit and width * height > limit:
+        count, allowed = _pixel_counts(width * height, limit)
         raise UMOError(
-            f"{label} is {width}x{height} = {width * height / 1e6:.1f} megapixels, above the limit of "
-            f"{limit / 1e6:.1f} megapixels; pass --max-pixels {width * height} (or set "
-            f"{MAX_PIXELS_ENV}={width * height}, 0 for no limit) to read it anyway, or use a smaller copy")
+            f"{label} is {width}x{height} = {count}, above the limit of {allowed}; pass --max-pixels "
+            f"{width * height} (or set {MAX_PIXELS_ENV}={width * height}, 0 for no limit) to read it anyway, "
+            "or use a smaller copy")
 
 
 @contextlib.contextmanager
@@ -84,6 +98,16 @@ def _pil_pixel_check_off() -> Iterator[None]:
             Image.MAX_IMAGE_PIXELS = saved
 
 
+def check_image_file(path: Path, label: str) -> None:
+    """That `path` is a file, as `load_image` checks it (`label` names it): commands check every input before
+    they load any model."""
+    if is_symlink_loop(path):
+        raise UMOError(f"{label} is a symbolic link loop (its links lead back to themselves); give the image "
+                       "file itself")
+    if not path.is_file():
+        raise UMOError(f"{label} does not exist or is not a file")
+
+
 def load_image(path: str | Path, label: str | None = None, notes: list[str] | None = None,
                max_pixels: int | None = None) -> np.ndarray:
     """Read an image file as RGB uint8 [H,W,3], honouring EXIF rotation.
@@ -94,8 +118,7 @@ def load_image(path: str | Path, label: str | None = None, notes: list[str] | No
     """
     path = Path(path)
     label = label or f"image '{path}'"
-    if not path.is_file():
-        raise UMOError(f"{label} does not exist or is not a file")
+    check_image_file(path, label)
     try:
         with _pil_pixel_check_off(), Image.open(path) as image:
             _check_pixels(image.size, label, max_pixels)

@@ -15,7 +15,7 @@ import numpy as np
 from tqdm import tqdm
 
 from umo_core import FaceModel, UMOError
-from umo_core.images import load_image
+from umo_core.images import load_image, pixel_limit
 
 from .cache import FaceCache
 from .faces import PhotoFaces, analyse_photos
@@ -48,6 +48,7 @@ def _load(photo: PhotoFile) -> tuple[np.ndarray | None, str | None]:
 def embed_photos(photos: list[PhotoFile], face_model: FaceModel, cache: FaceCache, batch_size: int,
                  workers: int, shard: tuple[int, int] = (0, 1), description: str = "photos") -> PassResult:
     """The faces of this shard's photos; unreadable files are recorded in the result, never raised."""
+    pixel_limit()  # a bad $UMO_MAX_PIXELS is the run's one error, not every photo's problem
     index, count = shard
     mine = photos[index::count]
     result = PassResult()

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import onnxruntime
 
 from ..errors import UMOError
+from ..files import is_symlink_loop
 
 if TYPE_CHECKING:
     from onnx import ModelProto
@@ -38,6 +39,9 @@ EXPECTED_FILES = (
     "recogniser (e.g. glintr100.onnx or w600k_r50.onnx)"
 )
 DETECTOR, RECOGNISER = "face detector", "face recogniser"
+# Where a user without a pack learns which files to download and where they go.
+WHERE_TO_GET_PACKS = ("the official packs (antelopev2, buffalo_l) are insightface's release files: see 'Face models' "
+                      "in the README, https://github.com/umo-identity/comfyui-umo#face-models")
 
 
 @dataclass(frozen=True)
@@ -97,7 +101,8 @@ def _not_found(pack: str, roots: list[Path], default_roots: bool) -> UMOError:
         where += (f", set COMFYUI_PATH to your ComfyUI folder (to search ComfyUI/models/insightface/models/{pack}) "
                   f"or INSIGHTFACE_HOME to an insightface root (to search $INSIGHTFACE_HOME/models/{pack}), "
                   "or pass the pack's folder path instead of a name")
-    return UMOError(f"face pack '{pack}' not found; looked in {searched}. It needs {EXPECTED_FILES}: {where}")
+    return UMOError(f"face pack '{pack}' not found; looked in {searched}. It needs {EXPECTED_FILES}: {where} "
+                    f"({WHERE_TO_GET_PACKS})")
 
 
 def locate_pack_directory(pack: str | Path, roots: list[Path] | None = None) -> Path:
@@ -105,8 +110,15 @@ def locate_pack_directory(pack: str | Path, roots: list[Path] | None = None) -> 
     candidate = Path(pack).expanduser()
     if candidate.is_dir():
         return _unnest(candidate)
+    if candidate.is_file():
+        raise UMOError(f"face pack '{candidate}' is a file, but a face pack is a folder with {EXPECTED_FILES}; "
+                       f"give the folder that holds them (e.g. '{candidate.parent}')")
+    if is_symlink_loop(candidate):
+        raise UMOError(f"face pack '{candidate}' is a symbolic link loop (its links lead back to themselves); "
+                       "give the pack's folder itself")
     if len(candidate.parts) > 1 or candidate.is_absolute():
-        raise UMOError(f"face pack folder '{candidate}' does not exist; create it with {EXPECTED_FILES}")
+        raise UMOError(f"face pack folder '{candidate}' does not exist; create it with {EXPECTED_FILES} "
+                       f"({WHERE_TO_GET_PACKS})")
     search = pack_search_roots() if roots is None else roots
     for root in search:
         folder = root / "models" / str(pack)

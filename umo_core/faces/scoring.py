@@ -18,6 +18,7 @@ from .face_model import FaceModel, Identities
 from .metrics import identity_metrics
 
 CRITERIA = ("mimr", "id_sim", "id_conf")
+DEFAULT_CRITERION = "mimr"  # never null: 0 for an image without faces
 DOUBTFUL_MARK = "?"
 
 
