@@ -90,7 +90,8 @@ def test_a_bad_row_is_named_with_what_is_wrong(template, tmp_path, face_model, r
     data = _folder(template, tmp_path, [GOOD, row])
     samples, problems = check_dataset(data, face_model, (TEXT_DIM, POOLED_DIM))
     assert [s.row for s in samples] == [1]
-    assert len(problems) == 1 and problems[0].startswith("manifest.jsonl row 2: ") and message in problems[0], problems
+    assert len(problems) == 1 and problems[0].startswith(f"'{data / 'manifest.jsonl'}' row 2: "), problems
+    assert message in problems[0]
 
 
 def test_paths_inside_the_folder_are_accepted_however_written(template, tmp_path, face_model):
@@ -107,19 +108,20 @@ def test_all_problems_of_a_row_and_all_bad_rows_are_listed_together(template, tm
     with pytest.raises(UMOError) as error:
         load_dataset(data, face_model, text_widths=(TEXT_DIM, POOLED_DIM))
     lines = str(error.value).splitlines()
-    assert lines[0].startswith("bad training data") and [line.split(":")[0].strip() for line in lines[1:]] == [
-        "manifest.jsonl row 1", "manifest.jsonl row 2", "manifest.jsonl row 4"]
+    assert lines[0].startswith("bad training data") and [line.split(": ")[0].strip() for line in lines[1:]] == [
+        f"'{data / 'manifest.jsonl'}' row {number}" for number in (1, 2, 4)]
     assert f"missing 'text_embedding' (make it with: {ENCODE_HINT} {data}" in lines[1]
     assert "; reference 1 'img/no_face_view.jpg': no face found" in lines[1]
 
 
 def test_without_a_transformer_the_text_widths_must_agree(template, tmp_path, face_model):
     rows = [GOOD, {**GOOD, "prompt": "b", "text_embedding": "text/wide.safetensors"}, {**GOOD, "prompt": "c"}]
-    samples, problems = check_dataset(_folder(template, tmp_path, rows), face_model)
+    data = _folder(template, tmp_path, rows)
+    samples, problems = check_dataset(data, face_model)
     assert [s.row for s in samples] == [1, 3]
-    assert problems == ["manifest.jsonl row 2: text embedding 'text/wide.safetensors' has prompt_embeds of width 64 "
-                        f"and pooled_prompt_embeds of 32; most rows have {TEXT_DIM} and {POOLED_DIM} "
-                        "(made with other text encoders?)"]
+    assert problems == [f"'{data / 'manifest.jsonl'}' row 2: text embedding 'text/wide.safetensors' has "
+                        f"prompt_embeds of width 64 and pooled_prompt_embeds of 32; most rows have {TEXT_DIM} and "
+                        f"{POOLED_DIM} (made with other text encoders?)"]
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +176,7 @@ def test_paths_are_checked_before_any_row(template, tmp_path, models, pack_dir, 
 def test_the_same_bad_row_stops_training_once_the_paths_are_good(template, tmp_path, models, pack_dir, capsys):
     data = _folder(template, tmp_path, [GOOD, {**GOOD, "target": "img/missing.jpg"}])
     assert main(_train_args(data, models, pack_dir, output=tmp_path / "run")) == 2
-    assert "manifest.jsonl row 2: target 'img/missing.jpg' does not exist" in capsys.readouterr().err
+    assert f"'{data / 'manifest.jsonl'}' row 2: target 'img/missing.jpg' does not exist" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 
@@ -188,7 +190,8 @@ def test_check_data_on_a_clean_folder(template, tmp_path, pack_dir, models, caps
                  "--transformer", str(models / "flux1.safetensors"), "--provider", "cpu"]) == 2
     out = capsys.readouterr().out.splitlines()
     assert out[0] == f"data '{data}': 2 rows, all usable"
-    assert out[1].startswith("manifest.jsonl row 1: text embedding 'text/wide.safetensors'")
+    # The evaluation folder's problem names that folder's manifest.
+    assert out[1].startswith(f"'{wide / 'manifest.jsonl'}' row 1: text embedding 'text/wide.safetensors'")
     assert out[2].startswith(f"evaluation data '{wide}': 1 rows, 1 with problems, 0 usable")
 
 
@@ -204,10 +207,10 @@ def test_check_data_command_names_rows_without_text_embeddings(template, tmp_pat
                             timeout=300)
     assert result.returncode == 2, result.stderr
     assert result.stdout.splitlines() == [
-        f"manifest.jsonl row 1: missing 'text_embedding' (make it with: {ENCODE_HINT} {data} "
+        f"'{data / 'manifest.jsonl'}' row 1: missing 'text_embedding' (make it with: {ENCODE_HINT} {data} "
         "--text-encoders <diffusers FLUX folder>)",
-        "manifest.jsonl row 3: target 'img/no_face_view.jpg': no face found; the target photo must show the "
-        "references' people",
+        f"'{data / 'manifest.jsonl'}' row 3: target 'img/no_face_view.jpg': no face found; the target photo must "
+        "show the references' people",
         f"data '{data}': 3 rows, 2 with problems, 1 usable (training stops at these problems; --on-bad-rows skip "
         "leaves those rows out)",
         "no diffusers"]
@@ -230,3 +233,19 @@ def test_a_bad_pixel_limit_setting_is_one_error_not_every_rows_problem(template,
     assert captured.out == ""
     assert captured.err.strip() == ("error: $UMO_MAX_PIXELS is 'abc'; set it to a whole number of pixels (0 for no "
                                     "limit) or unset it")
+
+
+def test_a_manifest_with_a_byte_order_mark_and_crlf_line_ends_is_checked_like_any_other(template, tmp_path,
+                                                                                         face_model):
+    data = _folder(template, tmp_path, [])
+    (data / "manifest.jsonl").write_bytes(b"\xef\xbb\xbf" + f"{json.dumps(GOOD)}\r\n{json.dumps(OTHER)}\r\n".encode())
+    samples, problems = check_dataset(data, face_model, (TEXT_DIM, POOLED_DIM))
+    assert problems == [] and [sample.prompt for sample in samples] == [GOOD["prompt"], OTHER["prompt"]]
+
+
+def test_an_empty_manifest_is_named(template, tmp_path, pack_dir, capsys):
+    data = _folder(template, tmp_path, [])
+    assert main(["--data", str(data), "--check-data", "--faces", str(pack_dir), "--provider", "cpu"]) == 2
+    assert capsys.readouterr().err == f"error: '{data / 'manifest.jsonl'}' holds no rows; each line is one JSON " \
+                                      'object like {"prompt": ..., "target": ..., "references": [...], ' \
+                                      '"text_embedding": ...}\n'

@@ -27,7 +27,7 @@ from tests.conftest import PHOTOS, ROOT
 from tests.group_photos import FACE_SIDE, group_photo, lfw_face
 from tests.tiny_models import random_text_embedding, save_flux_folder
 from training.dataset_builder import filters, rows
-from training.encode_prompts import cache_path
+from training.manifest import text_embedding_path
 from training.prepare_data import main
 from training.rerefl import main as rerefl_main
 from umo_core.images import load_image
@@ -230,7 +230,7 @@ def _add_text_embeddings(folder: Path) -> None:
     lines = manifest(folder)
     generator = torch.Generator().manual_seed(0)
     for line in lines:
-        line["text_embedding"] = cache_path(line["prompt"])
+        line["text_embedding"] = text_embedding_path(line["prompt"])
         (folder / "text").mkdir(exist_ok=True)
         save_file(random_text_embedding(generator), folder / line["text_embedding"])
     (folder / "manifest.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))

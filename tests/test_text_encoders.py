@@ -14,8 +14,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from tests.tiny_models import POOLED_DIM, TEXT_DIM, save_clip_text_encoder, save_flux_folder, save_t5_text_encoder
-from training.encode_prompts import cache_path
 from training.encode_prompts import main as encode_main
+from training.manifest import text_embedding_path
 from umo_core.backbones.flux1.text_encoders import encode_prompts, load_text_encoders
 from umo_core.errors import UMOError
 
@@ -90,11 +90,11 @@ def test_encode_prompts_command_fills_the_cache_once(flux_folder, photos, face_m
     assert encode_main(args) == 0
     assert "3 prompt(s) encoded, 3 row(s) given a text_embedding" in capsys.readouterr().out
     written = (data / "manifest.jsonl").read_text().splitlines()
-    assert written == [json.dumps({**rows[0], "text_embedding": cache_path(PROMPTS[0])}, ensure_ascii=False),
-                       json.dumps({**rows[1], "text_embedding": cache_path(PROMPTS[1])}, ensure_ascii=False),
+    assert written == [json.dumps({**rows[0], "text_embedding": text_embedding_path(PROMPTS[0])}, ensure_ascii=False),
+                       json.dumps({**rows[1], "text_embedding": text_embedding_path(PROMPTS[1])}, ensure_ascii=False),
                        "", own_row,
-                       json.dumps({**rows[2], "text_embedding": cache_path(PROMPTS[0])}, ensure_ascii=False)]
-    files = {cache_path(PROMPTS[0]): PROMPTS[0], cache_path(PROMPTS[1]): PROMPTS[1],
+                       json.dumps({**rows[2], "text_embedding": text_embedding_path(PROMPTS[0])}, ensure_ascii=False)]
+    files = {text_embedding_path(PROMPTS[0]): PROMPTS[0], text_embedding_path(PROMPTS[1]): PROMPTS[1],
              "text/own.safetensors": "a third prompt"}
     assert sorted(p.name for p in (data / "text").iterdir()) == sorted(path.removeprefix("text/") for path in files)
     encoders = load_text_encoders(flux_folder, torch.float32)
@@ -114,18 +114,106 @@ def test_encode_prompts_command_fills_the_cache_once(flux_folder, photos, face_m
 
     samples, problems = load_dataset(data, face_model)
     assert not problems
-    assert [s.text_embedding for s in samples] == [data / cache_path(PROMPTS[0]), data / cache_path(PROMPTS[1]),
-                                                   data / "text/own.safetensors", data / cache_path(PROMPTS[0])]
+    assert [s.text_embedding for s in samples] == [
+        data / text_embedding_path(PROMPTS[0]), data / text_embedding_path(PROMPTS[1]), data / "text/own.safetensors",
+        data / text_embedding_path(PROMPTS[0])]
 
 
-def test_rows_without_a_prompt_are_left_as_they_are_and_named(flux_folder, photos, tmp_path, capsys):
-    lines = ["{not json", json.dumps({"target": "img/Rob_Lowe_0002.jpg"}), json.dumps(_row("two people"))]
-    data = _data_folder(tmp_path / "data", photos, lines)
+def _refused(data, capsys, text_encoders, before: bytes | None) -> str:
+    """encode_prompts on `data`: status 2, one 'error:' line first, the manifest as it was and no embedding written."""
+    assert encode_main(["--data", str(data), "--text-encoders", str(text_encoders), "--device", "cpu"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and "Traceback" not in error, error
+    if before is not None:
+        assert (data / "manifest.jsonl").read_bytes() == before
+    assert not (data / "text").exists()
+    return error
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ("{not json", "row 1: not valid JSON"),
+    ("42", "row 1: is 42, not a JSON object"),  # not "no prompt"
+    (json.dumps({"target": "img/Rob_Lowe_0002.jpg"}), "row 1: missing 'prompt'"),
+    (json.dumps({"prompt": 3}), "row 1: 'prompt' must be text, not 3"),
+    (json.dumps(_row("p", text_embedding="/tmp/elsewhere.safetensors")),
+     "row 1: text embedding '/tmp/elsewhere.safetensors' is an absolute path"),
+    (json.dumps(_row("p", text_embedding="../outside.safetensors")),
+     "row 1: text embedding '../outside.safetensors' points outside the data folder"),
+])
+def test_a_row_that_cannot_be_encoded_stops_the_run_before_the_encoders_load(photos, tmp_path, capsys, line, message):
+    """A good row and a bad one: nothing is encoded or written (the encoders' folder does not even exist, so had they
+    been loaded, that would be the error) and the bad row is named with its manifest."""
+    data = _data_folder(tmp_path / "data", photos, [line, json.dumps(_row("two people"))])
+    manifest = data / "manifest.jsonl"
+    error = _refused(data, capsys, tmp_path / "absent", manifest.read_bytes()).splitlines()
+    assert error[0] == f"error: 1 row(s) of '{data}' cannot be encoded; fix or remove them (nothing was written):"
+    assert len(error) == 2 and error[1].startswith(f"  '{manifest}' {message}"), error
+
+
+@pytest.mark.parametrize("content", [b"", b"\n  \n", b"\xef\xbb\xbf"])
+def test_an_empty_manifest_is_an_error(tmp_path, capsys, content):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "manifest.jsonl").write_bytes(content)
+    error = _refused(data, capsys, tmp_path / "absent", content)
+    assert error == f"error: '{data / 'manifest.jsonl'}' holds no rows; each line is one JSON object like " \
+                    '{"prompt": ..., "target": ..., "references": [...], "text_embedding": ...}\n'
+
+
+def test_a_manifest_in_latin_1_is_named(tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    content = (json.dumps(_row("Zoé"), ensure_ascii=False) + "\n").encode("latin-1")
+    (data / "manifest.jsonl").write_bytes(content)
+    error = _refused(data, capsys, tmp_path / "absent", content)
+    assert error == f"error: '{data / 'manifest.jsonl'}' is not UTF-8 text (line 1 has the byte 0xe9); save it as " \
+                    "UTF-8\n"
+
+
+def test_a_manifest_with_a_byte_order_mark_and_crlf_line_ends_is_read(flux_folder, photos, tmp_path, capsys):
+    """As Windows editors save it: both rows are encoded and the manifest is written back as UTF-8 with LF."""
+    data = _data_folder(tmp_path / "data", photos, [])
+    rows = [_row(PROMPTS[1]), _row(PROMPTS[0], target="img/Nathalie_Baye_0002.jpg")]
+    (data / "manifest.jsonl").write_bytes(b"\xef\xbb\xbf" + "".join(
+        json.dumps(row, ensure_ascii=False) + "\r\n" for row in rows).encode())
     assert encode_main(["--data", str(data), "--text-encoders", str(flux_folder), "--device", "cpu"]) == 0
-    captured = capsys.readouterr()
-    assert "manifest.jsonl row 1: not valid JSON" in captured.err and "row 2: no 'prompt' text" in captured.err
-    assert "1 prompt(s) encoded, 1 row(s)" in captured.out
-    assert (data / "manifest.jsonl").read_text().splitlines()[:2] == lines[:2]
+    assert "2 prompt(s) encoded, 2 row(s) given a text_embedding" in capsys.readouterr().out
+    assert (data / "manifest.jsonl").read_text(encoding="utf-8").splitlines() == [
+        json.dumps({**row, "text_embedding": text_embedding_path(row["prompt"])}, ensure_ascii=False) for row in rows]
+    assert all((data / text_embedding_path(row["prompt"])).is_file() for row in rows)
+    assert not [path for path in data.rglob("*") if path.name.startswith(".")]  # no temporary file left
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+def _shard(folder):
+    """text_encoder_2's weights as a sharded download whose index names a shard that is not there."""
+    (folder / "text_encoder_2" / "model.safetensors").rename(folder / "text_encoder_2" / "model-1-of-2.safetensors")
+    weight_map = {"a": "model-1-of-2.safetensors", "b": "model-2-of-2.safetensors"}
+    (folder / "text_encoder_2" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    (lambda folder: (folder / "text_encoder" / "config.json").write_text("{not json"),
+     "text_encoder/config.json' is not readable JSON"),
+    (lambda folder: (folder / "text_encoder_2" / "config.json").write_text("[]"),
+     "text_encoder_2/config.json' is not a JSON object"),
+    (lambda folder: (folder / "text_encoder_2" / "model.safetensors").unlink(),
+     "text_encoder_2' has no weights (model.safetensors or model.safetensors.index.json with its shards)"),
+    (lambda folder: _truncate(folder / "text_encoder" / "model.safetensors"),
+     "text_encoder/model.safetensors' is not a readable .safetensors file"),
+    (_shard, "text_encoder_2' lacks model-2-of-2.safetensors (named by model.safetensors.index.json)"),
+    (lambda folder: (folder / "tokenizer_2" / "tokenizer.json").write_text("{broken"), "could not be loaded"),
+])
+def test_damaged_text_encoders_are_one_error_line(flux_folder, photos, tmp_path, capsys, damage, message):
+    encoders = tmp_path / "flux"
+    shutil.copytree(flux_folder, encoders)
+    damage(encoders)
+    data = _data_folder(tmp_path / "data", photos, [json.dumps(_row("two people"))])
+    error = _refused(data, capsys, encoders, (data / "manifest.jsonl").read_bytes())
+    assert len(error.splitlines()) == 1 and error.startswith(f"error: text encoders: '{encoders}") and message in error
 
 
 def _generate(flux_folder, photos, out, *text_args):
@@ -143,7 +231,8 @@ def test_generate_with_a_prompt_is_generate_with_its_cached_embedding(flux_folde
     assert encode_main(["--data", str(data), "--text-encoders", str(flux_folder), "--device", "cpu"]) == 0
     from_prompt = _generate(flux_folder, photos, tmp_path / "a", "--prompt", PROMPTS[0],
                             "--text-encoders", str(flux_folder))
-    from_cache = _generate(flux_folder, photos, tmp_path / "b", "--text-embedding", str(data / cache_path(PROMPTS[0])))
+    from_cache = _generate(flux_folder, photos, tmp_path / "b", "--text-embedding",
+                           str(data / text_embedding_path(PROMPTS[0])))
     assert from_prompt.shape == (64, 64, 3) and np.array_equal(from_prompt, from_cache)
     other = _generate(flux_folder, photos, tmp_path / "c", "--prompt", PROMPTS[1], "--text-encoders", str(flux_folder))
     assert not np.array_equal(from_prompt, other)

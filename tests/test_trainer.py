@@ -77,7 +77,7 @@ def test_bad_rows_are_named_before_training(trainer_inputs, tmp_path, capsys, ro
     assert "row 2" in error and message in error
     assert not (tmp_path / "out" / "log.jsonl").exists()
     assert main(trainer_args(root, bad_data, pack, tmp_path / "skip", 1, "--on-bad-rows", "skip")) == 0
-    assert "skipped manifest.jsonl row 2" in capsys.readouterr().out
+    assert f"skipped '{bad_data / 'manifest.jsonl'}' row 2" in capsys.readouterr().out
 
 
 def test_reward_gradient_reaches_the_lora_through_vae_and_face_network(assets, photos, pack_dir):

@@ -1,28 +1,24 @@
 """The training data folder: `manifest.jsonl` plus images and cached text embeddings.
 
-Each line: {"prompt": "...", "target": "img/0001.jpg", "references": ["ref/a.jpg", "ref/b.jpg"],
-"text_embedding": "text/0001.safetensors", "identities": ["alice", "bob"] (optional)}. Paths are
-relative to the folder and stay inside it (no absolute paths, no `..` out of it: the folder must move to
-a training machine as one; link big collections into it). The text embedding file holds `prompt_embeds`
+The manifest's rows and how it is read: training/manifest.py. The text embedding file holds `prompt_embeds`
 [L, T5 width] and `pooled_prompt_embeds` [CLIP width] (4096 and 768 for FLUX.1; the widths the transformer
 takes, or the same in every row when no transformer is given); `python -m training.encode_prompts`
 writes these files and fills in `text_embedding`.
 
 Everything is checked before training starts (and by `python -m training.rerefl --check-data`): each
-bad row is one line naming the row and what is wrong with which of its files; the structural checks of
-a row come first, then its text embedding (header only), its target (an image with a face) and its
-references (each an image with a face). A usable row's `Sample` keeps what the check found (its references'
-people, its target's faces and their embeddings): the training steps reuse it instead of detecting again.
+bad row is one line naming the manifest (so its folder), the row and what is wrong with which of its
+files; the structural checks of a row come first, then its text embedding (header only), its target (an image
+with a face) and its references (each an image with a face). A usable row's `Sample` keeps what the check found
+(its references' people, its target's faces and their embeddings): the training steps reuse it instead of
+detecting again.
 """
 
 from __future__ import annotations
 
-import json
-import posixpath
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from pathlib import Path, PurePath
+from pathlib import Path
 from typing import TypeVar
 
 from safetensors import SafetensorError
@@ -32,8 +28,9 @@ from umo_core.errors import UMOError
 from umo_core.faces.face_model import AnalysedImage, FaceModel, Identities
 from umo_core.images import load_image, pixel_limit
 
+from .manifest import check_fields, manifest_file, parse_row, read_lines, relative_path, row_label
+
 Result = TypeVar("Result")
-MANIFEST = "manifest.jsonl"
 
 
 @dataclass
@@ -49,66 +46,13 @@ class Sample:
     target_faces: AnalysedImage  # the target photo's faces and their embeddings, in the photo's own pixels
 
 
-def manifest_file(folder: str | Path) -> Path:
-    """The manifest of a data folder; a UMOError when there is none."""
-    manifest = Path(folder) / MANIFEST
-    if not manifest.is_file():
-        raise UMOError(f"data folder '{folder}' has no {MANIFEST} (one JSON object per line, see README)")
-    return manifest
-
-
-def _as_json(value: object) -> str:
-    """A short JSON rendering of a bad manifest value, for messages."""
-    text = json.dumps(value, ensure_ascii=False)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _relative_path(value: object, what: str) -> str:
-    """`value` as a path inside the data folder, normalised (`img/./a.jpg` -> `img/a.jpg`)."""
-    if not isinstance(value, str) or not value:
-        raise UMOError(f"{what} must be a path (text) relative to the data folder, not {_as_json(value)}")
-    if PurePath(value).is_absolute():
-        raise UMOError(f"{what} '{value}' is an absolute path; paths are relative to the data folder, which holds "
-                       "(or links to) every file, so that it can be moved as one")
-    normal = posixpath.normpath(value)
-    if normal == ".." or normal.startswith("../"):
-        raise UMOError(f"{what} '{value}' points outside the data folder; paths stay inside it (link the file "
-                       "into the folder instead)")
-    return normal
-
-
-def _check_fields(row: object) -> tuple[str, list[str]]:
-    """The row's fields and their types, before any file is opened; its target and references, normalised."""
-    if not isinstance(row, dict):
-        raise UMOError(f"is {_as_json(row)}, not a JSON object; each line is one object like "
-                       '{"prompt": ..., "target": ..., "references": [...], "text_embedding": ...}')
-    for key in ("prompt", "target", "references"):
-        if key not in row:
-            raise UMOError(f"missing '{key}'")
-    if not isinstance(row["prompt"], str):
-        raise UMOError(f"'prompt' must be text, not {_as_json(row['prompt'])}")
-    target = _relative_path(row["target"], "target")
-    references = row["references"]
-    if not isinstance(references, list) or not references:
-        raise UMOError("'references' must be a non-empty list of image paths (one per person)")
-    references = [_relative_path(path, f"reference {number}") for number, path in enumerate(references, 1)]
-    identities = row.get("identities")  # optional; null counts as left out
-    if identities is not None:
-        if not isinstance(identities, list) or not all(isinstance(name, str) for name in identities):
-            raise UMOError("'identities' must be a list of names (text), one per reference, "
-                           f"not {_as_json(identities)}")
-        if len(identities) != len(references):
-            raise UMOError(f"{len(identities)} identities for {len(references)} references")
-    return target, references
-
-
 def _check_text_embedding(folder: Path, row: dict, widths: tuple[int, int] | None) -> tuple[str, tuple[int, int]]:
     """The row's text embedding file (normalised) and its (T5, CLIP) widths, read from the file's header."""
     encode_hint = ("make it with: python -m training.encode_prompts "
                    f"--data {folder} --text-encoders <diffusers FLUX folder>")
     if "text_embedding" not in row:
         raise UMOError(f"missing 'text_embedding' ({encode_hint})")
-    relative = _relative_path(row["text_embedding"], "text embedding")
+    relative = relative_path(row["text_embedding"], "text embedding")
     path = folder / relative
     if not path.is_file():
         raise UMOError(f"text embedding '{relative}' does not exist ({encode_hint})")
@@ -168,15 +112,12 @@ def check_dataset(folder: str | Path, face_model: FaceModel,
     samples, problems = [], {}  # problems: row number -> message
     first_rows: dict[tuple, int] = {}  # (prompt, target, references) -> the first row that has them
     found_widths: dict[int, tuple[int, int]] = {}
-    for number, line in enumerate(manifest_file(folder).read_text().splitlines(), 1):
+    for number, line in enumerate(read_lines(folder), 1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
-            target, references = _check_fields(row)
-        except json.JSONDecodeError as error:
-            problems[number] = f"not valid JSON ({error.msg})"
-            continue
+            row = parse_row(line)
+            target, references = check_fields(row)
         except UMOError as problem:
             problems[number] = str(problem)
             continue
@@ -206,7 +147,7 @@ def check_dataset(folder: str | Path, face_model: FaceModel,
                     f"and pooled_prompt_embeds of {pooled}; most rows have {usual[0]} and {usual[1]} (made with "
                     "other text encoders?)")
         samples = [sample for sample in samples if sample.row not in problems]
-    return samples, [f"{MANIFEST} row {number}: {problems[number]}" for number in sorted(problems)]
+    return samples, [f"{row_label(folder, number)}: {problems[number]}" for number in sorted(problems)]
 
 
 def load_dataset(folder: str | Path, face_model: FaceModel, on_bad_rows: str = "error",

@@ -5,108 +5,129 @@
 Each manifest.jsonl row's embedding file is its `text_embedding`, or text/<sha256 of the prompt>.safetensors
 when the row has none (the field is then filled in). Files that exist are kept, so the same prompt is
 encoded once and a second run only encodes new prompts. The manifest is replaced in one step; rows
-that needed no change keep their text and order. Rows without a prompt are left as they are and
-listed (the trainer's data check names them again).
+that needed no change keep their text and order. Every row is checked before the encoders load: a row
+that is not a JSON object, has no prompt text or names an embedding file outside the folder stops the run
+with nothing written (the trainer would refuse such a row).
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
-import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from tqdm import tqdm
 
 from umo_core.backbones.flux1.text_embedding import embedding_file_tensors
 from umo_core.backbones.flux1.text_encoders import encode_prompts, load_text_encoders
+from umo_core.console import HelpFormatter, progress
 from umo_core.errors import UMOError
+from umo_core.files import atomic_path
+
+from .manifest import parse_row, prompt_of, read_lines, relative_path, row_label, row_line, text_embedding_path
+from .manifest import write_lines as write_manifest
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+@dataclass(frozen=True)
+class EncodeSettings:
+    data: Path
+    text_encoders: Path
+    device: str
+    dtype: torch.dtype
+    batch_size: int
+
+
+def parse_args(argv: list[str] | None = None) -> EncodeSettings:
     parser = argparse.ArgumentParser(prog="python -m training.encode_prompts", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--data", type=Path, required=True, help="folder with manifest.jsonl (see README)")
     parser.add_argument("--text-encoders", type=Path, required=True,
                         help="diffusers FLUX folder with text_encoder/, tokenizer/, text_encoder_2/, tokenizer_2/")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the encoders run")
     parser.add_argument("--dtype", choices=DTYPES, help="default bfloat16 on a GPU, float32 on the CPU")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts encoded together")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error(f"--batch-size {args.batch_size}: give at least 1")
+    dtype = DTYPES[args.dtype] if args.dtype else torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    return EncodeSettings(args.data, args.text_encoders, args.device, dtype, args.batch_size)
 
 
-def cache_path(prompt: str) -> str:
-    """The embedding file of a prompt, relative to the data folder."""
-    return f"text/{hashlib.sha256(prompt.encode()).hexdigest()}.safetensors"
+@dataclass
+class Plan:
+    lines: list[str]  # the manifest's lines, with the rows given a text_embedding changed
+    filled: int  # rows given a text_embedding
+    to_encode: dict[str, str]  # embedding file (relative to the folder) -> its prompt
 
 
-def _write_atomically(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    # An interrupted run must not leave a partial file that the next run would take as done.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    save_file(tensors, temporary)
-    os.replace(temporary, path)
-
-
-def encode_data_folder(data: Path, text_encoders: Path, device: str, dtype: torch.dtype,
-                       batch_size: int) -> None:
-    """Write the missing embedding files of `data` and fill in the rows' `text_embedding` (see above)."""
-    manifest = data / "manifest.jsonl"
-    if not manifest.is_file():
-        raise UMOError(f"data folder '{data}' has no manifest.jsonl (one JSON object per line, see README)")
-    if batch_size < 1:
-        raise UMOError("--batch-size must be at least 1")
-    lines = manifest.read_text().splitlines()
-    to_encode: dict[str, str] = {}  # embedding file -> prompt
-    filled = 0
+def plan_encoding(data: Path) -> Plan:
+    """What a run does to `data`; every row is checked first, and a bad one is a UMOError listing every bad row."""
+    lines = read_lines(data)
+    plan, problems = Plan(lines, 0, {}), []
     for index, line in enumerate(lines):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            print(f"note: manifest.jsonl row {index + 1}: not valid JSON ({error.msg}); left as it is",
-                  file=sys.stderr)
+            row = parse_row(line)
+            prompt = prompt_of(row)
+            if "text_embedding" in row:
+                path = relative_path(row["text_embedding"], "text embedding")
+            else:
+                path = row["text_embedding"] = text_embedding_path(prompt)
+                lines[index] = row_line(row)
+                plan.filled += 1
+        except UMOError as problem:
+            problems.append(f"{row_label(data, index + 1)}: {problem}")
             continue
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-            print(f"note: manifest.jsonl row {index + 1}: no 'prompt' text; left as it is", file=sys.stderr)
-            continue
-        if "text_embedding" not in row:
-            row["text_embedding"] = cache_path(row["prompt"])
-            lines[index] = json.dumps(row, ensure_ascii=False)
-            filled += 1
-        if not (data / row["text_embedding"]).is_file():
-            to_encode[row["text_embedding"]] = row["prompt"]
+        if not (data / path).is_file():
+            plan.to_encode[path] = prompt
+    if problems:
+        listing = "\n  ".join(problems)
+        raise UMOError(f"{len(problems)} row(s) of '{data}' cannot be encoded; fix or remove them (nothing was "
+                       f"written):\n  {listing}")
+    return plan
 
-    if to_encode:
-        encoders = load_text_encoders(text_encoders, dtype, device)
-        pending = list(to_encode.items())
-        for start in tqdm(range(0, len(pending), batch_size), desc="encoding prompts", unit="batch"):
-            chunk = pending[start:start + batch_size]
+
+def encode_data_folder(settings: EncodeSettings) -> Plan:
+    """Write the missing embedding files of the data folder and fill in the rows' `text_embedding` (see above)."""
+    data = settings.data
+    plan = plan_encoding(data)
+    if plan.to_encode:
+        encoders = load_text_encoders(settings.text_encoders, settings.dtype, settings.device)
+        pending = list(plan.to_encode.items())
+        bar = progress(len(pending), "encoding prompts", "prompt")
+        for start in range(0, len(pending), settings.batch_size):
+            chunk = pending[start:start + settings.batch_size]
             text = encode_prompts(encoders, [prompt for _, prompt in chunk])
             for i, (path, _) in enumerate(chunk):
-                _write_atomically(data / path, embedding_file_tensors(text, i))
-    if filled:
-        temporary = manifest.with_name(manifest.name + ".tmp")
-        temporary.write_text("".join(line + "\n" for line in lines))
-        os.replace(temporary, manifest)
-    print(f"{len(to_encode)} prompt(s) encoded, {filled} row(s) given a text_embedding, in '{data}'")
+                # An interrupted run leaves no partial file that the next run would take as done.
+                with atomic_path(data / path) as temporary:
+                    save_file(embedding_file_tensors(text, i), temporary)
+            bar.update(len(chunk))
+        bar.close()
+    if plan.filled:
+        write_manifest(data, plan.lines)
+    return plan
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    dtype = DTYPES[args.dtype] if args.dtype else torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    settings = parse_args(argv)
     try:
-        encode_data_folder(args.data, args.text_encoders, args.device, dtype, args.batch_size)
+        plan = encode_data_folder(settings)
     except UMOError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: the prompts encoded so far are kept in '{settings.data}'; run the same command again "
+              "to carry on", file=sys.stderr)
+        return 130
+    print(f"{len(plan.to_encode)} prompt(s) encoded, {plan.filled} row(s) given a text_embedding, "
+          f"in '{settings.data}'")
     return 0
 
 

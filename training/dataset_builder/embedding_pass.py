@@ -12,9 +12,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
-from tqdm import tqdm
 
 from umo_core import FaceModel, UMOError
+from umo_core.console import progress
 from umo_core.images import load_image, pixel_limit
 
 from .cache import FaceCache
@@ -52,22 +52,21 @@ def embed_photos(photos: list[PhotoFile], face_model: FaceModel, cache: FaceCach
     index, count = shard
     mine = photos[index::count]
     result = PassResult()
-    progress = tqdm(total=len(mine), desc=description, unit="photo",
-                    position=index if count > 1 else None, leave=count == 1)
+    bar = progress(len(mine), description, "photo", position=index if count > 1 else None, leave=count == 1)
     with ThreadPoolExecutor(max(1, workers)) as pool:
         missing: dict[str, PhotoFile] = {}  # digest -> the first photo with that content
         waiting: dict[str, list[str]] = {}  # digest -> every photo name with that content
         for photo, (digest, problem) in zip(mine, pool.map(_hash, mine)):
             if digest is None:
                 result.unreadable[photo.name] = problem
-                progress.update()
+                bar.update()
                 continue
             result.digests[photo.name] = digest
             faces = cache.load(digest) if digest not in missing else None
             if faces is not None:
                 result.faces[photo.name] = faces
                 result.cached += 1
-                progress.update()
+                bar.update()
             else:
                 missing.setdefault(digest, photo)
                 waiting.setdefault(digest, []).append(photo.name)
@@ -87,7 +86,7 @@ def embed_photos(photos: list[PhotoFile], face_model: FaceModel, cache: FaceCach
                 if image is None:
                     for name in waiting[digest]:
                         result.unreadable[name] = problem
-                    progress.update(len(waiting[digest]))
+                    bar.update(len(waiting[digest]))
                 else:
                     readable.append(digest)
                     images.append(image)
@@ -96,6 +95,6 @@ def embed_photos(photos: list[PhotoFile], face_model: FaceModel, cache: FaceCach
                 result.computed += 1
                 for name in waiting[digest]:
                     result.faces[name] = faces
-                progress.update(len(waiting[digest]))
-    progress.close()
+                bar.update(len(waiting[digest]))
+    bar.close()
     return result

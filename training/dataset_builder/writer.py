@@ -12,20 +12,19 @@ their text_embedding back. Only a folder this builder made (it has report.json) 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from umo_core import UMOError
+from umo_core.console import progress
 from umo_core.files import atomic_path
 from umo_core.images import load_image
 
-from ..encode_prompts import cache_path
+from ..manifest import row_line, text_embedding_path, write_lines
 from .faces import PhotoFaces
 from .identities import FaceId
 from .photos import sidecar_prompt
@@ -86,7 +85,8 @@ def crop_faces(paths: dict[str, Path], photos: dict[str, PhotoFaces], references
     for face in tiles:
         wanted.setdefault(face[0], []).append((face[1], False))
     thumbnails: dict[FaceId, np.ndarray] = {}
-    for name in tqdm(sorted(wanted), desc="crops", unit="photo"):
+    bar = progress(len(wanted), "crops", "photo")
+    for name in sorted(wanted):
         image = Image.fromarray(load_image(paths[name]))
         faces = photos[name]
         for index, is_reference in wanted[name]:
@@ -98,6 +98,8 @@ def crop_faces(paths: dict[str, Path], photos: dict[str, PhotoFaces], references
                 tile = image.crop(crop_box(faces.boxes[index], faces.height, faces.width, TILE_MARGIN))
                 tile.thumbnail((TILE_SIDE, TILE_SIDE), Image.LANCZOS)
                 thumbnails[(name, index)] = np.asarray(tile)
+        bar.update()
+    bar.close()
     return thumbnails
 
 
@@ -106,19 +108,13 @@ def manifest_rows(folder: Path, rows: list[Row], prompts: dict[str, str]) -> lis
     for row in rows:
         references = [reference_file(identity, face) for identity, face in zip(row.identities, row.references)]
         line = {"prompt": prompts[row.target], "target": f"images/{row.target}", "references": references}
-        if (folder / cache_path(line["prompt"])).is_file():
-            line["text_embedding"] = cache_path(line["prompt"])
+        if (folder / text_embedding_path(line["prompt"])).is_file():
+            line["text_embedding"] = text_embedding_path(line["prompt"])
         line["identities"] = row.identities
         if row.same_photo:
             line["same_photo_references"] = True
         lines.append(line)
     return lines
-
-
-def write_manifest(folder: Path, lines: list[dict]) -> None:
-    with atomic_path(folder / "manifest.jsonl") as temporary:
-        temporary.write_text("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines),
-                             encoding="utf-8")
 
 
 def remove_stale(folder: Path, written: set[Path]) -> None:
@@ -165,5 +161,5 @@ def write_data_folders(folders: list[tuple[Path, list[Row]]], paths: dict[str, P
             written.add(folder / "images" / row.target)
         prompts = {row.target: prompt_for(sidecar_prompt(paths[row.target]), len(row.identities),
                                           prompt_template) for row in rows}
-        write_manifest(folder, manifest_rows(folder, rows, prompts))
+        write_lines(folder, [row_line(row) for row in manifest_rows(folder, rows, prompts)])
         remove_stale(folder, written)
