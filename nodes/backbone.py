@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import comfy.lora
-import comfy.model_base
 import folder_paths
 import node_helpers
 import torch
@@ -20,6 +18,7 @@ from umo_core.backbones.references import (
 )
 from umo_core.errors import UMOError
 
+from .comfy_compat import lora_patches, model_family
 from .node_api import io
 from .sockets import collect_references, reference_image_inputs
 
@@ -27,14 +26,6 @@ BACKBONES = {"auto": None, "flux (UNO)": "flux", "omnigen2": "omnigen2"}
 # Width of the text embedding in the conditioning -> the backbone it was made for.
 TEXT_WIDTH_FAMILY = {4096: "flux", 2048: "omnigen2"}  # T5-XXL (FLUX), Qwen2.5-VL-3B (OmniGen2)
 LOW_RANK_DOWN_KEYS = (".lora_down.weight", ".lora_A.weight")
-
-
-def model_family(model) -> str | None:
-    if isinstance(model.model, comfy.model_base.Omnigen2):
-        return "omnigen2"
-    if isinstance(model.model, comfy.model_base.Flux):
-        return "flux"
-    return None
 
 
 def _low_rank_modules(lora: dict[str, torch.Tensor]) -> set[str]:
@@ -66,15 +57,14 @@ class UMOLoraLoader(io.ComfyNode):
         family = model_family(model)
         check_family(lora_name, lora_family(state_dict), family)
         lora = to_comfy_lora(state_dict, metadata)  # the metadata carries peft's alpha
-        key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+        patches, known_modules = lora_patches(model, lora)
         # ComfyUI's loader silently skips LoRA layers the model lacks: a half-applied LoRA is an error here.
         modules = _low_rank_modules(lora)
-        unknown = sorted(modules - key_map.keys())
+        unknown = sorted(modules - known_modules)
         if unknown:
             raise UMOError(f"LoRA '{lora_name}': {len(unknown)} of {len(modules)} layers do not exist in this "
                            f"{family or 'model'} (e.g. '{unknown[0]}'); it was made for a different architecture "
                            "or size")
-        patches = comfy.lora.load_lora(lora, key_map, log_missing=False)
         if not patches:
             raise UMOError(f"LoRA '{lora_name}' matches no layer of this {family or 'model'}: "
                            "it was made for a different architecture or size")

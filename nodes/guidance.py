@@ -8,14 +8,16 @@ from umo_core.errors import UMOError
 from umo_core.faces.guidance import REDETECT_EVERY, FaceReuse, autograd_copy, guide
 from umo_core.faces.matching import REWARDS
 
+from .comfy_compat import (
+    latent_for_vae,
+    sampling_schedule,
+    vae_autoencoder,
+    vae_decoded_image,
+    vae_dtype,
+    without_layer_loading_state,
+)
 from .node_api import io
 from .sockets import FaceModelSocket, IdentitiesSocket
-
-# What ComfyUI's model loading sets on its layers (comfy.ops) and their forward then follows: weight casting
-# (low VRAM, and ComfyUI's dynamic VRAM, the default on NVIDIA after 0.8), low-VRAM patch functions, and dynamic
-# VRAM's device allocation `_v` with the weights staged in it.
-COMFY_LAYER_STATE = ("comfy_cast_weights", "weight_function", "bias_function", "weight_lowvram_function",
-                     "bias_lowvram_function", "_v", "_v_weight", "_v_bias", "_v_signature")
 
 
 def _plain_copy(module: torch.nn.Module) -> torch.nn.Module:
@@ -24,28 +26,24 @@ def _plain_copy(module: torch.nn.Module) -> torch.nn.Module:
     The loading state stays with the original: through it the copy would read the original's weights (inference
     tensors, no gradient) from the original's allocation, which cannot be copied either.
     """
-    held = [(layer, {name: vars(layer).pop(name) for name in COMFY_LAYER_STATE if name in vars(layer)})
-            for layer in module.modules()]
-    try:
+    with without_layer_loading_state(module):
         return autograd_copy(module)
-    finally:
-        for layer, state in held:
-            vars(layer).update(state)
 
 
 def _decoder(vae, model):
     """Latent in the model's sampling space -> image [B,H,W,3] in 0..1, differentiable.
 
     ComfyUI's own VAE weights are inference tensors, so the decoder used for the gradient is a copy,
-    made on the first guided step (no cost when guidance never triggers) on the latent's device.
+    made on the first guided step (no cost when guidance never triggers) on the latent's device. The
+    autoencoder's own decode undoes FLUX.2's latent normalisation and 2x2 patching, as VAEDecode does.
     """
     copies: dict[torch.device, torch.nn.Module] = {}
 
     def decode(latent: torch.Tensor) -> torch.Tensor:
         if latent.device not in copies:
-            copies[latent.device] = _plain_copy(vae.first_stage_model).to(latent.device)
-        samples = model.process_latent_out(latent).to(latent.device, vae.vae_dtype)
-        return vae.process_output(copies[latent.device].decode(samples).float()).movedim(1, -1)
+            copies[latent.device] = _plain_copy(vae_autoencoder(vae)).to(latent.device)
+        samples = latent_for_vae(model, latent).to(latent.device, vae_dtype(vae))
+        return vae_decoded_image(vae, copies[latent.device].decode(samples))
 
     return decode
 
@@ -66,7 +64,7 @@ class SamplingRun:
         self.shape: torch.Size | None = None
 
     def is_new(self, args: dict, sigma: float, shape: torch.Size) -> bool:
-        schedule = args.get("model_options", {}).get("transformer_options", {}).get("sample_sigmas")
+        schedule = sampling_schedule(args)
         new = schedule is not self.schedule or sigma > self.sigma or shape != self.shape
         self.schedule, self.sigma, self.shape = schedule, sigma, shape
         return new
@@ -108,7 +106,7 @@ class IdentityGuidance(io.ComfyNode):
                            "Set start below end (default: start 0.6, end 1.0, the last 40% of the steps).")
         sampling = model.get_model_object("model_sampling")
         sigma_start, sigma_end = sampling.percent_to_sigma(start), sampling.percent_to_sigma(end)
-        decode = _decoder(vae, model.model)
+        decode = _decoder(vae, model)
         reuse = FaceReuse(redetect_every)
         run = SamplingRun()
 

@@ -25,7 +25,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.conftest import ASSETS, PHOTOS, ROOT, make_pack
-from tests.flux_layout import ae_file_shapes, flux1_file_shapes
+from tests.flux2_layout import flux2_file_shapes, flux2_transformer, flux2_vae, transformer_to_bfl
+from tests.flux_layout import ae_file_shapes, flux1_file_shapes, vae_to_bfl
 from tests.official_packs import make_official_pack
 
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
@@ -57,6 +58,11 @@ def comfy_import_path() -> None:
     import comfy.cli_args
 
     comfy.cli_args.args.cpu = True
+    try:  # a pip-installable ComfyUI (0.12.1's hiddenswitch fork) keeps `folder_paths`, `nodes`, ... in its package
+        from comfy_compatibility.vanilla import prepare_vanilla_environment
+    except ImportError:  # ComfyUI's own tree: they are top-level modules already
+        return
+    prepare_vanilla_environment()  # what its server does before it loads custom nodes
 
 
 def import_pack():
@@ -151,7 +157,8 @@ def omnigen2_peft_lora(layers: int = 2, hidden: int = 2520, kv: int = 840, seed:
 
 # Test scaffolding, not part of the pack: FLUX needs T5-XXL + CLIP-L text embeddings and the 4.7B
 # T5 cannot run here, so this node stands in for the text encoder with fixed random embeddings
-# of FLUX's real shapes ([1, tokens, 4096] and pooled [1, 768]).
+# of FLUX's real shapes ([1, tokens, 4096] and pooled [1, 768]); `width` 7680 gives FLUX.2 [klein] 4B's
+# (Qwen3-4B's stacked layers).
 TEXT_EMBEDDING_NODE = """
 import torch
 
@@ -159,15 +166,16 @@ import torch
 class UMOTestTextEmbedding:
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"seed": ("INT", {"default": 0})}}
+        return {"required": {"seed": ("INT", {"default": 0})},
+                "optional": {"width": ("INT", {"default": 4096, "max": 16384})}}
 
     RETURN_TYPES = ("CONDITIONING",)
     FUNCTION = "make"
     CATEGORY = "testing"
 
-    def make(self, seed):
+    def make(self, seed, width=4096):
         generator = torch.Generator().manual_seed(seed)
-        tokens = torch.randn(1, 8, 4096, generator=generator)
+        tokens = torch.randn(1, 8, width, generator=generator)
         return ([[tokens, {"pooled_output": torch.randn(1, 768, generator=generator)}]],)
 
 
@@ -319,3 +327,50 @@ def gguf_flux(comfy) -> str:
     models = comfy.base / "models" / "diffusion_models"
     write_gguf(load_file(models / "tiny_flux.safetensors"), models / "tiny_flux-Q8_0.gguf")
     return "tiny_flux-Q8_0.gguf"
+
+
+FLUX2_NEEDED = "the FLUX.2 tests need ComfyUI 0.12.1 or later"
+
+
+def flux2_unsupported_reason() -> str | None:
+    """Why ComfyUI at COMFYUI_PATH cannot load a small FLUX.2 file as the file says, or None when it can.
+
+    0.3.64 has no FLUX.2 code; 0.8.0's model detection builds every FLUX.2 file with 48 heads, so only the full-size
+    [dev] loads correctly there; 0.12.1 reads the head count from the file (its width over the rotary axes).
+    """
+    comfy_import_path()
+    import comfy.model_detection
+
+    config = comfy.model_detection.detect_unet_config(flux2_file_shapes(heads=2), "")
+    if config is None or config.get("image_model") != "flux2":
+        return f"this ComfyUI has no FLUX.2 model code; {FLUX2_NEEDED}"
+    if config["num_heads"] != 2:
+        return (f"this ComfyUI's model detection builds every FLUX.2 file with {config['num_heads']} heads (a 2-head "
+                f"test model and FLUX.2 [klein] load wrongly); {FLUX2_NEEDED}")
+    return None
+
+
+@pytest.fixture(scope="session")
+def flux2_support() -> None:
+    """Skips, with the reason, on a ComfyUI that cannot load FLUX.2 [klein]-sized files."""
+    reason = flux2_unsupported_reason()
+    if reason:
+        pytest.skip(reason)
+
+
+def flux2_vae_state_dict() -> dict[str, torch.Tensor]:
+    """tests.flux2_layout.flux2_vae() in the layout of FLUX.2's ae.safetensors."""
+    return vae_to_bfl(flux2_vae().state_dict())
+
+
+@pytest.fixture(scope="session")
+def flux2_files(comfy, flux2_support) -> tuple[str, str]:
+    """A 2-head FLUX.2 [klein]-style transformer (Qwen3-4B's text width) and FLUX.2's autoencoder with random
+    weights, in the server's diffusion_models and vae folders: (transformer file, VAE file)."""
+    models = comfy.base / "models"
+    save_file({key: tensor.to(torch.bfloat16).contiguous()
+               for key, tensor in transformer_to_bfl(flux2_transformer().state_dict()).items()},
+              models / "diffusion_models" / "tiny_flux2.safetensors")
+    save_file({key: tensor.contiguous() for key, tensor in flux2_vae_state_dict().items()},
+              models / "vae" / "tiny_flux2_ae.safetensors")
+    return "tiny_flux2.safetensors", "tiny_flux2_ae.safetensors"

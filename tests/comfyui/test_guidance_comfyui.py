@@ -37,7 +37,7 @@ def test_decoder_matches_comfyui_vae_decode_and_carries_the_gradient(vae, flux_m
     latent = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         expected = vae.decode(flux_model.model.process_latent_out(latent))
-    decode = _guidance_node()._decoder(vae, flux_model.model)
+    decode = _guidance_node()._decoder(vae, flux_model)
     with torch.inference_mode(False), torch.enable_grad():
         cells = latent.clone().requires_grad_(True)
         image = decode(cells)
@@ -60,7 +60,7 @@ def test_decoder_copy_leaves_comfyui_layer_state_with_the_vae(vae, flux_model):
     for layer in layers:
         layer.comfy_cast_weights, layer._v, layer.weight_function = True, allocation, [torch.zeros_like]
     try:
-        decode = _guidance_node()._decoder(vae, flux_model.model)
+        decode = _guidance_node()._decoder(vae, flux_model)
         with torch.inference_mode(False), torch.enable_grad():
             cells = latent.clone().requires_grad_(True)
             image = decode(cells)

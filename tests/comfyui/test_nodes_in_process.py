@@ -242,24 +242,37 @@ def test_reference_conditioning_omnigen2_convention(vae, monkeypatch):
 
 
 # A ComfyUI user clones the pack into custom_nodes and installs requirements.txt only: umo_core is not
-# pip-installed there. This script hides the development install, then loads the pack with ComfyUI's loader;
-# with "hide-pinned-api" it also hides comfy_api.v0_0_2, as a ComfyUI that dropped that version would.
+# pip-installed there. This script hides the development install (an editable install, or the pack's folder on
+# PYTHONPATH), then loads the pack with ComfyUI's loader: `nodes.load_custom_node` in ComfyUI's own tree, the vanilla
+# custom-node importer of a pip-installable ComfyUI (0.12.1's hiddenswitch fork). With "hide-pinned-api" it also
+# hides comfy_api.v0_0_2, as a ComfyUI that dropped that version would.
 LOAD_PACK = """
-import asyncio, importlib.util, sys
-sys.meta_path[:] = [finder for finder in sys.meta_path if "__editable__" not in finder.__module__]
-sys.path[:] = [path for path in sys.path if "__editable__" not in path]
-assert importlib.util.find_spec("umo_core") is None, "umo_core is still importable"
+import asyncio, importlib.util, os, sys
 comfy_path, pack, api = sys.argv[1:]
+sys.meta_path[:] = [finder for finder in sys.meta_path if "__editable__" not in finder.__module__]
+sys.path[:] = [path for path in sys.path if "__editable__" not in path and os.path.abspath(path or ".") != pack]
+assert importlib.util.find_spec("umo_core") is None, "umo_core is still importable"
 sys.path.insert(0, comfy_path)
 import comfy.cli_args
 comfy.cli_args.args.cpu = True
+try:
+    from comfy_compatibility.vanilla import prepare_vanilla_environment
+except ImportError:
+    prepare_vanilla_environment = None
+if prepare_vanilla_environment is not None:
+    prepare_vanilla_environment()
 import nodes
 if api == "hide-pinned-api":
     sys.modules["comfy_api.v0_0_2"] = None  # importing it now raises ImportError
-loaded = asyncio.run(nodes.load_custom_node(pack))
+if prepare_vanilla_environment is None:
+    loaded = asyncio.run(nodes.load_custom_node(pack))
+    mappings = nodes.NODE_CLASS_MAPPINGS
+else:
+    from comfy.nodes.vanilla_node_importing import _vanilla_load_custom_nodes_1
+    mappings = _vanilla_load_custom_nodes_1(pack).NODE_CLASS_MAPPINGS
+    loaded = bool(mappings)
 node_api = next(module for name, module in sys.modules.items() if name.endswith(".nodes.node_api"))
-print(loaded, "UMOFaceModelLoader" in nodes.NODE_CLASS_MAPPINGS, nodes.__file__, sys.modules["umo_core"].__file__,
-      node_api.NODE_API)
+print(loaded, "UMOFaceModelLoader" in mappings, nodes.__file__, sys.modules["umo_core"].__file__, node_api.NODE_API)
 """
 
 

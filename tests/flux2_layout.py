@@ -1,0 +1,111 @@
+"""diffusers -> Black Forest Labs layout for FLUX.2 transformers, to write the single files that
+flux-2-klein-4b.safetensors is (the layout ComfyUI loads) from tiny diffusers models; FLUX.2's autoencoder goes
+through tests.flux_layout.vae_to_bfl (FLUX.1's names plus its own `bn.*` latent normalisation).
+
+Written as the inverse of diffusers' own converter (`convert_flux2_transformer_checkpoint_to_diffusers`) on its own,
+so that the test comparing the two can fail. ComfyUI's model detection fixes FLUX.2's rotary axes (4 x 32, heads of
+128) and reads the width, the depth and the text width from the file, so a test model is narrow by having few heads.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
+
+KLEIN_4B_TEXT_WIDTH = 7680  # Qwen3-4B's hidden states of three layers, stacked (2560 x 3)
+FLUX2_HEAD_DIM = 128
+
+_TOP_LEVEL = {
+    "x_embedder": "img_in",
+    "context_embedder": "txt_in",
+    "time_guidance_embed.timestep_embedder.linear_1": "time_in.in_layer",
+    "time_guidance_embed.timestep_embedder.linear_2": "time_in.out_layer",
+    "time_guidance_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+    "time_guidance_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+    "double_stream_modulation_img.linear": "double_stream_modulation_img.lin",
+    "double_stream_modulation_txt.linear": "double_stream_modulation_txt.lin",
+    "single_stream_modulation.linear": "single_stream_modulation.lin",
+    "proj_out": "final_layer.linear",
+}
+_DOUBLE_BLOCK = {
+    "attn.to_out.0": "img_attn.proj",
+    "attn.to_add_out": "txt_attn.proj",
+    "ff.linear_in": "img_mlp.0",
+    "ff.linear_out": "img_mlp.2",
+    "ff_context.linear_in": "txt_mlp.0",
+    "ff_context.linear_out": "txt_mlp.2",
+}
+_SINGLE_BLOCK = {"attn.to_qkv_mlp_proj": "linear1", "attn.to_out": "linear2"}
+_DOUBLE_NORMS = {"attn.norm_q": "img_attn.norm.query_norm", "attn.norm_k": "img_attn.norm.key_norm",
+                 "attn.norm_added_q": "txt_attn.norm.query_norm", "attn.norm_added_k": "txt_attn.norm.key_norm"}
+_SINGLE_NORMS = {"attn.norm_q": "norm.query_norm", "attn.norm_k": "norm.key_norm"}
+_DOUBLE_FUSED = {"img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+                 "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")}
+
+
+def flux2_transformer(double_blocks: int = 1, single_blocks: int = 1, heads: int = 2,
+                      text_width: int = KLEIN_4B_TEXT_WIDTH, guidance: bool = False) -> Flux2Transformer2DModel:
+    """FLUX.2's transformer with `heads` heads of 128 (klein 4B: 24, dev: 48), random weights from a fixed seed;
+    `guidance`: a guidance embedder (dev; klein is guidance-distilled without one)."""
+    torch.manual_seed(0)
+    model = Flux2Transformer2DModel(num_layers=double_blocks, num_single_layers=single_blocks,
+                                    attention_head_dim=FLUX2_HEAD_DIM, num_attention_heads=heads,
+                                    joint_attention_dim=text_width, guidance_embeds=guidance)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05 + (parameter.ndim == 1))
+    return model.eval()
+
+
+def transformer_to_bfl(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Flux2Transformer2DModel's state dict as BFL's FLUX.2 files keep it (`double_blocks.0.img_attn.qkv.weight`)."""
+    unused = set(state_dict)
+
+    def take(key: str) -> torch.Tensor:
+        unused.remove(key)
+        return state_dict[key]
+
+    bfl = {}
+    for diffusers_name, bfl_name in _TOP_LEVEL.items():
+        if f"{diffusers_name}.weight" in state_dict:
+            bfl[f"{bfl_name}.weight"] = take(f"{diffusers_name}.weight")
+    # diffusers' AdaLayerNormContinuous projects to (scale, shift), BFL's last layer to (shift, scale).
+    scale, shift = take("norm_out.linear.weight").chunk(2)
+    bfl["final_layer.adaLN_modulation.1.weight"] = torch.cat([shift, scale])
+    for diffusers_block, bfl_block, renames, norms, fused in (
+            ("transformer_blocks", "double_blocks", _DOUBLE_BLOCK, _DOUBLE_NORMS, _DOUBLE_FUSED),
+            ("single_transformer_blocks", "single_blocks", _SINGLE_BLOCK, _SINGLE_NORMS, {})):
+        indices = {key.split(".")[1] for key in state_dict if key.startswith(f"{diffusers_block}.")}
+        for index in indices:
+            source, target = f"{diffusers_block}.{index}.", f"{bfl_block}.{index}."
+            for diffusers_name, bfl_name in renames.items():
+                bfl[f"{target}{bfl_name}.weight"] = take(f"{source}{diffusers_name}.weight")
+            for diffusers_name, bfl_name in norms.items():
+                bfl[f"{target}{bfl_name}.scale"] = take(f"{source}{diffusers_name}.weight")
+            for bfl_name, parts in fused.items():
+                bfl[f"{target}{bfl_name}.weight"] = torch.cat([take(f"{source}{part}.weight") for part in parts])
+    assert not unused, f"no BFL name for {sorted(unused)}"
+    return bfl
+
+
+def flux2_file_shapes(double_blocks: int = 1, single_blocks: int = 1, heads: int = 2) -> dict[str, torch.Tensor]:
+    """The keys and shapes of a FLUX.2 [klein]-style file (meta tensors)."""
+    with torch.device("meta"):
+        model = Flux2Transformer2DModel(num_layers=double_blocks, num_single_layers=single_blocks,
+                                        attention_head_dim=FLUX2_HEAD_DIM, num_attention_heads=heads,
+                                        joint_attention_dim=KLEIN_4B_TEXT_WIDTH, guidance_embeds=False)
+        return transformer_to_bfl(model.state_dict())
+
+
+def flux2_vae() -> AutoencoderKLFlux2:
+    """FLUX.2's autoencoder at its real size (ComfyUI fixes the VAE's channels and reads only the latent's), random
+    weights from a fixed seed and a latent normalisation that is not the identity."""
+    torch.manual_seed(1)
+    vae = AutoencoderKLFlux2()
+    generator = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        vae.bn.running_mean.copy_(torch.randn(vae.bn.running_mean.shape, generator=generator) * 0.1)
+        vae.bn.running_var.copy_(torch.rand(vae.bn.running_var.shape, generator=generator) + 0.5)
+    return vae.eval()
+
