@@ -160,7 +160,8 @@ def mimr_of_reuse() -> None:
 
     def mimr(latent) -> float:
         analysed = face_model.analyse(decode(latent))[0]
-        return identity_metrics(identities.embeddings, analysed.embeddings)["metrics"]["mimr"]
+        return identity_metrics(identities.embeddings, analysed.embeddings,
+                                face_model.same_person_threshold)["metrics"]["mimr"]
 
     print(f"{'case':>9} {'before':>7} {'every step':>10} {'every 3':>8} {'difference':>10}")
     for name, (photo, blur) in cases.items():

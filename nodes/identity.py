@@ -9,7 +9,14 @@ from comfy.utils import ProgressBar
 from umo_core import FaceModel, Identities, load_face_model, rank
 from umo_core.faces.annotate import annotate
 from umo_core.faces.embedding import BACKENDS
-from umo_core.faces.scoring import CRITERIA, ImageScore, ground_truth_embeddings, score_image, score_table
+from umo_core.faces.scoring import (
+    CRITERIA,
+    DEFAULT_CRITERION,
+    ImageScore,
+    ground_truth_embeddings,
+    score_images,
+    score_table,
+)
 from umo_core.images import float_image, to_rgb_uint8
 
 from .model_paths import face_pack_names, insightface_roots
@@ -25,11 +32,7 @@ def _progress_scores(face_model: FaceModel, identities: Identities, images: torc
     # The ground truth's faces once, not once per image.
     gt = ground_truth_embeddings(face_model, ground_truth[0]) if ground_truth is not None else None
     bar = ProgressBar(len(images))
-    scores = []
-    for i, image in enumerate(images):
-        scores.append(score_image(face_model, identities, image, gt))
-        bar.update_absolute(i + 1)
-    return scores
+    return score_images(face_model, identities, images, gt, progress=lambda _: bar.update(1))
 
 
 def _annotated(images: torch.Tensor, scores: list[ImageScore], order: list[int]) -> torch.Tensor:
@@ -38,10 +41,12 @@ def _annotated(images: torch.Tensor, scores: list[ImageScore], order: list[int])
     return float_image(np.stack(drawn))
 
 
-def _table(scores: list[ImageScore], order: list[int], criterion: str | None = None) -> str:
-    """The score table (umo_core.faces.scoring.score_table; doubtful matches marked '?'), images by input number."""
-    title = f"ranked by {criterion}, best first" if criterion else "in input order"
-    return "\n".join([title, *score_table(scores, order, [str(i + 1) for i in range(len(scores))])])
+def _table(scores: list[ImageScore], ranking: list[int], criterion: str, input_order: bool = False) -> str:
+    """The score table (umo_core.faces.scoring.score_table: who is present, missing or shown again; doubtful
+    matches marked '?'), images by input number; rows best first, or in input order with their rank."""
+    rows = list(range(len(scores))) if input_order else ranking
+    title = f"in input order, ranked by {criterion}" if input_order else f"ranked by {criterion}, best first"
+    return "\n".join([title, *score_table(scores, ranking, [str(i + 1) for i in range(len(scores))], rows)])
 
 
 class FaceModelLoader(io.ComfyNode):
@@ -101,7 +106,9 @@ class IdentityRerank(io.ComfyNode):
                 io.Image.Input("images"),
                 FaceModelSocket.Input("face_model"),
                 IdentitiesSocket.Input("identities"),
-                io.Combo.Input("criterion", options=list(CRITERIA), default="mimr"),
+                io.Combo.Input("criterion", options=list(CRITERIA), default=DEFAULT_CRITERION,
+                               tooltip="complete: every person present once first, then identity quality "
+                                       "(README, Ranking); mimr, id_sim, id_conf: that metric"),
                 io.Int.Input("top_k", default=1, min=0, max=4096, tooltip="how many to keep; 0 keeps all"),
             ],
             outputs=[io.Image.Output(display_name="best"), io.Image.Output(display_name="annotated"),
@@ -124,7 +131,8 @@ class IdentityReport(io.ComfyNode):
             node_id="UMOIdentityReport",
             display_name="UMO Identity Report",
             category="UMO",
-            description="ID-Sim, ID-Conf, MIMR, Sim(GT), CP and Bld of each image against the reference people.",
+            description="Who is present, missing or shown twice, and ID-Sim, ID-Conf, MIMR, Sim(GT), CP and Bld "
+                        "of each image against the reference people.",
             inputs=[
                 io.Image.Input("images"),
                 FaceModelSocket.Input("face_model"),
@@ -138,6 +146,6 @@ class IdentityReport(io.ComfyNode):
     @classmethod
     def execute(cls, images, face_model, identities, ground_truth=None) -> io.NodeOutput:
         scores = _progress_scores(face_model, identities, images, ground_truth)
+        report = _table(scores, rank(scores, DEFAULT_CRITERION), DEFAULT_CRITERION, input_order=True)
         order = list(range(len(scores)))
-        report = _table(scores, order)
         return io.NodeOutput(report, _annotated(images, scores, order), ui=ui.PreviewText(report))

@@ -24,7 +24,8 @@ from tests.conftest import ASSETS, ROOT, make_pack
 from tests.image_files import huge_png
 from umo_core.cli import main
 
-METRIC_KEYS = {"mimr", "sir", "id_sim", "id_sim_matched", "id_conf", "bld", "sim_gt", "cp"}
+METRIC_KEYS = {"faces", "coverage", "duplicates", "missing", "present_sim", "mimr", "sir", "id_sim", "id_sim_matched",
+               "id_conf", "bld", "sim_gt", "cp"}
 
 
 def _side_by_side(paths, out):
@@ -66,13 +67,14 @@ def test_score_ranks_the_right_people_first_and_writes_json(pack_dir, case, caps
     out = folder / "report.json"
     assert main(_args(pack_dir, refs, images, "--json", out, "--annotate", folder / "annotated")) == 0
     report = json.loads(out.read_text())
-    assert report["criterion"] == "mimr"
+    assert report["criterion"] == "complete"
     assert report["ranking"] == [1, 0, 2]
     assert [r["path"] for r in report["references"]] == [str(r) for r in refs]
     assert all(len(r["bbox"]) == 4 for r in report["references"])
     assert len(report["images"]) == 3
     for entry in report["images"]:
-        assert set(entry) >= {"path", "faces", "similarity", "assignment", "metrics"}
+        assert set(entry) >= {"path", "faces", "similarity", "assignment", "matches", "present", "missing",
+                              "duplicates", "bystanders", "metrics"}
         assert METRIC_KEYS <= set(entry["metrics"])
         assert len(entry["similarity"]) == 2 and len(entry["assignment"]) == 2
         for face in entry["faces"]:
@@ -82,6 +84,7 @@ def test_score_ranks_the_right_people_first_and_writes_json(pack_dir, case, caps
     left_face = int(np.argmin([f["bbox"][0] for f in right["faces"]]))
     assert right["assignment"] == [1 - left_face, left_face]
     assert right["metrics"]["id_sim_matched"] > 40
+    assert right["present"] == [0, 1] and right["missing"] == [] and right["metrics"]["coverage"] == 1.0
     # The strangers of image 0 are matched too (Hungarian), but doubtful: below the 128-d network's 0.45.
     assert report["same_person_threshold"] == 0.45
     assert [m["doubtful"] for m in right["matches"]] == [False, False]
@@ -90,13 +93,16 @@ def test_score_ranks_the_right_people_first_and_writes_json(pack_dir, case, caps
     assert all(m["similarity"] == others["similarity"][m["reference"]][m["face"]] for m in others["matches"])
     empty = report["images"][2]
     assert empty["faces"] == [] and empty["assignment"] == [None, None]
-    assert empty["metrics"]["mimr"] == 0 and empty["metrics"]["id_conf"] is None
+    assert empty["metrics"]["mimr"] is None and empty["metrics"]["id_sim"] is None  # null without faces, never 0
+    assert empty["missing"] == [0, 1] and empty["metrics"]["missing"] == [0, 1] and empty["metrics"]["faces"] == 0
+    assert others["missing"] == [0, 1] and others["bystanders"] == [0, 1] and others["metrics"]["coverage"] == 0
     captured = capsys.readouterr()
     printed = captured.out
     assert printed.index("right_people.png") < printed.index("others.png") < printed.index("no_face_view.jpg")
     rows = {line.split()[1]: line for line in printed.splitlines() if line[:1].isdigit()}
     assert "?" not in rows[str(images[1])] and rows[str(images[0])].count("?") == 2
     assert "? = doubtful match: cosine below 0.45" in printed
+    assert "R1 missing" in rows[str(images[2])] and "R2 missing" in rows[str(images[2])]
     assert "scoring" not in captured.err  # no progress bar when stderr is not a terminal
     annotated = sorted((folder / "annotated").iterdir())
     assert [p.name for p in annotated] == ["rank01_img02_right_people.png", "rank02_img01_others.png",
@@ -140,7 +146,7 @@ def test_real_command_line_in_a_terminal(pack_dir, case, tmp_path):
     os.close(terminal)
     assert process.wait(timeout=300) == 0, stderr.decode()
     printed = (tmp_path / "stdout.txt").read_text()
-    assert "ranking by mimr" in printed and "right_people.png" in printed
+    assert "ranking by complete" in printed and "right_people.png" in printed
     assert b"scoring:" in stderr and b"/3" in stderr  # tqdm's bar: "scoring:  33%|###   | 1/3 ..."
 
 

@@ -88,7 +88,7 @@ def test_reward_gradient_lies_inside_the_faces(torch_face_model, photos):
     gradient = pixels.grad[0].abs().sum(dim=-1)
     assert torch.isfinite(pixels.grad).all() and gradient.sum() > 0
     mask = torch.zeros_like(gradient, dtype=torch.bool)
-    for x1, y1, x2, y2 in result.faces[0].boxes:
+    for x1, y1, x2, y2 in result.detections[0].boxes:
         w, h = x2 - x1, y2 - y1  # the aligned crop reaches a little beyond the detector's box
         mask[int(max(0, y1 - 0.3 * h)):int(y2 + 0.3 * h), int(max(0, x1 - 0.3 * w)):int(x2 + 0.3 * w)] = True
     inside = gradient[mask].sum() / gradient.sum()
@@ -100,7 +100,8 @@ def test_reward_of_an_image_without_faces_is_zero(torch_face_model, photos):
     identities = torch_face_model.identities([photos / "Rob_Lowe_0001.jpg"])
     image = torch.from_numpy(load_image(photos / "no_face_view.jpg")).float().div(255.0)[None]
     result = identity_reward(image, identities, torch_face_model)
-    assert result.values.tolist() == [0.0] and len(result.faces[0]) == 0
+    assert result.values.tolist() == [0.0] and len(result.detections[0]) == 0
+    assert result.matches[0].missing == [0] and result.matches[0].coverage == 0.0
 
 
 def test_reward_is_higher_for_the_right_person(torch_face_model, photos):

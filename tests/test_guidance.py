@@ -31,7 +31,7 @@ def degraded(photos):
 
 def _scores(latent, identities, face_model):
     analysed = face_model.analyse(image_decoder(latent))[0]
-    metrics = identity_metrics(identities.embeddings, analysed.embeddings)["metrics"]
+    metrics = identity_metrics(identities.embeddings, analysed.embeddings, face_model.same_person_threshold)["metrics"]
     return metrics["mimr"], metrics["id_sim_matched"]
 
 
@@ -207,7 +207,8 @@ def _guided_mimr(latent, decode, identities, face_model, every, steps, strength)
     for _ in range(steps):
         latent, _ = guide(latent, decode, identities, face_model, strength, reuse=reuse)
     analysed = face_model.analyse(decode(latent))[0]
-    return identity_metrics(identities.embeddings, analysed.embeddings)["metrics"]["mimr"]
+    return identity_metrics(identities.embeddings, analysed.embeddings,
+                            face_model.same_person_threshold)["metrics"]["mimr"]
 
 
 def test_reused_faces_guide_as_well_as_detecting_at_every_step(torch_face_model, photos, degraded, blurred_group):

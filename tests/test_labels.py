@@ -97,25 +97,32 @@ def scored(face_model, photos):
 def test_doubtful_flags_and_unchanged_metrics(scored, face_model):
     identities, [_, (strangers_image, strangers)] = scored
     right = scored[1][0][1]
-    assert [right.is_doubtful(k) for k in range(2)] == [False, False]
-    assert [strangers.is_doubtful(k) for k in range(2)] == [True, True]
-    assert all(strangers.similarity[k][j] < 0.45 for k, j in enumerate(strangers.assignment))
-    assert [m["doubtful"] for m in strangers.matches_json()] == [True, True]
-    # The metrics are identity_metrics' own: doubtful pairs count as before (id_conf stays high on strangers).
+    assert [right.match.is_doubtful(k) for k in range(2)] == [False, False]
+    assert [strangers.match.is_doubtful(k) for k in range(2)] == [True, True]
+    assert all(strangers.match.cosines[k][j] < 0.45 for k, j in enumerate(strangers.match.assignment))
+    assert [m["doubtful"] for m in strangers.to_json()["matches"]] == [True, True]
+    # A doubtful match leaves its reference missing; the faces are bystanders.
+    assert right.match.present == [0, 1] and right.metrics["coverage"] == 1.0
+    assert strangers.match.missing == [0, 1] and strangers.metrics["coverage"] == 0.0
+    assert strangers.match.bystanders == [0, 1] and strangers.metrics["present_sim"] is None
+    # The other metrics are identity_metrics' own: doubtful pairs count as before (id_conf stays high on strangers).
     faces = face_model.analyse([strangers_image])[0].embeddings
-    assert strangers.metrics == identity_metrics(identities.embeddings, faces)["metrics"]
+    assert strangers.metrics == identity_metrics(identities.embeddings, faces, 0.45)["metrics"]
     assert strangers.metrics["id_conf"] >= 50
 
 
 def test_match_text_and_table(scored):
     _, [(_, right), (_, strangers)] = scored
-    j = strangers.assignment[0]
-    assert strangers.match_text(0) == f"R1->face {j + 1} {strangers.similarity[0][j]:.2f}?"
-    assert strangers.match_text(0, with_face=False) == f"R1 {strangers.similarity[0][j]:.2f}?"
-    assert right.match_text(0, with_face=False) == f"R1 {right.similarity[0][right.assignment[0]]:.2f}"
+    j = strangers.match.assignment[0]
+    assert strangers.reference_text(0) == f"R1 missing (face {j + 1} {strangers.match.cosines[0][j]:.2f}?)"
+    assert strangers.face_label(j) == f"{j + 1}: R1 {strangers.match.cosines[0][j]:.2f}?"
+    j = right.match.assignment[0]
+    assert right.reference_text(0) == f"R1->face {j + 1} {right.match.cosines[0][j]:.2f}"
+    assert right.face_label(j) == f"{j + 1}: R1 {right.match.cosines[0][j]:.2f}"
     lines = score_table([right, strangers], [0, 1], ["right", "strangers"])
     assert lines[0].split()[:3] == ["rank", "image", "faces"]
     assert "?" not in lines[1] and lines[2].count("?") == 2 and "R1->face" in lines[1]
+    assert "R1 missing" in lines[2] and "R2 missing" in lines[2]
     assert lines[3] == ("? = doubtful match: cosine below 0.45, this face network's same-person threshold "
                         "(probably not that person)")
     assert len(score_table([right], [0], ["right"])) == 2  # no legend without a doubtful match
@@ -131,8 +138,8 @@ def test_annotation_marks_doubtful_matches(scored):
     _, [(right_image, right), (strangers_image, strangers)] = scored
     for image, score, doubtful in ((right_image, right, False), (strangers_image, strangers, True)):
         drawn = annotate(image, score)
-        for k, j in enumerate(score.assignment):
-            box = score.faces.boxes[j]
+        for k, j in enumerate(score.match.assignment):
+            box = score.detections.boxes[j]
             colour = COLOURS[k]
             label_pixel = tuple(drawn[int(box[1]) - 1, int(box[0]) + 1])  # inside the label, left of its text
             assert label_pixel == (DOUBTFUL_LABEL if doubtful else colour)

@@ -56,7 +56,7 @@ def test_id_sim_and_matched():
     confusing = torch.tensor([[0.9, 0.1], [0.8, 0.2]])  # both references look most like face 0
     assert id_sim(confusing) == pytest.approx(85.0)
     assert id_sim_matched(confusing, assign(confusing)) == pytest.approx(100 * (0.9 + 0.2) / 2)
-    assert id_sim(torch.zeros(2, 0)) == 0.0
+    assert id_sim(torch.zeros(2, 0)) is None and id_sim_matched(torch.zeros(2, 0), [None, None]) is None
 
 
 def test_id_conf():
@@ -88,14 +88,16 @@ def test_copy_paste_extremes():
     assert cp == pytest.approx(0.0, abs=1e-5)
 
 
-def test_identity_metrics_with_no_faces_are_zero_or_null():
+def test_an_image_without_faces_has_null_similarity_metrics():
     refs = torch.eye(3)[:2]
-    result = identity_metrics(refs, torch.zeros(0, 3), ground_truth=torch.eye(3)[:2])
-    assert result["assignment"] == [None, None]
+    result = identity_metrics(refs, torch.zeros(0, 3), 0.45, ground_truth=torch.eye(3)[:2])
+    assert result["match"].assignment == [None, None]
     metrics = result["metrics"]
-    assert metrics["mimr"] == 0.0 and metrics["sir"] == 0.0 and metrics["id_sim"] == 0.0
-    for undefined in ("id_conf", "bld", "sim_gt", "cp"):
-        assert metrics[undefined] is None
+    for similarity_metric in ("mimr", "sir", "id_sim", "id_sim_matched", "present_sim", "id_conf", "bld", "sim_gt",
+                              "cp"):
+        assert metrics[similarity_metric] is None, similarity_metric
+    assert metrics["faces"] == 0 and metrics["coverage"] == 0.0 and metrics["duplicates"] == 0
+    assert metrics["missing"] == [0, 1]
     assert not any(isinstance(v, float) and math.isnan(v) for v in metrics.values())
 
 

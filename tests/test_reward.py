@@ -67,13 +67,14 @@ def test_batched_reward_is_the_per_image_reward(model, batch, photos, request):
     assert face_model.torch_embedder.batch_size == (1 if model == "torch_face_model" else None)
     identities = face_model.identities([photos / "Rob_Lowe_0001.jpg", photos / "Nathalie_Baye_0002.jpg"])
     batched, gradient = _reward_and_gradient(batch, identities, face_model)
-    counts = [len(faces) for faces in batched.faces]
+    counts = [len(detections) for detections in batched.detections]
     assert counts[0] == 1 and counts[1] >= 2 and counts[2] == 0 and counts[3] == 1, counts
     for i in range(len(batch)):
         alone, alone_gradient = _reward_and_gradient(batch[i:i + 1], identities, face_model)
         torch.testing.assert_close(batched.values[i:i + 1], alone.values, atol=1e-6, rtol=0)
-        torch.testing.assert_close(batched.embeddings[i], alone.embeddings[0], atol=1e-5, rtol=0)
-        assert batched.assignment[i] == alone.assignment[0]
+        torch.testing.assert_close(batched.matches[i].face_embeddings, alone.matches[0].face_embeddings, atol=1e-5,
+                                   rtol=0)
+        assert batched.matches[i].assignment == alone.matches[0].assignment
         torch.testing.assert_close(gradient[i:i + 1], alone_gradient, atol=1e-6, rtol=1e-4)
     assert batched.values[2] == 0 and not gradient[2].any()  # no face: reward 0, no gradient
     assert gradient[0].abs().sum() > 0 and gradient[1].abs().sum() > 0
@@ -92,11 +93,11 @@ def test_one_set_of_references_per_image(torch_face_model, batch, photos):
 
 
 def test_metrics_from_the_reward_equal_identity_metrics(torch_face_model, batch, photos):
-    """match_metrics on a RewardResult's own similarity and assignment (the trainer's log) gives exactly the
-    metrics that identity_metrics computes from the embeddings alone."""
+    """match_metrics on a RewardResult's own matches (the trainer's log) gives exactly the metrics that
+    identity_metrics computes from the embeddings alone."""
     identities = torch_face_model.identities([photos / "Rob_Lowe_0001.jpg", photos / "Nathalie_Baye_0002.jpg"])
     result, _ = _reward_and_gradient(batch, identities, torch_face_model)
-    references = identities.embeddings
-    for embeddings, similarity, assignment in zip(result.embeddings, result.similarity, result.assignment):
-        faces = embeddings.detach().float()
-        assert match_metrics(references, faces, similarity, assignment) == identity_metrics(references, faces)
+    references, threshold = identities.embeddings, torch_face_model.same_person_threshold
+    for match in result.matches:
+        faces = match.face_embeddings.detach().float()
+        assert match_metrics(match) == identity_metrics(references, faces, threshold)["metrics"]

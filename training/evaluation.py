@@ -37,8 +37,7 @@ def evaluate(step: int, transformer, vae, face_model: FaceModel, batches: list[B
         name = f"row_{batch.rows[0]:04d}.png"
         save_image(image, folder / name)
         score = score_image(face_model, batch.identities[0], image, batch.ground_truth[0].embeddings)
-        images.append({"row": batch.rows[0], "image": name, "faces": score.faces_json(),
-                       "similarity": score.similarity, "assignment": score.assignment, "metrics": score.metrics})
+        images.append({"row": batch.rows[0], "image": name, **score.to_json()})
     summary = {"step": step, **average_metrics([i["metrics"] for i in images])}
     report = {"step": step, "seed": seed, "sampling_steps": sampling_steps, "guidance": guidance,
               "summary": summary, "images": images}

@@ -314,11 +314,10 @@ def log_step(accelerator: Accelerator, output: Path, step: int, batch: Batch, re
              settings: StepSettings) -> dict:
     """The step's record, over all processes, appended to OUTPUT/log.jsonl: the losses, the reward and the
     identity metrics of the decoded estimates."""
-    rewards = result.rewards  # its similarities and assignments: the matching is not done again
-    metrics = [match_metrics(identities.embeddings, faces.detach().cpu(), similarity, assignment,
-                             truth.embeddings)["metrics"]
-               for identities, faces, similarity, assignment, truth in zip(
-                   batch.identities, rewards.embeddings, rewards.similarity, rewards.assignment, batch.ground_truth)]
+    # The reward's own matches: the matching is not done again. Coverage and duplicates show whether the
+    # people stay in the picture; MIMR stays the gradient signal.
+    metrics = [match_metrics(match, truth.embeddings)
+               for match, truth in zip(result.rewards.matches, batch.ground_truth)]
     values = accelerator.reduce(torch.stack([result.loss, result.diffusion_loss, result.reward]).detach(),
                                 "mean").tolist()
     record = {"step": step, "loss": values[0], "diffusion_loss": values[1], "reward": values[2],
@@ -377,7 +376,8 @@ def train(args: argparse.Namespace) -> None:
         apply_gradients(accelerator, result.loss, lora_parameters, optimizer, args.grad_clip)
         record = log_step(accelerator, args.output, step, batch, result, settings)
         progress.update()
-        progress.set_postfix(loss=f"{record['loss']:.4f}", reward=f"{record['reward']:.3f}")
+        progress.set_postfix(loss=f"{record['loss']:.4f}", reward=f"{record['reward']:.3f}",
+                             coverage=f"{record['coverage']:.2f}", duplicates=f"{record['duplicates']:.2f}")
         if args.eval_every and step % args.eval_every == 0:
             run_evaluation(args, accelerator, step, state.model, vae, face_model, data)
         stop_now = stop.agreed(accelerator)

@@ -25,7 +25,7 @@ from .faces.scoring import (
     ImageScore,
     ground_truth_embeddings,
     rank,
-    score_image,
+    score_images,
     score_table,
 )
 from .files import atomic_path, is_symlink_loop
@@ -49,8 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument("--gt", type=Path, metavar="PHOTO",
                        help="ground-truth photo of the same people, for sim_gt and cp (default: none, they are null)")
     score.add_argument("--criterion", choices=CRITERIA, default=DEFAULT_CRITERION,
-                       help=f"ranking criterion (default {DEFAULT_CRITERION}; where every image's value is null, "
-                            f"the ranking is by {DEFAULT_CRITERION}, with a warning)")
+                       help=f"ranking criterion (default {DEFAULT_CRITERION}: every person present once first, see "
+                            f"the README's Ranking; where every image's value is null, the ranking is by "
+                            f"{DEFAULT_CRITERION}, with a warning)")
     score.add_argument("--json", type=Path, metavar="FILE",
                        help="write the full report as JSON to this file (default: none)")
     score.add_argument("--annotate", type=Path, metavar="FOLDER",
@@ -255,17 +256,18 @@ def score_command(args: argparse.Namespace) -> dict:
     for note in notes:
         _tell("note", note)
 
-    scores = []
-    with tqdm(total=len(args.image), desc="scoring", unit="image", file=sys.stderr, disable=None,
-              leave=False) as bar:
+    def images():  # loaded one at a time, as the scoring reaches them
         for path, label in zip(args.image, image_labels):
             image_notes: list[str] = []
             image = load_image(path, label, image_notes, args.max_pixels)
-            scores.append(score_image(face_model, identities, image, gt_embeddings))
             for note in image_notes:
                 _tell("note", note)
-            notes += image_notes
-            bar.update()
+            notes.extend(image_notes)
+            yield image
+
+    with tqdm(total=len(args.image), desc="scoring", unit="image", file=sys.stderr, disable=None,
+              leave=False) as bar:
+        scores = score_images(face_model, identities, images(), gt_embeddings, progress=lambda _: bar.update())
     criterion, warning = _ranking_criterion(args.criterion, scores)
     if warning:
         _tell("warning", warning)
@@ -280,9 +282,7 @@ def score_command(args: argparse.Namespace) -> dict:
         "notes": notes,
         "references": [{"path": str(p), "bbox": box} for p, box in zip(args.ref, identities.faces.boxes.tolist())],
         "ground_truth": str(args.gt) if args.gt else None,
-        "images": [{"path": str(p), "faces": s.faces_json(), "similarity": s.similarity,
-                    "assignment": s.assignment, "matches": s.matches_json(), "metrics": s.metrics}
-                   for p, s in zip(args.image, scores)],
+        "images": [{"path": str(p), **s.to_json()} for p, s in zip(args.image, scores)],
     }
 
     print(f"{len(args.ref)} reference(s), {len(args.image)} image(s), face pack {face_model.pack.directory}")

@@ -99,11 +99,12 @@ def test_rerank_and_report_pick_the_right_people(comfy):
     annotated = _saved(comfy, history, "save_annotated")[0]
     assert np.abs(annotated - rob).mean() > 0.5  # boxes and labels were drawn
     title, header, *rows = "".join(history["outputs"]["report"]["text"]).splitlines()
-    assert title == "in input order" and header.split()[:4] == ["rank", "image", "faces", "mimr"]
-    assert "id_conf" in header and len(rows) >= 3
+    assert title == "in input order, ranked by complete"
+    assert header.split()[:5] == ["rank", "image", "faces", "coverage", "duplicates"]
+    assert "mimr" in header and "id_conf" in header and len(rows) >= 3
     assert all(line.startswith(DOUBTFUL_MARK) for line in rows[3:])  # after the images: what a '?' means
-    assert rows[1].split()[:3] == ["2", "2", "1"]  # Rob Lowe
-    assert re.search(r"R1->face 1 0\.\d\d, R2->none$", rows[1]), rows[1]  # matched with his similarity
+    assert rows[1].split()[:4] == ["1", "2", "1", "0.500"]  # Rob Lowe: ranked first, one of two people present
+    assert re.search(r"R1->face 1 0\.\d\d, R2 missing$", rows[1]), rows[1]  # matched with his similarity
 
 
 def test_reference_without_a_face_names_its_position(comfy):

@@ -1,8 +1,12 @@
-"""Drawing matched faces: a box per face, labelled with its reference number and similarity.
+"""Drawing an image's match: every face boxed and numbered as the score table numbers it, and who is missing.
 
-A real match: a solid box and label in the reference's colour ('R1 0.63'). A doubtful match
-(below the face network's same-person threshold): a dashed box in the reference's colour and a
-grey label ending in '?' ('R1 0.05?'). Unmatched faces: a grey box without a label.
+- A present reference's face: a solid box and a label in the reference's colour ('2: R1 0.63').
+- A doubtful match (below the face network's same-person threshold; that reference is missing): a dashed
+  box in the reference's colour and a grey label ending in '?' ('1: R2 0.05?').
+- A duplicate (a reference shown again): a double box in the reference's colour and a black label in that
+  colour ('3: R1 again 0.61').
+- A bystander: a grey box and a grey label with its number only ('4').
+- Each missing reference: a line 'R2 missing' in its colour in the image's top-left corner.
 """
 
 from __future__ import annotations
@@ -16,6 +20,12 @@ COLOURS = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 13
            (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)]
 UNMATCHED = (160, 160, 160)
 DOUBTFUL_LABEL = (200, 200, 200)
+DUPLICATE_LABEL = (0, 0, 0)
+TEXT = (0, 0, 0)
+
+
+def reference_colour(reference: int) -> tuple[int, int, int]:
+    return COLOURS[reference % len(COLOURS)]
 
 
 def _dashed_rectangle(draw: ImageDraw.ImageDraw, box: list[float], colour: tuple, width: int) -> None:
@@ -32,28 +42,46 @@ def _dashed_rectangle(draw: ImageDraw.ImageDraw, box: list[float], colour: tuple
         draw.line((x2, start, x2, end), fill=colour, width=width)
 
 
+def _label(draw: ImageDraw.ImageDraw, corner: tuple[float, float], text: str, font: ImageFont.ImageFont,
+           background: tuple, colour: tuple, line: int) -> None:
+    """`text` on a `background` box whose bottom-left corner is `corner`."""
+    x, y = corner
+    left, top, right, bottom = draw.textbbox((x, y), text, font=font)
+    height = bottom - top
+    draw.rectangle((left, y - height - 2 * line, right + 2 * line, y), fill=background)
+    draw.text((x + line, y - height - line - (top - y)), text, fill=colour, font=font)
+
+
 def annotate(image: np.ndarray, score: ImageScore) -> np.ndarray:
-    """RGB uint8 image with the faces of `score` boxed and labelled (see the module docstring)."""
+    """RGB uint8 image with the faces of `score` boxed, numbered and labelled (see the module docstring)."""
     canvas = Image.fromarray(image)
     draw = ImageDraw.Draw(canvas)
     line = max(2, round(max(image.shape[:2]) / 400))
     font = ImageFont.load_default(size=max(12, round(max(image.shape[:2]) / 50)))
-    owner = {j: k for k, j in enumerate(score.assignment) if j is not None}
-    for j, box in enumerate(score.faces.boxes.tolist()):
-        k = owner.get(j)
-        if k is None:
+    for face, box in enumerate(score.detections.boxes.tolist()):
+        role = score.match.face_role(face)
+        label = score.face_label(face)
+        if role.kind == "bystander":
             draw.rectangle(box, outline=UNMATCHED, width=line)
+            _label(draw, (box[0], box[1]), label, font, UNMATCHED, TEXT, line)
             continue
-        colour = COLOURS[k % len(COLOURS)]
-        doubtful = score.is_doubtful(k)
-        if doubtful:
+        colour = reference_colour(role.reference)
+        if role.kind == "doubtful":
             _dashed_rectangle(draw, box, colour, line)
+            _label(draw, (box[0], box[1]), label, font, DOUBTFUL_LABEL, TEXT, line)
+        elif role.kind == "duplicate":
+            draw.rectangle(box, outline=colour, width=line)
+            inner = [box[0] + 2 * line, box[1] + 2 * line, box[2] - 2 * line, box[3] - 2 * line]
+            draw.rectangle(inner, outline=colour, width=line)
+            _label(draw, (box[0], box[1]), label, font, DUPLICATE_LABEL, colour, line)
         else:
             draw.rectangle(box, outline=colour, width=line)
-        label = score.match_text(k, with_face=False)
-        left, top, right, bottom = draw.textbbox((box[0], box[1]), label, font=font)
-        height = bottom - top
-        draw.rectangle((left, box[1] - height - 2 * line, right + 2 * line, box[1]),
-                       fill=DOUBTFUL_LABEL if doubtful else colour)
-        draw.text((box[0] + line, box[1] - height - line - (top - box[1])), label, fill=(0, 0, 0), font=font)
+            _label(draw, (box[0], box[1]), label, font, colour, TEXT, line)
+    top = 0
+    for reference in score.match.missing:  # one line each, top left, on the reference's colour
+        text = f"R{reference + 1} missing"
+        _, _, right, bottom = draw.textbbox((line, top + line), text, font=font)
+        draw.rectangle((0, top, right + line, bottom + line), fill=reference_colour(reference))
+        draw.text((line, top + line), text, fill=TEXT, font=font)
+        top = bottom + line
     return np.asarray(canvas)

@@ -49,6 +49,7 @@ from ..errors import UMOError
 from ..images import to_rgb_uint8
 from .detection import Faces
 from .face_model import FaceModel, Identities
+from .matching import IdentityMatch, match_identities
 from .reward import reward_of_faces
 
 Decoder = Callable[[torch.Tensor], torch.Tensor]  # latent [1,C,h,w] -> image [1,H,W,3] in 0..1
@@ -67,6 +68,7 @@ class GuidanceResult:
     scale: int  # decoded pixels per latent cell
     matched: np.ndarray  # [M] each reference's cosine with its assigned face, 0 where none is assigned
     detected: bool  # the faces were found on this step's preview (not reused)
+    match: IdentityMatch  # the references matched to the faces' embeddings (no faces: every reference missing)
 
 
 @dataclass
@@ -145,7 +147,9 @@ def reward_gradient(latent: torch.Tensor, decode: Decoder, identities: Identitie
         faces = face_model.detector.detect(to_rgb_uint8(preview)[0])
         scale = preview.shape[1] // latent.shape[2]
     if len(faces) == 0:
-        return GuidanceResult(0.0, torch.zeros_like(latent), faces, scale, np.zeros(len(identities)), detected)
+        no_faces = match_identities(identities.embeddings, identities.embeddings[:0], face_model.same_person_threshold)
+        return GuidanceResult(0.0, torch.zeros_like(latent), faces, scale, np.zeros(len(identities)), detected,
+                              no_faces)
 
     def embed_window(cells: torch.Tensor, face: Faces) -> torch.Tensor:
         return face_model.embed_faces(decode(cells)[0], face)
@@ -161,13 +165,14 @@ def reward_gradient(latent: torch.Tensor, decode: Decoder, identities: Identitie
         else:
             embeddings.append(embed_window(cells, face))
         windows.append((cells, top, left))
-    reward, similarity, assignment = reward_of_faces(identities, torch.cat(embeddings), kind)
+    reward, match = reward_of_faces(identities, torch.cat(embeddings), face_model.same_person_threshold, kind)
     grads = torch.autograd.grad(reward, [cells for cells, _, _ in windows])
     gradient = torch.zeros_like(latent, dtype=torch.float32)
     for grad, (cells, top, left) in zip(grads, windows):
         gradient[:, :, top:top + cells.shape[2], left:left + cells.shape[3]] += grad.float()
-    matched = np.array([0.0 if face is None else similarity[k, face].item() for k, face in enumerate(assignment)])
-    return GuidanceResult(reward.item(), gradient.to(latent.dtype), faces, scale, matched, detected)
+    matched = np.array([match.matched_similarity(k) or 0.0 for k in range(len(identities))])
+    return GuidanceResult(reward.item(), gradient.to(latent.dtype), faces, scale, matched, detected,
+                          match.detach())
 
 
 def _reward_gradient_of_item(latent: torch.Tensor, index: int, decode: Decoder, identities: Identities,

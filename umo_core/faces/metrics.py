@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from .matching import assign, mimr, similarity_matrix, sir
+from .matching import IdentityMatch, assign, match_identities, mimr, similarity_matrix, sir
 
 EPS = 1e-6
 
@@ -20,16 +20,18 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def id_sim(similarity: torch.Tensor) -> float:
-    """Per reference the best cosine over generated faces (0 if none), x100, averaged."""
-    m, n = similarity.shape
-    if n == 0:
-        return 0.0
+def id_sim(similarity: torch.Tensor) -> float | None:
+    """Per reference the best cosine over generated faces, x100, averaged; None without faces."""
+    if similarity.shape[1] == 0:
+        return None
     return 100.0 * similarity.max(dim=1).values.mean().item()
 
 
-def id_sim_matched(similarity: torch.Tensor, assignment: list[int | None]) -> float:
-    """Hungarian-matched cosine per reference (0 if unmatched), x100, averaged (= Sim(Ref) x100)."""
+def id_sim_matched(similarity: torch.Tensor, assignment: list[int | None]) -> float | None:
+    """Hungarian-matched cosine per reference (0 if unmatched), x100, averaged (= Sim(Ref) x100); None without
+    faces."""
+    if similarity.shape[1] == 0:
+        return None
     values = [similarity[k, j].item() if j is not None else 0.0 for k, j in enumerate(assignment)]
     return 100.0 * sum(values) / len(values)
 
@@ -82,31 +84,46 @@ def ground_truth_metrics(references: torch.Tensor, faces: torch.Tensor, assignme
     return _mean(sims), _mean(copy_paste)
 
 
-def identity_metrics(references: torch.Tensor, faces: torch.Tensor,
+def present_similarity(match: IdentityMatch) -> float | None:
+    """The mean cosine of the present references with their faces; None when no reference is present."""
+    return _mean([match.matched_similarity(k) for k in match.present])
+
+
+def identity_metrics(references: torch.Tensor, faces: torch.Tensor, same_person_threshold: float,
                      ground_truth: torch.Tensor | None = None) -> dict:
-    """Everything the score command and the report node show, for one image.
+    """Everything the score command and the report node show, for one image: {"match": its IdentityMatch,
+    "metrics": `match_metrics` of it}.
 
-    references [M,D], faces [N,D] and ground_truth [T,D] are L2-normalised embeddings.
-    Returns the similarity matrix (list of rows), the assignment, and the metrics dict.
+    references [M,D], faces [N,D] and ground_truth [T,D] are L2-normalised embeddings;
+    `same_person_threshold` is the face network's (`FaceModel.same_person_threshold`).
     """
-    similarity = similarity_matrix(references, faces)
-    return match_metrics(references, faces, similarity, assign(similarity), ground_truth)
+    match = match_identities(references, faces, same_person_threshold)
+    return {"match": match, "metrics": match_metrics(match, ground_truth)}
 
 
-def match_metrics(references: torch.Tensor, faces: torch.Tensor, similarity: torch.Tensor,
-                  assignment: list[int | None], ground_truth: torch.Tensor | None = None) -> dict:
-    """`identity_metrics` from the similarity [M,N] of references and faces and its assignment, for a caller
-    that already has them (a RewardResult holds both): the matching is not done twice.
+def match_metrics(match: IdentityMatch, ground_truth: torch.Tensor | None = None) -> dict:
+    """The metrics of one image (the README's Metrics table) from its match, for any caller that has one (a
+    RewardResult holds them): the matching is not done twice. `ground_truth` [T,D]: the embeddings of a
+    ground-truth photo's faces, for Sim(GT) and CP.
 
-    `similarity` may carry gradient; the metrics are plain numbers.
+    The match may carry gradient; the metrics are plain numbers. Every similarity metric is None for an
+    image without faces; `missing` holds 0-based reference indices.
     """
-    similarity = similarity.detach()
+    references = match.reference_embeddings.detach().float().cpu()
+    faces = match.face_embeddings.detach().float().cpu()
+    similarity, assignment = match.similarity.detach().float().cpu(), match.assignment
+    has_faces = match.face_count > 0
     sim_gt, cp = (None, None)
-    if ground_truth is not None and len(ground_truth) and len(faces):
-        sim_gt, cp = ground_truth_metrics(references, faces, assignment, ground_truth)
-    metrics = {
-        "mimr": mimr(similarity, assignment).item(),
-        "sir": sir(similarity, assignment).item(),
+    if ground_truth is not None and len(ground_truth) and has_faces:
+        sim_gt, cp = ground_truth_metrics(references, faces, assignment, ground_truth.float().cpu())
+    return {
+        "faces": match.face_count,
+        "coverage": match.coverage,
+        "duplicates": len(match.duplicates),
+        "missing": match.missing,
+        "present_sim": present_similarity(match),
+        "mimr": mimr(similarity, assignment).item() if has_faces else None,
+        "sir": sir(similarity, assignment).item() if has_faces else None,
         "id_sim": id_sim(similarity),
         "id_sim_matched": id_sim_matched(similarity, assignment),
         "id_conf": id_conf(similarity),
@@ -114,10 +131,15 @@ def match_metrics(references: torch.Tensor, faces: torch.Tensor, similarity: tor
         "sim_gt": sim_gt,
         "cp": cp,
     }
-    return {"similarity": similarity.tolist(), "assignment": assignment, "metrics": metrics}
+
+
+def is_averaged(value: object) -> bool:
+    """Whether a metric's value is a number that `average_metrics` averages (not a list such as `missing`)."""
+    return value is None or (isinstance(value, int | float) and not isinstance(value, bool))
 
 
 def average_metrics(metrics: list[dict]) -> dict:
-    """The mean of each metric over images, over the images where it is defined (None where none is)."""
-    names = metrics[0].keys() if metrics else []
+    """The mean of each numeric metric over images, over the images where it is defined (None where none
+    is); list-valued metrics (`missing`) are left out."""
+    names = [name for name in (metrics[0] if metrics else {}) if all(is_averaged(m[name]) for m in metrics)]
     return {name: _mean([m[name] for m in metrics if m[name] is not None]) for name in names}

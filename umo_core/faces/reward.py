@@ -15,26 +15,24 @@ import torch
 from ..errors import UMOError
 from .detection import Faces
 from .face_model import FaceModel, Identities
-from .matching import REWARDS, assign, similarity_matrix
+from .matching import REWARDS, IdentityMatch, match_identities
 
 
 @dataclass
 class RewardResult:
     values: torch.Tensor  # [B] rewards, differentiable w.r.t. the images where faces were found
-    faces: list[Faces]
-    embeddings: list[torch.Tensor]  # per image [N,D] face embeddings (may carry grad)
-    similarity: list[torch.Tensor]  # per image [M,N]
-    assignment: list[list[int | None]]
+    detections: list[Faces]  # per image, its detected faces
+    matches: list[IdentityMatch]  # per image; its face embeddings [N,D] and similarity [M,N] may carry grad
 
 
-def reward_of_faces(identities: Identities, embeddings: torch.Tensor,
-                    kind: str = "mimr") -> tuple[torch.Tensor, torch.Tensor, list[int | None]]:
-    """(reward, similarity [M,N], assignment) of one image's face embeddings [N,D] (may carry grad)."""
+def reward_of_faces(identities: Identities, face_embeddings: torch.Tensor, same_person_threshold: float,
+                    kind: str = "mimr") -> tuple[torch.Tensor, IdentityMatch]:
+    """(reward, match) of one image's face embeddings [N,D] (may carry grad); `same_person_threshold` is the
+    face network's, for the match's presence (the reward itself does not use it)."""
     # A clone: identities made under inference mode (ComfyUI) cannot otherwise be saved for backward.
-    references = identities.embeddings.to(embeddings.device).clone()
-    similarity = similarity_matrix(references, embeddings.float())
-    assignment = assign(similarity)
-    return REWARDS[kind](similarity, assignment), similarity, assignment
+    references = identities.embeddings.to(face_embeddings.device).clone()
+    match = match_identities(references, face_embeddings.float(), same_person_threshold)
+    return REWARDS[kind](match.similarity, match.assignment), match
 
 
 def identity_reward(images: torch.Tensor, identities: Identities | Sequence[Identities], face_model: FaceModel,
@@ -57,11 +55,11 @@ def identity_reward(images: torch.Tensor, identities: Identities | Sequence[Iden
                        "give one set for all images or one per image")
     if faces is None:
         faces = face_model.detect(images)
-    embeddings = face_model.embed_faces_of_images(images, faces)
-    values, similarities, assignments = [], [], []
-    for image_identities, image_embeddings in zip(identities, embeddings):
-        value, similarity, assignment = reward_of_faces(image_identities, image_embeddings, kind)
+    face_embeddings = face_model.embed_faces_of_images(images, faces)
+    values, matches = [], []
+    for image_identities, image_face_embeddings in zip(identities, face_embeddings):
+        value, match = reward_of_faces(image_identities, image_face_embeddings, face_model.same_person_threshold,
+                                       kind)
         values.append(value.to(images.device, torch.float32))
-        similarities.append(similarity)
-        assignments.append(assignment)
-    return RewardResult(torch.stack(values), faces, embeddings, similarities, assignments)
+        matches.append(match)
+    return RewardResult(torch.stack(values), faces, matches)
