@@ -298,7 +298,7 @@ def test_a_bad_pixel_limit_setting_is_one_line_before_any_work(setting, case, tm
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_criterion_null_for_every_image_ranks_by_mimr_and_says_so(pack_dir, case, photos, tmp_path, capsys):
+def test_a_criterion_null_for_every_image_ranks_by_complete_and_says_so(pack_dir, case, photos, tmp_path, capsys):
     """id_conf needs two faces in an image: with one face or none it is null everywhere, and ranking by it would
     keep the input order (the image without a face first)."""
     _, refs, _ = case
@@ -307,11 +307,11 @@ def test_a_criterion_null_for_every_image_ranks_by_mimr_and_says_so(pack_dir, ca
     assert main(_args(pack_dir, refs[:1], images, "--criterion", "id_conf", "--json", out)) == 0
     captured = capsys.readouterr()
     warning = ("--criterion id_conf: every image's id_conf is null (undefined: see the README's metrics table), so "
-               "it cannot rank them; ranked by mimr instead")
+               "it cannot rank them; ranked by complete instead")
     assert [line for line in captured.err.splitlines() if line.startswith("warning: ")] == [f"warning: {warning}"]
-    assert "ranking by mimr, best first:" in captured.out
+    assert "ranking by complete, best first:" in captured.out
     report = json.loads(out.read_text())
-    assert report["criterion"] == "mimr" and report["ranking"] == [1, 0] and warning in report["notes"]
+    assert report["criterion"] == "complete" and report["ranking"] == [1, 0] and warning in report["notes"]
     assert all(entry["metrics"]["id_conf"] is None for entry in report["images"])
 
 

@@ -76,12 +76,12 @@ class ImagePlan:
 
     def unmatched_faces(self) -> list[int]:
         """Faces matched to no reference (more faces than people): never touched."""
-        matched = set(self.score.assignment)
-        return [j for j in range(len(self.score.faces)) if j not in matched]
+        matched = set(self.score.match.assignment)
+        return [j for j in range(len(self.score.detections)) if j not in matched]
 
     def missing_references(self) -> list[int]:
         """References matched to no face (fewer faces than people)."""
-        return [k for k, face in enumerate(self.score.assignment) if face is None]
+        return [k for k, face in enumerate(self.score.match.assignment) if face is None]
 
 
 # The crop at its sampling size [h,w,3] and the face it shows -> the re-sampled crop, the same shape.
@@ -156,11 +156,11 @@ def plan_image(score: ImageScore, index: int, height: int, width: int, context: 
     """The matched faces of one image, in reference order; a face is fixed when `only_below` is 0 or its
     cosine with its reference is below `only_below`."""
     faces = []
-    for reference, face in enumerate(score.assignment):
+    for reference, face in enumerate(score.match.assignment):
         if face is None:
             continue
-        before = score.similarity[reference][face]
-        window = crop_window(score.faces.boxes[face], context, height, width)
+        before = score.match.cosines[reference][face]
+        window = crop_window(score.detections.boxes[face], context, height, width)
         faces.append(FaceFix(index, face, reference, before, window, only_below == 0 or before < only_below))
     return ImagePlan(score, faces)
 
@@ -214,7 +214,7 @@ def measure_after(face_model: FaceModel, identities: Identities, fixed: torch.Te
     for face in plan.faces:
         if not face.fixed or len(analysed.faces) == 0:
             continue
-        overlap = _iou(plan.score.faces.boxes[face.face], analysed.faces.boxes)
+        overlap = _iou(plan.score.detections.boxes[face.face], analysed.faces.boxes)
         found = int(np.argmax(overlap))
         if overlap[found] >= SAME_FACE_IOU:
             face.after = float(identities.embeddings[face.reference] @ analysed.embeddings[found])
@@ -256,7 +256,7 @@ def fix_report(plans: list[ImagePlan], only_below: float) -> str:
     and after, and whether it got better or worse), then the faces and people the fix left alone."""
     rows = [["image", "face", "toward", "before", "after", "result"]]
     for plan in plans:
-        threshold = plan.score.same_person_threshold
+        threshold = plan.score.match.same_person_threshold
         for face in plan.faces:
             rows.append([str(face.image + 1), str(face.face + 1), f"R{face.reference + 1}",
                          _cosine(face.before, threshold), _cosine(face.after, threshold), _outcome(face, only_below)])
@@ -274,6 +274,6 @@ def fix_report(plans: list[ImagePlan], only_below: float) -> str:
         if unmatched:
             notes.append(f"image {index}: face {unmatched} matched to no reference; untouched")
     if any(DOUBTFUL_MARK in line for line in lines[1:]):
-        threshold = plans[0].score.same_person_threshold
+        threshold = plans[0].score.match.same_person_threshold
         notes.append(f"{DOUBTFUL_MARK} = below {threshold:.2f}, this face network's same-person threshold")
     return "\n".join(lines + notes)
