@@ -8,6 +8,7 @@ is read from the file), the FLUX autoencoder architecture with random weights, a
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import os
@@ -63,6 +64,16 @@ def comfy_import_path() -> None:
     except ImportError:  # ComfyUI's own tree: they are top-level modules already
         return
     prepare_vanilla_environment()  # what its server does before it loads custom nodes
+
+
+def comfy_extras_module(name: str):
+    """One of ComfyUI's comfy_extras node modules: `comfy_extras.<name>` in ComfyUI's own tree,
+    `comfy_extras.nodes.<name>` in 0.12.1's pip-installable fork."""
+    comfy_import_path()
+    try:
+        return importlib.import_module(f"comfy_extras.{name}")
+    except ModuleNotFoundError:
+        return importlib.import_module(f"comfy_extras.nodes.{name}")
 
 
 def import_pack():

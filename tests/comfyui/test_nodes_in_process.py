@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from tests.comfyui.conftest import (
     COMFYUI_PATH,
-    comfy_import_path,
+    comfy_extras_module,
     detected_model,
     flux_vae,
     import_pack,
@@ -152,13 +152,10 @@ def vae():
 
 def _native_chain(positive: list, latents: list[torch.Tensor]) -> list:
     """UMO's official per-reference chain: ReferenceLatent per reference, then the uxo/uno method."""
-    comfy_import_path()
-    from comfy_extras.nodes_edit_model import ReferenceLatent
-    from comfy_extras.nodes_flux import FluxKontextMultiReferenceLatentMethod
-
     for latent in latents:
-        positive = ReferenceLatent.execute(positive, {"samples": latent})[0]
-    return FluxKontextMultiReferenceLatentMethod.execute(positive, "uxo/uno")[0]
+        positive = comfy_extras_module("nodes_edit_model").ReferenceLatent.execute(positive, {"samples": latent})[0]
+    method = comfy_extras_module("nodes_flux").FluxKontextMultiReferenceLatentMethod
+    return method.execute(positive, "uxo/uno")[0]
 
 
 def test_reference_conditioning_flux_matches_the_native_chain(vae):
