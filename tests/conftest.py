@@ -120,3 +120,17 @@ def trainer_args(root: Path, data: Path, pack: Path, output: Path, steps: int, *
             "--faces", str(pack), "--output", str(output), "--steps", str(steps), "--rank", "4",
             "--resolution", "64", "--sampling-steps", "4", "--window", "2", "--mixed-precision", "no",
             "--provider", "cpu", "--lr", "1e-3", "--checkpoint-every", "2", "--eval-every", "0", *extra]
+
+
+@pytest.fixture(params=[0o022, 0o027], ids=["umask022", "umask027"])
+def umask(request) -> int:
+    """The test runs under this umask (the usual one, and one that keeps files from other users); the old one
+    is put back after it."""
+    old = os.umask(request.param)
+    yield request.param
+    os.umask(old)
+
+
+def usual_mode(umask: int) -> int:
+    """The permissions open() gives a new file under `umask`."""
+    return 0o666 & ~umask

@@ -16,8 +16,9 @@ def test_help_shows_each_default_once_and_none_for_options_without_one():
     parser.add_argument("--size", type=int, default=768, help="width and height")
     parser.add_argument("--out", help="output folder")
     parser.add_argument("--fast", action="store_true", help="go fast")
+    parser.add_argument("--seed", type=int, default=0, help="first seed")
     text = " ".join(parser.format_help().split())
-    assert "width and height (default: 768)" in text
+    assert "width and height (default: 768)" in text and "first seed (default: 0)" in text
     assert "output folder (default" not in text and "go fast (default" not in text
 
 

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from tests.conftest import trainer_args
+from tests.conftest import trainer_args, usual_mode
 from tests.tiny_models import POOLED_DIM, TEXT_DIM, TEXT_LEN, add_lora, tiny_flux_transformer, tiny_vae
 from training.rerefl import main
 
@@ -38,7 +39,8 @@ def test_training_steps_change_only_the_lora(trainer_inputs, tmp_path):
     from umo_core.backbones.lora_formats import detect_lora_format
 
     assert detect_lora_format(uno) == "uno"
-    assert json.loads((tmp_path / "run" / "training_config.json").read_text())["rank"] == 4
+    config = json.loads((tmp_path / "run" / "training_config.json").read_text())  # the run's TrainConfig
+    assert config["rank"] == 4 and config["step"]["window"] == 2 and config["data"] == str(data)
 
 
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(trainer_inputs, tmp_path):
@@ -216,20 +218,25 @@ def _command(root, data, pack, output, steps, *extra):
     return [sys.executable, "-m", "training.rerefl", *trainer_args(root, data, pack, output, steps, *extra)]
 
 
-def test_sigterm_checkpoints_the_finished_step_and_resume_goes_on(trainer_inputs, tmp_path):
+@pytest.mark.parametrize(("stop", "reason"), [(signal.SIGINT, "Ctrl-C"), (signal.SIGTERM, "SIGTERM")])
+def test_a_signal_checkpoints_the_finished_step_and_resume_goes_on(trainer_inputs, tmp_path, stop, reason):
+    """Ctrl-C, or a scheduler's SIGTERM: the step finishes, the checkpoint is written, one line says so, and the
+    status is the shell's for the signal (a scheduler must not take the stopped run for a finished one)."""
     root, data, pack = trainer_inputs
     output = tmp_path / "run"
     process = subprocess.Popen(_command(root, data, pack, output, 1000, "--checkpoint-every", "1000"),
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while not (output / "log.jsonl").is_file() or not (output / "log.jsonl").read_text():
-        assert process.poll() is None and time.monotonic() < deadline, process.stdout.read()
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
         time.sleep(0.2)
-    process.send_signal(signal.SIGTERM)
-    out, _ = process.communicate(timeout=300)
-    assert process.returncode == 0, out
+    process.send_signal(stop)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 128 + stop, err
     state = json.loads((output / "checkpoint" / "state.json").read_text())
-    assert f"stopped at step {state['step']}" in out and len(_log(output)) == state["step"]
+    assert err.splitlines()[-1] == (f"stopped at step {state['step']} by {reason}: checkpoint written to "
+                                    f"'{output / 'checkpoint'}'; continue with --resume")
+    assert len(_log(output)) == state["step"]
     assert main(trainer_args(root, data, pack, output, state["step"] + 1, "--resume")) == 0
     assert [r["step"] for r in _log(output)] == list(range(1, state["step"] + 2))
 
@@ -262,7 +269,7 @@ def test_two_processes_share_the_data_and_resume_exactly(trainer_inputs, tmp_pat
 @pytest.mark.parametrize(("extra", "message"), [
     (["--window", "9"], "--window 9 must be between 1 and --sampling-steps (4)"),
     (["--resolution", "100"], "--resolution 100 must be a positive multiple of 16"),
-    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--batch-size", "0"], "--batch-size 0 must be at least 1"),
     (["--resume"], "--resume: no checkpoint in"),
 ])
 def test_bad_arguments_are_named(trainer_inputs, tmp_path, capsys, extra, message):
@@ -326,3 +333,19 @@ def test_a_batch_reuses_what_the_data_check_found(trainer_inputs, torch_face_mod
     assert len(truth.faces) == 1 and torch.equal(truth.embeddings, wide.target_faces.embeddings)
     assert (truth.faces.keypoints >= 0).all() and (truth.faces.keypoints[..., 0] < 80).all()
     assert (truth.faces.keypoints[..., 1] < 48).all()
+
+
+def test_every_file_of_a_run_gets_the_usual_permissions(trainer_inputs, tmp_path, umask):
+    """LoRA files, checkpoint, config, logs, evaluation images and report: readable by a ComfyUI running as another
+    user where the umask allows it (safetensors alone writes 0600)."""
+    root, data, pack = trainer_inputs
+    output = tmp_path / "run"
+    assert main(trainer_args(root, data, pack, output, 1, "--eval-every", "1", "--eval-count", "1")) == 0
+    files = [path for path in output.rglob("*") if path.is_file()]
+    assert {path.name for path in files} == {
+        "lora_diffusers.safetensors", "lora_uno.safetensors", "training_config.json", "log.jsonl", "eval.jsonl",
+        "lora.safetensors", "optimizer.pt", "rng_0.pt", "state.json", "report.json", "row_0001.png"}
+    modes = {str(path.relative_to(output)): stat.S_IMODE(path.stat().st_mode) for path in files}
+    assert modes == dict.fromkeys(modes, usual_mode(umask))
+    folders = [output, *(path for path in output.rglob("*") if path.is_dir())]
+    assert all(stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask for folder in folders)

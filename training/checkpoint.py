@@ -5,7 +5,7 @@
 
 The LoRA and the optimizer are the same on every process and written once; each process writes its
 own RNG states. A checkpoint is written into a temporary folder and swapped in whole, so a crash
-never leaves a half-written one.
+never leaves a half-written one. `read_checkpoint` checks one from its files' headers before any model loads.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import json
 import os
 import random
 import shutil
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,14 +22,31 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
 
 from umo_core.errors import UMOError
+from umo_core.files import save_tensors
 
 from .buckets import BatchOrder
 
 CHECKPOINT_FOLDER = "checkpoint"
 STATE_FILE = "state.json"
+LORA_FILE = "lora.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+
+
+def rng_file(process: int) -> str:
+    return f"rng_{process}.pt"
+
+
+@dataclass(frozen=True)
+class SavedCheckpoint:
+    """What a checkpoint's headers say: the step it was written after, by how many processes, at which rank."""
+
+    step: int
+    processes: int
+    rank: int
 
 
 @dataclass
@@ -41,8 +59,41 @@ class TrainingState:
     generator: torch.Generator  # the step's draws (see training.step.rerefl_step)
 
 
-def has_checkpoint(output: Path) -> bool:
-    return (output / CHECKPOINT_FOLDER / STATE_FILE).is_file()
+def read_checkpoint(output: Path) -> SavedCheckpoint:
+    """The checkpoint in `output`, checked for --resume from its state and its files' headers (seconds, before any
+    model loads): a missing, truncated or foreign file is one UMOError naming it."""
+    folder = output / CHECKPOINT_FOLDER
+    if not (folder / STATE_FILE).is_file():
+        raise UMOError(f"--resume: no checkpoint in '{folder}'; leave --resume out to start the run")
+
+    def damaged(name: str, why: str) -> UMOError:
+        return UMOError(f"--resume: '{folder / name}' {why}; the checkpoint is damaged: restore the folder from a "
+                        "copy, or start again without --resume")
+
+    try:
+        saved = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise damaged(STATE_FILE, "is not the trainer's JSON") from None
+    order = saved.get("order") if isinstance(saved, dict) else None
+    numbers = [saved.get(name) if isinstance(saved, dict) else None for name in ("step", "processes")]
+    if (not all(type(n) is int and n >= 0 for n in numbers) or numbers[1] == 0 or not isinstance(order, dict)
+            or not all(type(order.get(name)) is int for name in ("epoch", "position"))):
+        raise damaged(STATE_FILE, "lacks the step, the data order or the number of processes")
+    step, processes = numbers
+    for name in (LORA_FILE, OPTIMIZER_FILE, *(rng_file(process) for process in range(processes))):
+        if not (folder / name).is_file():
+            raise damaged(name, "is missing")
+    try:
+        with safe_open(folder / LORA_FILE, "pt") as lora:
+            ranks = {lora.get_slice(key).get_shape()[0] for key in lora.keys() if ".lora_A." in key}
+    except (SafetensorError, OSError) as error:
+        raise damaged(LORA_FILE, f"cannot be read ({error})") from None
+    if len(ranks) != 1:
+        raise damaged(LORA_FILE, "holds no LoRA of one rank")
+    for name in (OPTIMIZER_FILE, *(rng_file(process) for process in range(processes))):
+        if not zipfile.is_zipfile(folder / name):  # what torch.save writes; a truncated one lacks its directory
+            raise damaged(name, "is not a whole file of torch.save")
+    return SavedCheckpoint(step, processes, ranks.pop())
 
 
 def lora_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -87,10 +138,10 @@ def save_checkpoint(output: Path, accelerator: Accelerator, state: TrainingState
         shutil.rmtree(temporary, ignore_errors=True)
         temporary.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    torch.save(rng_states(state.generator), temporary / f"rng_{accelerator.process_index}.pt")
+    torch.save(rng_states(state.generator), temporary / rng_file(accelerator.process_index))
     if accelerator.is_main_process:
-        save_file(lora_weights(state.model), temporary / "lora.safetensors")
-        torch.save(state.optimizer.state_dict(), temporary / "optimizer.pt")
+        save_tensors(temporary / LORA_FILE, lora_weights(state.model))
+        torch.save(state.optimizer.state_dict(), temporary / OPTIMIZER_FILE)
         (temporary / STATE_FILE).write_text(json.dumps(
             {"step": step, "order": state.order.state_dict(), "processes": accelerator.num_processes}))
     accelerator.wait_for_everyone()
@@ -99,17 +150,21 @@ def save_checkpoint(output: Path, accelerator: Accelerator, state: TrainingState
     accelerator.wait_for_everyone()
 
 
-def resume(output: Path, accelerator: Accelerator, state: TrainingState) -> int:
-    """Restore `state` from the checkpoint in `output`; the step it was written after."""
-    folder = output / CHECKPOINT_FOLDER
-    saved = json.loads((folder / STATE_FILE).read_text())
-    if saved["processes"] != accelerator.num_processes:
-        raise UMOError(f"--resume: the checkpoint was written by {saved['processes']} processes; "
+def check_processes(saved: SavedCheckpoint, accelerator: Accelerator) -> None:
+    if saved.processes != accelerator.num_processes:
+        raise UMOError(f"--resume: the checkpoint was written by {saved.processes} processes; "
                        f"resume with the same number (now {accelerator.num_processes})")
-    set_peft_model_state_dict(state.model, load_file(folder / "lora.safetensors"))
-    state.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+
+
+def resume(output: Path, accelerator: Accelerator, state: TrainingState) -> int:
+    """Restore `state` from the checkpoint in `output` (checked by `read_checkpoint` and `check_processes`);
+    the step it was written after."""
+    folder = output / CHECKPOINT_FOLDER
+    saved = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
+    set_peft_model_state_dict(state.model, load_file(folder / LORA_FILE))
+    state.optimizer.load_state_dict(torch.load(folder / OPTIMIZER_FILE, weights_only=True))
     # The Python and NumPy states are not plain tensors: this file is the process's own, never downloaded.
-    restore_rng_states(torch.load(folder / f"rng_{accelerator.process_index}.pt", weights_only=False),
+    restore_rng_states(torch.load(folder / rng_file(accelerator.process_index), weights_only=False),
                        state.generator)
     state.order.load_state_dict(saved["order"])
     return saved["step"]

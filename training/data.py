@@ -21,9 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
-from safetensors import SafetensorError
-
-from umo_core.backbones.flux1.text_embedding import POOLED_KEY, PROMPT_KEY, text_embedding_shapes
+from umo_core.backbones.flux1.text_embedding import checked_text_embedding_widths
 from umo_core.errors import UMOError
 from umo_core.faces.face_model import AnalysedImage, FaceModel, Identities
 from umo_core.images import load_image, pixel_limit
@@ -56,22 +54,8 @@ def _check_text_embedding(folder: Path, row: dict, widths: tuple[int, int] | Non
     path = folder / relative
     if not path.is_file():
         raise UMOError(f"text embedding '{relative}' does not exist ({encode_hint})")
-    try:
-        shapes = text_embedding_shapes(path)
-    except (SafetensorError, OSError) as error:
-        raise UMOError(f"text embedding '{relative}' is not a readable .safetensors file ({error}); "
-                       f"delete it and {encode_hint}") from None
-    if shapes is None:
-        raise UMOError(f"text embedding '{relative}' lacks {PROMPT_KEY} / {POOLED_KEY} ({encode_hint})")
-    prompt, pooled = shapes
-    if len(prompt) != 2 or prompt[0] < 1 or len(pooled) != 1:
-        raise UMOError(f"text embedding '{relative}' has prompt_embeds {prompt} and pooled_prompt_embeds {pooled}; "
-                       "they must be [L, width] and [width] (one prompt, no batch dimension)")
-    found = (prompt[1], pooled[0])
-    if widths is not None and found != widths:
-        raise UMOError(f"text embedding '{relative}' has prompt_embeds of width {found[0]} and pooled_prompt_embeds "
-                       f"of {found[1]}; the transformer takes {widths[0]} and {widths[1]} (made with other text "
-                       f"encoders? delete it and {encode_hint})")
+    found = checked_text_embedding_widths(path, f"text embedding '{relative}'", f"delete it and {encode_hint}",
+                                          widths)
     return relative, found
 
 

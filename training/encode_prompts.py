@@ -18,13 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from umo_core.backbones.flux1.text_embedding import embedding_file_tensors
 from umo_core.backbones.flux1.text_encoders import encode_prompts, load_text_encoders
 from umo_core.console import HelpFormatter, progress
 from umo_core.errors import UMOError
-from umo_core.files import atomic_path
+from umo_core.files import save_tensors
 
 from .manifest import parse_row, prompt_of, read_lines, relative_path, row_label, row_line, text_embedding_path
 from .manifest import write_lines as write_manifest
@@ -106,8 +105,7 @@ def encode_data_folder(settings: EncodeSettings) -> Plan:
             text = encode_prompts(encoders, [prompt for _, prompt in chunk])
             for i, (path, _) in enumerate(chunk):
                 # An interrupted run leaves no partial file that the next run would take as done.
-                with atomic_path(data / path) as temporary:
-                    save_file(embedding_file_tensors(text, i), temporary)
+                save_tensors(data / path, embedding_file_tensors(text, i))
             bar.update(len(chunk))
         bar.close()
     if plan.filled:

@@ -1,4 +1,4 @@
-"""ReReFL: train a UMO-style LoRA on FLUX with UNO's references and the multi-identity reward.
+r"""ReReFL: train a UMO-style LoRA on FLUX with UNO's references and the multi-identity reward.
 
     accelerate launch -m training.rerefl --data DATA --transformer FLUX/transformer --vae FLUX/vae \
         --faces antelopev2 --output runs/umo           # or plain `python -m training.rerefl ...`
@@ -17,7 +17,6 @@ bad row and a summary; exit status 0 when every row is usable, 2 otherwise.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -49,111 +48,57 @@ from umo_core.backbones.lora_formats import (
 )
 from umo_core.faces.face_model import FaceModel
 from umo_core.faces.face_pack import FacePack, find_face_pack
-from umo_core.faces.matching import REWARDS
 from umo_core.faces.metrics import average_metrics, match_metrics
 from umo_core.faces.withanyone import ReferenceBank, reference_bank
+from umo_core.files import atomic_path
 
 from .batches import Batch, load_batch
 from .buckets import BatchOrder, shape_key
 from .checkpoint import (
     CHECKPOINT_FOLDER,
+    SavedCheckpoint,
     TrainingState,
-    has_checkpoint,
+    check_processes,
     lora_weights,
+    read_checkpoint,
     resume,
     save_checkpoint,
     seed_global_rngs,
     trim_log,
 )
+from .config import DEFAULT_RANK, TrainConfig, config_json, parse_config
 from .data import Sample, check_dataset, load_dataset, manifest_file
 from .evaluation import EVAL_LOG_FILE, evaluate
-from .step import DEFAULT_SETTINGS, StepResult, StepSettings, apply_gradients, rerefl_step
+from .step import StepResult, StepSettings, apply_gradients, rerefl_step
 
-DEFAULT_RANK = 512
 LOG_FILE = "log.jsonl"  # one JSON record per step
+CONFIG_FILE = "training_config.json"  # the run's TrainConfig, beside the LoRA
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m training.rerefl", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    step = DEFAULT_SETTINGS  # the step's defaults: one home, training/step.py
-    parser.add_argument("--data", type=Path, required=True, help="folder with manifest.jsonl (see README)")
-    parser.add_argument("--check-data", action="store_true",
-                        help="check --data (and --eval-data) as training would and exit: 0 when clean, 2 with "
-                             "problems; needs no --transformer, --vae or --output (a given --transformer sets the "
-                             "text-embedding widths to check)")
-    parser.add_argument("--transformer", type=Path,
-                        help="FLUX transformer: diffusers folder or single .safetensors file (flux1-dev.safetensors)")
-    parser.add_argument("--vae", type=Path,
-                        help="FLUX autoencoder: diffusers folder or single .safetensors file (ae.safetensors)")
-    parser.add_argument("--faces", default="antelopev2", help="face pack name or folder")
-    parser.add_argument("--output", type=Path)
-    parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--rank", type=int, help=f"LoRA rank (default {DEFAULT_RANK}, or the --init-lora file's)")
-    parser.add_argument("--init-lora", type=Path, help="start from this UNO-layout (UMO_UNO) or diffusers LoRA")
-    parser.add_argument("--lr", type=float, default=5e-6)
-    parser.add_argument("--weight-decay", type=float, default=0.01)
-    parser.add_argument("--grad-clip", type=float, default=1.0)
-    parser.add_argument("--resolution", type=int, default=512,
-                        help="targets train at about RESOLUTION^2 pixels in their aspect-ratio bucket")
-    parser.add_argument("--batch-size", type=int, default=1, help="samples per process and step")
-    parser.add_argument("--sampling-steps", type=int, default=step.sampling_steps)
-    parser.add_argument("--window", type=int, default=step.window,
-                        help="gradient step drawn from the last N sampling steps")
-    parser.add_argument("--reward", choices=list(REWARDS), default=step.reward)
-    parser.add_argument("--diffusion-weight", type=float, default=step.diffusion_weight,
-                        help="lambda in L = lambda * L_diff - R")
-    parser.add_argument("--gt-id-weight", type=float, default=step.gt_id_weight,
-                        help="WithAnyone's GT-aligned ID loss (0: off)")
-    parser.add_argument("--contrastive-weight", type=float, default=step.contrastive_weight,
-                        help="WithAnyone's contrastive ID loss against other identities in the data (0: off)")
-    parser.add_argument("--contrastive-temperature", type=float, default=step.contrastive_temperature)
-    parser.add_argument("--eval-every", type=int, default=250, help="evaluation images every N steps (0: never)")
-    parser.add_argument("--eval-data", type=Path, help="folder with manifest.jsonl for evaluation (default: --data)")
-    parser.add_argument("--eval-count", type=int, default=4, help="evaluate the first N rows of the evaluation data")
-    parser.add_argument("--eval-guidance", type=float, default=4.0)
-    parser.add_argument("--checkpoint-every", type=int, default=100)
-    parser.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--mixed-precision", choices=("no", "bf16"), default="bf16")
-    parser.add_argument("--gradient-checkpointing", action="store_true")
-    parser.add_argument("--on-bad-rows", choices=("error", "skip"), default="error")
-    parser.add_argument("--provider", default="auto", help="onnxruntime provider for face detection")
-    args = parser.parse_args(argv)
-    missing = [f"--{name}" for name in ("transformer", "vae", "output") if getattr(args, name) is None]
-    if missing and not args.check_data:
-        parser.error(f"the following arguments are required: {', '.join(missing)} (or give --check-data)")
-    return args
-
-
-def check_args(args: argparse.Namespace) -> None:
-    if args.resolution % 16 or args.resolution < 16:
-        raise UMOError(f"--resolution {args.resolution} must be a positive multiple of 16")
-    if args.contrastive_temperature <= 0:
-        raise UMOError("--contrastive-temperature must be above 0 "
-                       f"(WithAnyone uses {DEFAULT_SETTINGS.contrastive_temperature})")
-    if not 1 <= args.window <= args.sampling_steps:
-        raise UMOError(f"--window {args.window} must be between 1 and --sampling-steps ({args.sampling_steps})")
-    for name in ("steps", "batch_size", "checkpoint_every"):
-        if getattr(args, name) < 1:
-            raise UMOError(f"--{name.replace('_', '-')} must be at least 1")
-
-
-def check_paths(args: argparse.Namespace) -> tuple[FacePack, tuple[int, int] | None]:
+def check_paths(config: TrainConfig) -> tuple[FacePack, tuple[int, int] | None, SavedCheckpoint | None]:
     """Every path given, from its existence and file headers, before the data check (which runs face detection on
-    every photo: minutes on a big set). The face pack and the text widths the transformer takes (None without one)."""
-    for folder in (args.data, args.eval_data):
+    every photo: minutes on a big set). The face pack, the text widths the transformer takes (None without one)
+    and, with --resume, the checkpoint to continue from."""
+    for folder in (config.data, config.eval_data):
         if folder:
             manifest_file(folder)
-    text_widths = transformer_text_widths(args.transformer) if args.transformer else None
-    if args.vae:
-        check_vae(args.vae)
-    pack = find_face_pack(args.faces)
-    if args.output:
-        check_output_folder(args.output)
-        if args.resume and not has_checkpoint(args.output):
-            raise UMOError(f"--resume: no checkpoint in '{args.output / CHECKPOINT_FOLDER}'")
-    return pack, text_widths
+    if config.init_lora and not config.init_lora.is_file():
+        raise UMOError(f"--init-lora '{config.init_lora}' is not a file; give the path of a UNO-layout (UMO_UNO) "
+                       "or diffusers FLUX LoRA .safetensors")
+    text_widths = transformer_text_widths(config.transformer) if config.transformer else None
+    if config.vae:
+        check_vae(config.vae)
+    pack = find_face_pack(config.faces)
+    saved = None
+    if config.output:
+        check_output_folder(config.output)
+        if config.resume:
+            saved = read_checkpoint(config.output)
+            if saved.step >= config.steps:
+                raise UMOError(f"--resume: the checkpoint in '{config.output / CHECKPOINT_FOLDER}' is at step "
+                               f"{saved.step}, so --steps {config.steps} leaves nothing to train; give --steps "
+                               f"above {saved.step}")
+    return pack, text_widths, saved
 
 
 def check_output_folder(output: Path) -> None:
@@ -165,16 +110,16 @@ def check_output_folder(output: Path) -> None:
         raise UMOError(f"--output '{output}': '{existing}' is not writable; give a folder you can write to")
 
 
-def check_data(args: argparse.Namespace) -> int:
+def check_data(config: TrainConfig) -> int:
     """--check-data: the data check of training, without FLUX or text encoders; prints one line per bad row and
     a summary per folder. 0 when every row is usable, 2 otherwise."""
-    pack, text_widths = check_paths(args)
+    pack, text_widths, _ = check_paths(config)
     # Detection (which decides the check) is the same ONNX detector for either embedding backend.
-    face_model = FaceModel(pack, provider=args.provider, backend="onnx")
+    face_model = FaceModel(pack, provider=config.provider, backend="onnx")
     for note in face_model.notes:  # which pack files were chosen, where there were several
         print(f"note: {note}", file=sys.stderr)
     clean = True
-    for what, folder in (("data", args.data), ("evaluation data", args.eval_data)):
+    for what, folder in (("data", config.data), ("evaluation data", config.eval_data)):
         if folder is None:
             continue
         samples, problems = check_dataset(folder, face_model, text_widths)
@@ -190,19 +135,32 @@ def check_data(args: argparse.Namespace) -> int:
     return 0 if clean else 2
 
 
-def lora_config(args: argparse.Namespace) -> tuple[LoraConfig, dict[str, torch.Tensor] | None]:
-    """The adapter to train and, with --init-lora, the weights it starts from (its rank is the file's)."""
-    initial, rank = None, args.rank or DEFAULT_RANK
-    if args.init_lora:
-        initial = load_flux_lora(args.init_lora)
-        ranks = {tensor.shape[0] for key, tensor in initial.items() if ".lora_A." in key}
-        if len(ranks) != 1:
-            raise UMOError(f"--init-lora '{args.init_lora}' has modules of different ranks {sorted(ranks)}; "
+def lora_config(config: TrainConfig,
+                saved: SavedCheckpoint | None) -> tuple[LoraConfig, dict[str, torch.Tensor] | None]:
+    """The adapter to train and, with --init-lora, the weights it starts from. Its rank is --rank's, --init-lora's
+    file's or the resumed checkpoint's (which must agree), else DEFAULT_RANK."""
+    initial, ranks = None, []  # (where a rank comes from, that rank)
+    if config.rank:
+        ranks.append((f"--rank {config.rank}", config.rank))
+    if config.init_lora:
+        initial = load_flux_lora(config.init_lora)
+        found = {tensor.shape[0] for key, tensor in initial.items() if ".lora_A." in key}
+        if len(found) != 1:
+            raise UMOError(f"--init-lora '{config.init_lora}' has modules of different ranks {sorted(found)}; "
                            "the trainer needs one rank")
-        rank = ranks.pop()
-        if args.rank and args.rank != rank:
-            raise UMOError(f"--rank {args.rank} differs from the rank {rank} of --init-lora '{args.init_lora}'; "
-                           "leave --rank out to continue at the file's rank")
+        rank = found.pop()
+        ranks.append((f"the rank {rank} of --init-lora '{config.init_lora}'", rank))
+    if saved:
+        ranks.append((f"the rank {saved.rank} of the checkpoint in '{config.output / CHECKPOINT_FOLDER}'",
+                      saved.rank))
+    if not ranks:
+        return lora_adapter(DEFAULT_RANK), initial
+    (first, rank), *others = ranks
+    for other, other_rank in others:
+        if other_rank != rank:
+            hint = ("leave --rank out to continue at the file's rank" if config.rank else
+                    "leave --init-lora out with --resume: the checkpoint holds the LoRA")
+            raise UMOError(f"{first} differs from {other}; {hint}")
     return lora_adapter(rank), initial
 
 
@@ -218,46 +176,48 @@ class TrainingData:
 
 
 class StopRequest:
-    """Ctrl-C and SIGTERM (a scheduler's preemption) finish the current step, then checkpoint and stop."""
+    """Ctrl-C and SIGTERM (a scheduler's preemption) finish the current step, then checkpoint and stop with the
+    shell's status for the signal (130, 143): a scheduler must not take the stopped run for a finished one."""
 
     def __init__(self) -> None:
-        self.requested = False
+        self.signal: signal.Signals | None = None
         signal.signal(signal.SIGTERM, self.request)
         signal.signal(signal.SIGINT, self.request)
 
-    def request(self, *_) -> None:
-        self.requested = True
+    def request(self, number: int, _frame) -> None:
+        self.signal = signal.Signals(number)
         signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
 
     def agreed(self, accelerator: Accelerator) -> bool:
         """Every process stops at the same step, when any of them was asked to."""
-        return accelerator.reduce(torch.tensor(float(self.requested), device=accelerator.device), "sum").item() > 0
+        asked = float(self.signal is not None)
+        return accelerator.reduce(torch.tensor(asked, device=accelerator.device), "sum").item() > 0
+
+    def exit_status(self) -> int:
+        """128 + the signal's number (SIGTERM where another process was asked)."""
+        return 128 + (self.signal or signal.SIGTERM)
+
+    def reason(self) -> str:
+        return {None: "another process's signal", signal.SIGINT: "Ctrl-C"}.get(self.signal, "SIGTERM")
 
 
-def step_settings(args: argparse.Namespace) -> StepSettings:
-    return StepSettings(sampling_steps=args.sampling_steps, window=args.window, reward=args.reward,
-                        diffusion_weight=args.diffusion_weight, gt_id_weight=args.gt_id_weight,
-                        contrastive_weight=args.contrastive_weight,
-                        contrastive_temperature=args.contrastive_temperature)
-
-
-def load_training_data(args: argparse.Namespace, face_model: FaceModel, text_widths: tuple[int, int] | None,
+def load_training_data(config: TrainConfig, face_model: FaceModel, text_widths: tuple[int, int] | None,
                        accelerator: Accelerator) -> TrainingData:
     """The data check of --data (and --eval-data), before any model is loaded: bad rows are reported first."""
-    samples, skipped = load_dataset(args.data, face_model, args.on_bad_rows, text_widths)
+    samples, skipped = load_dataset(config.data, face_model, config.on_bad_rows, text_widths)
     for line in skipped:
         accelerator.print(f"skipped {line}")
     evaluation_samples = samples
-    if args.eval_data and args.eval_every:
-        evaluation_samples, skipped = load_dataset(args.eval_data, face_model, args.on_bad_rows, text_widths)
+    if config.eval_data and config.eval_every:
+        evaluation_samples, skipped = load_dataset(config.eval_data, face_model, config.on_bad_rows, text_widths)
         for line in skipped:
             accelerator.print(f"skipped evaluation {line}")
-    evaluation_samples = evaluation_samples[:args.eval_count]
-    keys = [shape_key(s.target, s.references, s.text_embedding, args.resolution) for s in samples]
-    evaluation_buckets = [shape_key(s.target, s.references, s.text_embedding, args.resolution)[0]
+    evaluation_samples = evaluation_samples[:config.eval_count]
+    keys = [shape_key(s.target, s.references, s.text_embedding, config.resolution) for s in samples]
+    evaluation_buckets = [shape_key(s.target, s.references, s.text_embedding, config.resolution)[0]
                           for s in evaluation_samples]
     bank = None
-    if args.contrastive_weight:
+    if config.step.contrastive_weight:
         bank = reference_bank([s.identities.embeddings for s in samples], [s.names for s in samples])
     return TrainingData(samples, keys, evaluation_samples, evaluation_buckets, bank)
 
@@ -280,31 +240,31 @@ def attach_lora(transformer, adapter: LoraConfig, gradient_checkpointing: bool) 
     return parameters
 
 
-def load_models(args: argparse.Namespace, adapter: LoraConfig, initial_lora: dict[str, torch.Tensor] | None,
+def load_models(config: TrainConfig, adapter: LoraConfig, initial_lora: dict[str, torch.Tensor] | None,
                 device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module, list[torch.nn.Parameter]]:
     """The frozen FLUX transformer with the trainable LoRA (from --init-lora where given), the frozen VAE,
     and the LoRA's parameters."""
-    dtype = torch.bfloat16 if args.mixed_precision == "bf16" else torch.float32
-    transformer = load_transformer(args.transformer, dtype).to(device)
-    vae = load_vae(args.vae, dtype).to(device)
+    dtype = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float32
+    transformer = load_transformer(config.transformer, dtype).to(device)
+    vae = load_vae(config.vae, dtype).to(device)
     vae.requires_grad_(False)
-    lora_parameters = attach_lora(transformer, adapter, args.gradient_checkpointing)
+    lora_parameters = attach_lora(transformer, adapter, config.gradient_checkpointing)
     if initial_lora is not None:  # into the fp32 weights: the file's values unrounded
         unexpected = set_peft_model_state_dict(transformer, initial_lora).unexpected_keys
         if unexpected:
-            raise UMOError(f"--init-lora '{args.init_lora}' has layers this transformer lacks ({unexpected[:3]}...); "
-                           "is it a LoRA for another FLUX depth?")
+            raise UMOError(f"--init-lora '{config.init_lora}' has layers this transformer lacks "
+                           f"({unexpected[:3]}...); is it a LoRA for another FLUX depth?")
     return transformer, vae, lora_parameters
 
 
-def run_evaluation(args: argparse.Namespace, accelerator: Accelerator, step: int, model, vae,
+def run_evaluation(config: TrainConfig, accelerator: Accelerator, step: int, model, vae,
                    face_model: FaceModel, data: TrainingData) -> None:
     """With --eval-every, the evaluation images and report of `step` (main process; the others wait)."""
-    if args.eval_every and accelerator.is_main_process:
+    if config.eval_every and accelerator.is_main_process:
         batches = [load_batch([s], bucket, vae, accelerator.device)
                    for s, bucket in zip(data.evaluation_samples, data.evaluation_buckets)]
-        summary = evaluate(step, model, vae, face_model, batches, args.output, args.seed, args.sampling_steps,
-                           args.eval_guidance)
+        summary = evaluate(step, model, vae, face_model, batches, config.output, config.seed,
+                           config.step.sampling_steps, config.eval_guidance)
         accelerator.print(f"evaluation at step {step}: " + ", ".join(
             f"{name} {value:.3f}" for name, value in summary.items() if name != "step" and value is not None))
     accelerator.wait_for_everyone()
@@ -332,79 +292,88 @@ def log_step(accelerator: Accelerator, output: Path, step: int, batch: Batch, re
     return record
 
 
-def export_lora(args: argparse.Namespace, model) -> None:
+def export_lora(config: TrainConfig, model) -> None:
     """The trained LoRA in the diffusers and the UNO layouts, and the run's settings."""
     lora = lora_weights(model)
-    save_lora_file(args.output / "lora_diffusers.safetensors", lora)
-    save_lora_file(args.output / "lora_uno.safetensors", diffusers_to_uno(lora),
+    save_lora_file(config.output / "lora_diffusers.safetensors", lora)
+    save_lora_file(config.output / "lora_uno.safetensors", diffusers_to_uno(lora),
                    {FORMAT_METADATA_KEY: "uno", BASE_MODEL_METADATA_KEY: "flux1-dev"})
-    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    (args.output / "training_config.json").write_text(json.dumps(config, indent=2))
+    with atomic_path(config.output / CONFIG_FILE) as temporary:
+        temporary.write_text(config_json(config), encoding="utf-8")
 
 
-def train(args: argparse.Namespace) -> None:
+def train(config: TrainConfig) -> int:
+    """The run; its exit status: 0 when it trained to --steps, 128 + the signal's number when stopped (after the
+    checkpoint)."""
     # Paths and file headers first (seconds), then the data (minutes on a big set), then the models.
-    pack, text_widths = check_paths(args)
-    adapter, initial_lora = lora_config(args)
+    pack, text_widths, saved = check_paths(config)
+    adapter, initial_lora = lora_config(config, saved)
     # Without a GPU, say so: accelerate would otherwise run N unconnected copies under torchrun.
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available())
-    seed_global_rngs(args.seed)
-    face_model = FaceModel(pack, provider=args.provider, backend="torch", device=accelerator.device)
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
+    if saved:
+        check_processes(saved, accelerator)
+    seed_global_rngs(config.seed)
+    face_model = FaceModel(pack, provider=config.provider, backend="torch", device=accelerator.device)
     for note in face_model.notes:
         accelerator.print(f"note: {note}")
-    data = load_training_data(args, face_model, text_widths, accelerator)
-    transformer, vae, lora_parameters = load_models(args, adapter, initial_lora, accelerator.device)
-    optimizer = torch.optim.AdamW(lora_parameters, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
+    data = load_training_data(config, face_model, text_widths, accelerator)
+    transformer, vae, lora_parameters = load_models(config, adapter, initial_lora, accelerator.device)
+    optimizer = torch.optim.AdamW(lora_parameters, lr=config.lr, betas=(0.9, 0.999),
+                                  weight_decay=config.weight_decay)
     transformer, optimizer = accelerator.prepare(transformer, optimizer)
-    order = BatchOrder(data.keys, args.batch_size, args.seed, accelerator.process_index, accelerator.num_processes)
+    order = BatchOrder(data.keys, config.batch_size, config.seed, accelerator.process_index,
+                       accelerator.num_processes)
     state = TrainingState(accelerator.unwrap_model(transformer), optimizer, order,
-                          torch.Generator().manual_seed(args.seed + accelerator.process_index))
-    start = resume(args.output, accelerator, state) if args.resume else 0
-    settings, stop = step_settings(args), StopRequest()
-    args.output.mkdir(parents=True, exist_ok=True)
+                          torch.Generator().manual_seed(config.seed + accelerator.process_index))
+    start = resume(config.output, accelerator, state) if saved else 0
+    stop = StopRequest()
+    config.output.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
-        trim_log(args.output / LOG_FILE, start)
-        trim_log(args.output / EVAL_LOG_FILE, start)
+        trim_log(config.output / LOG_FILE, start)
+        trim_log(config.output / EVAL_LOG_FILE, start)
     if start == 0:
-        run_evaluation(args, accelerator, 0, state.model, vae, face_model, data)  # the untrained starting point
-    progress = tqdm(total=args.steps, initial=start, disable=not accelerator.is_main_process)
-    for step in range(start + 1, args.steps + 1):
+        run_evaluation(config, accelerator, 0, state.model, vae, face_model, data)  # the untrained starting point
+    progress = tqdm(total=config.steps, initial=start, disable=not accelerator.is_main_process)
+    for step in range(start + 1, config.steps + 1):
         indices = order.next_batch()
         batch = load_batch([data.samples[i] for i in indices], data.keys[indices[0]][0], vae, accelerator.device)
-        result = rerefl_step(transformer, vae, face_model, batch, settings, state.generator,
+        result = rerefl_step(transformer, vae, face_model, batch, config.step, state.generator,
                              rollout_transformer=state.model, bank=data.bank)
-        apply_gradients(accelerator, result.loss, lora_parameters, optimizer, args.grad_clip)
-        record = log_step(accelerator, args.output, step, batch, result, settings)
+        apply_gradients(accelerator, result.loss, lora_parameters, optimizer, config.grad_clip)
+        record = log_step(accelerator, config.output, step, batch, result, config.step)
         progress.update()
         progress.set_postfix(loss=f"{record['loss']:.4f}", reward=f"{record['reward']:.3f}",
                              coverage=f"{record['coverage']:.2f}", duplicates=f"{record['duplicates']:.2f}")
-        if args.eval_every and step % args.eval_every == 0:
-            run_evaluation(args, accelerator, step, state.model, vae, face_model, data)
+        if config.eval_every and step % config.eval_every == 0:
+            run_evaluation(config, accelerator, step, state.model, vae, face_model, data)
         stop_now = stop.agreed(accelerator)
-        if step % args.checkpoint_every == 0 or stop_now or step == args.steps:
-            save_checkpoint(args.output, accelerator, state, step)
+        if step % config.checkpoint_every == 0 or stop_now or step == config.steps:
+            save_checkpoint(config.output, accelerator, state, step)
         if stop_now:
-            accelerator.print(f"stopped at step {step}; continue with --resume")
-            return
+            progress.close()
+            if accelerator.is_main_process:
+                print(f"stopped at step {step} by {stop.reason()}: checkpoint written to "
+                      f"'{config.output / CHECKPOINT_FOLDER}'; continue with --resume", file=sys.stderr)
+            return stop.exit_status()
     progress.close()
-    last = max(start, args.steps)
-    if args.eval_every and last % args.eval_every:
-        run_evaluation(args, accelerator, last, state.model, vae, face_model, data)
+    if config.eval_every and config.steps % config.eval_every:
+        run_evaluation(config, accelerator, config.steps, state.model, vae, face_model, data)
     if accelerator.is_main_process:
-        export_lora(args, state.model)
+        export_lora(config, state.model)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
     try:
-        check_args(args)
-        if args.check_data:
-            return check_data(args)
-        train(args)
+        config = parse_config(argv)
+        return check_data(config) if config.check_data else train(config)
     except UMOError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    return 0
+    except KeyboardInterrupt:  # before the step loop, or a second Ctrl-C within a step
+        print("stopped by Ctrl-C before a checkpoint of this step was written; the last checkpoint, if any, is "
+              "kept (continue with --resume)", file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""`python -m umo_core score`: rank images by how well they show the reference people."""
+"""`python -m umo_core score`: rank images by how well they show the reference people.
+`python -m umo_core generate`: images of the reference people from a prompt (FLUX + UNO)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,16 @@ import json
 import os
 import sys
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
-from .backbones.flux1.text_embedding import TextEmbedding, load_text_embeddings
+from .arguments import at_least, check_device, check_seed, finite
+from .backbones.flux1.text_embedding import TextEmbedding, checked_text_embedding_widths, load_text_embeddings
+from .console import HelpFormatter
 from .errors import UMOError
 from .faces.annotate import annotate
 from .faces.embedding import BACKENDS
@@ -32,6 +37,7 @@ from .files import atomic_path, is_symlink_loop
 from .images import MAX_PIXELS, MAX_PIXELS_ENV, check_image_file, load_image, pixel_limit, save_image
 
 DEFAULT_PACK = "antelopev2"
+SIZE_MULTIPLE = 16  # generate's sides: FLUX's 2x2 patches of the 8x downscaled latent
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -64,7 +70,66 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument("--max-pixels", type=int, metavar="N",
                        help=f"refuse image files with more pixels than this (default ${MAX_PIXELS_ENV} or "
                             f"{MAX_PIXELS}; 0 = no limit)")
-    generate = commands.add_parser("generate", help="images of the reference people from a prompt (FLUX + UNO)")
+    _add_generate_parser(commands)
+    return parser
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """One `generate` run (see `_add_generate_parser` for each field), checked when made: before any file is read
+    or model loaded."""
+
+    transformer: Path
+    vae: Path
+    references: tuple[Path, ...]
+    out: Path
+    text_embedding: Path | None = None
+    prompt: str | None = None
+    text_encoders: Path | None = None
+    faces: str | None = None  # None: $UMO_FACE_PACK or DEFAULT_PACK, skipped with a note where not installed
+    lora: Path | None = None
+    lora_strength: float = 1.0
+    size: int = 768
+    steps: int = 25
+    guidance: float = 4.0
+    seed: int = 0
+    count: int = 1
+    device: str = field(default_factory=_default_device)
+
+    def __post_init__(self) -> None:
+        if (self.text_embedding is None) == (self.prompt is None):
+            raise UMOError("give the prompt as --prompt (with --text-encoders) or as --text-embedding, one of them")
+        if self.prompt is None and self.text_encoders:
+            raise UMOError("--text-encoders goes with --prompt; with --text-embedding leave it out")
+        if self.prompt is not None and not self.text_encoders:
+            raise UMOError("--prompt needs --text-encoders: a diffusers FLUX folder with text_encoder/, tokenizer/, "
+                           "text_encoder_2/ and tokenizer_2/")
+        if not self.references:
+            raise UMOError("give --ref: one reference photo per person")
+        if self.size < SIZE_MULTIPLE or self.size % SIZE_MULTIPLE:
+            below = max(SIZE_MULTIPLE, self.size // SIZE_MULTIPLE * SIZE_MULTIPLE)
+            raise UMOError(f"--size {self.size} must be a multiple of {SIZE_MULTIPLE} (FLUX's latent patches); "
+                           f"give e.g. {below} or {below + SIZE_MULTIPLE}")
+        at_least("--steps", self.steps, 1)
+        at_least("--count", self.count, 1, " (images to make)")
+        at_least("--guidance", self.guidance, 0)
+        finite("--lora-strength", self.lora_strength)
+        check_seed("--seed", self.seed, self.count)
+        check_device("--device", self.device)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> GenerateConfig:
+        values = {name: getattr(args, name) for name in cls.__dataclass_fields__ if name != "references"}
+        return cls(references=tuple(args.ref), **values)
+
+
+def _add_generate_parser(commands) -> None:
+    generate = commands.add_parser("generate", help="images of the reference people from a prompt (FLUX + UNO)",
+                                   formatter_class=HelpFormatter)
     generate.add_argument("--transformer", type=Path, required=True,
                           help="FLUX transformer: diffusers folder or single .safetensors file (flux1-dev.safetensors)")
     generate.add_argument("--vae", type=Path, required=True,
@@ -76,58 +141,105 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--text-encoders", type=Path, help="with --prompt: diffusers FLUX folder with text_encoder/, "
                           "tokenizer/, text_encoder_2/ and tokenizer_2/")
     generate.add_argument("--ref", action="append", required=True, type=Path, help="reference photo, one per person")
+    generate.add_argument("--faces", help="face pack that checks each --ref shows a face (default $UMO_FACE_PACK or "
+                          f"{DEFAULT_PACK}; where that is not installed the check is skipped with a note)")
     generate.add_argument("--lora", type=Path, help="UMO_UNO.safetensors or a LoRA from the trainer")
-    generate.add_argument("--lora-strength", type=float, default=1.0)
-    generate.add_argument("--size", type=int, default=768, help="width and height (multiple of 16)")
-    generate.add_argument("--steps", type=int, default=25)
-    generate.add_argument("--guidance", type=float, default=4.0)
-    generate.add_argument("--seed", type=int, default=0)
-    generate.add_argument("--count", type=int, default=1, help="images to make (seeds seed, seed+1, ...)")
-    generate.add_argument("--out", type=Path, required=True, help="output folder")
-    generate.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return parser
+    generate.add_argument("--lora-strength", type=float, default=GenerateConfig.lora_strength,
+                          help="the LoRA's weight delta is scaled by this")
+    generate.add_argument("--size", type=int, default=GenerateConfig.size,
+                          help=f"width and height (a multiple of {SIZE_MULTIPLE})")
+    generate.add_argument("--steps", type=int, default=GenerateConfig.steps, help="sampling steps")
+    generate.add_argument("--guidance", type=float, default=GenerateConfig.guidance, help="FLUX guidance")
+    generate.add_argument("--seed", type=int, default=GenerateConfig.seed, help="seed of the first image")
+    generate.add_argument("--count", type=int, default=GenerateConfig.count,
+                          help="images to make (seeds seed, seed+1, ...)")
+    generate.add_argument("--out", type=Path, required=True, help="output folder (made if missing)")
+    generate.add_argument("--device", default=_default_device(),
+                          help="torch device: cpu, cuda or cuda:N (default here %(default)s: cuda where torch sees a "
+                               "GPU, else cpu)")
 
 
-def _prompt_embedding(args: argparse.Namespace, dtype: torch.dtype) -> TextEmbedding:
+def _prompt_embedding(config: GenerateConfig, dtype: torch.dtype) -> TextEmbedding:
     """--text-embedding's file, or --prompt encoded with the text encoders of --text-encoders."""
-    if args.prompt is None:
-        if args.text_encoders:
-            raise UMOError("--text-encoders goes with --prompt; with --text-embedding leave it out")
-        return load_text_embeddings([args.text_embedding])
-    if not args.text_encoders:
-        raise UMOError("--prompt needs --text-encoders: a diffusers FLUX folder with text_encoder/, tokenizer/, "
-                       "text_encoder_2/ and tokenizer_2/")
+    if config.prompt is None:
+        return load_text_embeddings([config.text_embedding])
     from .backbones.flux1.text_encoders import encode_prompts, load_text_encoders
 
-    return encode_prompts(load_text_encoders(args.text_encoders, dtype, args.device), [args.prompt])
+    return encode_prompts(load_text_encoders(config.text_encoders, dtype, config.device), [config.prompt])
 
 
-def generate_command(args: argparse.Namespace) -> list[Path]:
+def _check_generate_inputs(config: GenerateConfig) -> list[np.ndarray]:
+    """Every file `generate` reads, from its header, and the output folder, before any model loads (seconds, not
+    the minutes of loading FLUX); the reference photos."""
+    from .backbones.flux1.loading import check_vae, transformer_text_widths
+
+    widths = transformer_text_widths(config.transformer)
+    check_vae(config.vae)
+    if config.text_embedding is not None:
+        hint = "make it with python -m training.encode_prompts, or give --prompt and --text-encoders"
+        if not config.text_embedding.is_file():
+            raise UMOError(f"--text-embedding '{config.text_embedding}' does not exist or is not a file; {hint}")
+        checked_text_embedding_widths(config.text_embedding, f"--text-embedding '{config.text_embedding}'", hint,
+                                      widths)
+    if config.lora and not config.lora.is_file():
+        raise UMOError(f"--lora '{config.lora}' does not exist or is not a file; give the path of a UNO-layout "
+                       "(UMO_UNO) or diffusers FLUX LoRA .safetensors")
+    if config.out.exists() and not config.out.is_dir():
+        raise UMOError(f"--out '{config.out}' is a file; give a folder for the images (it is made if missing)")
+    _writable_folder(config.out, f"--out '{config.out}'")
+    notes: list[str] = []
+    photos = [load_image(path, label, notes) for path, label in zip(config.references, _reference_labels(config))]
+    for note in notes:
+        _tell("note", note)
+    return photos
+
+
+def _reference_labels(config: GenerateConfig) -> list[str]:
+    return [f"reference {i + 1} '{path}'" for i, path in enumerate(config.references)]
+
+
+def _warn_faceless_references(config: GenerateConfig, photos: list[np.ndarray]) -> None:
+    """A warning per reference without a face: UNO takes any picture as a reference, but UMO's LoRA is trained to
+    keep faces (`score` refuses such a reference: it has no one to score against)."""
+    pack = config.faces or os.environ.get("UMO_FACE_PACK", DEFAULT_PACK)
+    try:
+        face_model = load_face_model(pack, provider="auto", backend="onnx")
+    except UMOError as error:
+        if config.faces:
+            raise
+        _tell("note", f"the references are not checked for faces ({error}); give --faces to check them")
+        return
+    for photo, label in zip(photos, _reference_labels(config)):
+        if len(face_model.detect(photo)[0]) == 0:
+            _tell("warning", f"{label}: no face found; UMO keeps the identity of the faces in the references, so "
+                             "use a photo where the person's face is clearly visible")
+
+
+def generate_command(config: GenerateConfig) -> list[Path]:
     """The headless twin of the UMO-UNO ComfyUI graph."""
     from .backbones.flux1.generation import generate_image
     from .backbones.flux1.loading import load_transformer, load_vae, merge_lora
     from .backbones.flux1.runtime import encode_images
     from .backbones.references import reference_long_side, resize_reference
 
-    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    photos = _check_generate_inputs(config)
+    _warn_faceless_references(config, photos)
+    dtype = torch.bfloat16 if torch.device(config.device).type == "cuda" else torch.float32
     # The prompt first: the text encoders are freed before the transformer takes the memory.
-    text = _prompt_embedding(args, dtype)
-    transformer = load_transformer(args.transformer, dtype).to(args.device)
-    vae = load_vae(args.vae, dtype).to(args.device)
-    if args.lora:
-        merge_lora(transformer, args.lora, args.lora_strength)
-    side = reference_long_side(len(args.ref))
-    references = []
+    text = _prompt_embedding(config, dtype)
+    transformer = load_transformer(config.transformer, dtype).to(config.device)
+    vae = load_vae(config.vae, dtype).to(config.device)
+    if config.lora:
+        merge_lora(transformer, config.lora, config.lora_strength)
+    side = reference_long_side(len(photos))
     with torch.no_grad():
-        for i, path in enumerate(args.ref):
-            photo = load_image(path, f"reference {i + 1} '{path}'")
-            references.append(encode_images(vae, resize_reference(photo, side)[None]))
-    args.out.mkdir(parents=True, exist_ok=True)
+        references = [encode_images(vae, resize_reference(photo, side)[None]) for photo in photos]
+    config.out.mkdir(parents=True, exist_ok=True)
     written = []
-    for seed in range(args.seed, args.seed + args.count):
-        image = generate_image(transformer, vae, text, references, seed, args.size, args.size, args.steps,
-                               args.guidance)
-        path = args.out / f"umo_{seed:06d}.png"
+    for seed in range(config.seed, config.seed + config.count):
+        image = generate_image(transformer, vae, text, references, seed, config.size, config.size, config.steps,
+                               config.guidance)
+        path = config.out / f"umo_{seed:06d}.png"
         save_image(image, path)
         written.append(path)
         print(path)
@@ -311,7 +423,10 @@ def score_command(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        (score_command if args.command == "score" else generate_command)(args)
+        if args.command == "score":
+            score_command(args)
+        else:
+            generate_command(GenerateConfig.from_args(args))
     except UMOError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

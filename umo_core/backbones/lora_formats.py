@@ -27,10 +27,9 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from ..errors import UMOError
-from ..files import atomic_path
+from ..files import save_tensors
 
 # Metadata the project's trainer writes into its LoRA files.
 FORMAT_METADATA_KEY = "umo_format"
@@ -102,19 +101,14 @@ def load_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
 
 def save_lora_file(path: str | Path, state_dict: dict[str, torch.Tensor],
                    metadata: dict[str, str] | None = None) -> None:
-    """Write a .safetensors LoRA atomically: a temporary file in the same folder, then renamed over `path`.
-
-    An interrupted save therefore never leaves a truncated LoRA behind.
-    """
+    """Write a .safetensors LoRA with `save_tensors`: an interrupted save never leaves a truncated LoRA behind,
+    and the file gets the usual permissions."""
     path = Path(path)
     metadata = dict(metadata or {})
     not_text = [key for key, value in metadata.items() if not isinstance(key, str) or not isinstance(value, str)]
     if not_text:
         raise UMOError(f"LoRA metadata for '{path}' must map text to text; convert {not_text} to str")
-    with atomic_path(path) as temporary:
-        # safetensors refuses views and shared storage; LoRA tensors are small, so copy them.
-        save_file({key: tensor.detach().contiguous().clone() for key, tensor in state_dict.items()},
-                  temporary, metadata=metadata)
+    save_tensors(path, state_dict, metadata)
 
 
 def detect_lora_format(state_dict: dict[str, torch.Tensor]) -> str:

@@ -12,8 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
+
+from ...errors import UMOError
 
 PROMPT_KEY = "prompt_embeds"
 POOLED_KEY = "pooled_prompt_embeds"
@@ -44,3 +46,25 @@ def text_embedding_shapes(path: Path) -> tuple[list[int], list[int]] | None:
         if not {PROMPT_KEY, POOLED_KEY} <= set(embedding.keys()):
             return None
         return embedding.get_slice(PROMPT_KEY).get_shape(), embedding.get_slice(POOLED_KEY).get_shape()
+
+
+def checked_text_embedding_widths(path: Path, name: str, hint: str,
+                                  widths: tuple[int, int] | None = None) -> tuple[int, int]:
+    """The (T5, CLIP) widths of one prompt's embedding file, from its header; a UMOError naming it by `name`, with
+    `hint` (how to make a good one), when it is unreadable, lacks a tensor, holds other shapes than [L, width] and
+    [width], or other widths than `widths` (the transformer's, where known)."""
+    try:
+        shapes = text_embedding_shapes(path)
+    except (SafetensorError, OSError) as error:
+        raise UMOError(f"{name} is not a readable .safetensors file ({error}); {hint}") from None
+    if shapes is None:
+        raise UMOError(f"{name} lacks {PROMPT_KEY} / {POOLED_KEY}; {hint}")
+    prompt, pooled = shapes
+    if len(prompt) != 2 or prompt[0] < 1 or len(pooled) != 1:
+        raise UMOError(f"{name} has {PROMPT_KEY} {prompt} and {POOLED_KEY} {pooled}; they must be [L, width] and "
+                       f"[width] (one prompt, no batch dimension); {hint}")
+    found = (prompt[1], pooled[0])
+    if widths is not None and found != widths:
+        raise UMOError(f"{name} has {PROMPT_KEY} of width {found[0]} and {POOLED_KEY} of {found[1]}; the "
+                       f"transformer takes {widths[0]} and {widths[1]} (made with other text encoders?); {hint}")
+    return found
