@@ -57,8 +57,8 @@ def pixel_limit(max_pixels: int | None = None) -> int:
     try:
         limit = int(setting)
     except ValueError:
-        limit = -1
-    if limit < 0:
+        limit = None
+    if limit is None or limit < 0:
         raise UMOError(f"${MAX_PIXELS_ENV} is '{setting}'; set it to a whole number of pixels (0 for no limit) "
                        "or unset it")
     return limit

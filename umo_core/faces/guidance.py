@@ -23,16 +23,17 @@ when a reference's cosine with its matched face falls more than `drop` below its
 detection (the face has moved out of its box or changed).
 
 Reproducibility (what "deterministic" means here): the same inputs and settings give the same step on the
-same machine with the same thread count. Another order of float additions (another thread count, a loaded
-CPU whose math library splits its work differently, another GPU or convolution algorithm) changes the
-float32 rounding of the gradient, about 1e-7 relative. That alone would change the step by about that much;
-but the face networks are built of ReLUs, and rounding at that level can also move an activation that sits
-within rounding of zero across its kink, switching its part of the gradient on or off. So the promise is
-about the step as a whole: the faces found, their matches and the reward stay the same (the reward to
-float rounding), and the step's move (RMS `strength` over the cells it touches) stays within
-STEP_REPRODUCIBILITY of its size. Measured, 1 thread against 2 on the CPU: 0.0007% for one face, 0.7% for
-six faces, whose networks cross more kinks (`tests/test_guidance.py::test_deterministic`). A decoder whose
-preview rounds to other 8-bit pixels can in rare cases also move a face box, and the step with it.
+same machine with the same thread count (bit for bit, or within a float32 ulp, in our runs). Another order
+of float additions (another thread count, a loaded CPU whose math library splits its work differently,
+another GPU or convolution algorithm) changes the float32 rounding of the gradient, about 1e-7 relative.
+That alone would change the step by about that much; but the face networks are built of ReLUs, and rounding
+at that level can also move an activation that sits within rounding of zero across its kink, switching its
+part of the gradient on or off. So the promise is about the step as a whole: the faces found, their matches
+and the reward stay the same (the reward to float rounding), and the step's move (RMS `strength` over the
+cells it touches) stays within STEP_REPRODUCIBILITY of its size. Measured, 1 thread against 2 on the CPU:
+0.0007% for one face, 0.7% for six faces, whose networks cross more kinks
+(`tests/test_guidance.py::test_deterministic`). A decoder whose preview rounds to other 8-bit pixels can in
+rare cases also move a face box, and the step with it.
 """
 
 from __future__ import annotations
