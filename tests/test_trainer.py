@@ -29,6 +29,9 @@ def test_training_steps_change_only_the_lora(trainer_inputs, tmp_path):
     assert [r["step"] for r in log] == [1, 2]
     assert all(torch.isfinite(torch.tensor([r["loss"], r["diffusion_loss"], r["reward"]])).all() for r in log)
     assert all({"id_sim", "id_sim_matched", "id_conf", "bld", "sim_gt", "cp"} <= r.keys() for r in log)
+    # Whether the people stay in the picture, next to MIMR: the batch means of coverage, duplicates and faces.
+    assert all({"mimr", "coverage", "duplicates", "faces"} <= r.keys() and 0 <= r["coverage"] <= 1 for r in log)
+    assert not any("missing" in r for r in log)  # a list per image: not averaged
     assert not any("gt_id_loss" in r or "contrastive_loss" in r for r in log)  # WithAnyone terms are off
     trained = load_file(tmp_path / "run" / "lora_diffusers.safetensors")
     assert trained and all(".lora_A." in k or ".lora_B." in k for k in trained)
@@ -163,11 +166,15 @@ def test_evaluation_images_and_report(trainer_inputs, tmp_path):
     root, data, pack = trainer_inputs
     output = tmp_path / "run"
     assert main(trainer_args(root, data, pack, output, 2, "--eval-every", "2", "--eval-count", "2")) == 0
-    assert [json.loads(line)["step"] for line in (output / "eval.jsonl").read_text().splitlines()] == [0, 2]
+    summaries = [json.loads(line) for line in (output / "eval.jsonl").read_text().splitlines()]
+    assert [summary["step"] for summary in summaries] == [0, 2]
+    assert all({"mimr", "coverage", "duplicates"} <= summary.keys() for summary in summaries)
     for step in ("step_000000", "step_000002"):
         report = json.loads((output / "eval" / step / "report.json").read_text())
         assert [i["row"] for i in report["images"]] == [1, 2]
-        assert {"mimr", "id_sim", "id_conf", "sim_gt", "cp"} <= report["images"][0]["metrics"].keys()
+        assert {"mimr", "id_sim", "id_conf", "sim_gt", "cp", "coverage", "duplicates", "missing"} <= \
+            report["images"][0]["metrics"].keys()
+        assert {"present", "missing", "duplicates", "bystanders"} <= report["images"][0].keys()
     before = np.asarray(Image.open(output / "eval" / "step_000000" / "row_0002.png"))
     after = np.asarray(Image.open(output / "eval" / "step_000002" / "row_0002.png"))
     assert before.shape == (48, 80, 3)  # the wide row in its bucket

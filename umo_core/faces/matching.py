@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Literal
 
 import numpy as np
 import torch
@@ -102,7 +103,7 @@ REWARDS = {"mimr": mimr, "sir": sir}
 class FaceRole:
     """What one detected face is in an IdentityMatch (see the module docstring)."""
 
-    kind: str  # "match", "doubtful", "duplicate" or "bystander"
+    kind: Literal["match", "doubtful", "duplicate", "bystander"]
     reference: int | None  # the reference it matches, is doubtfully matched to, or repeats; None for a bystander
     similarity: float | None  # its cosine with that reference
 
