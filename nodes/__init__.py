@@ -1,6 +1,7 @@
 """The UMO node pack: registration. Node logic lives in umo_core; these modules only wire it."""
 
 from .backbone import ReferenceConditioning, UMOLoraLoader
+from .face_fix import IdentityFaceFix
 from .guidance import IdentityGuidance
 from .identity import FaceModelLoader, IdentityReport, IdentityRerank, ReferenceIdentities
 from .model_paths import register_insightface_folder
@@ -16,6 +17,7 @@ NODES: list[type[io.ComfyNode]] = [
     UMOLoraLoader,
     ReferenceConditioning,
     IdentityGuidance,
+    IdentityFaceFix,
 ]
 
 

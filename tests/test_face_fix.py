@@ -56,6 +56,13 @@ def oracle(truth: torch.Tensor, calls: list[FaceFix]):
     return resample
 
 
+def fix(face_model, people, images: torch.Tensor, resample, only_below: float):
+    """Plan, then fix, as the node does: (fixed images, masks, plans)."""
+    plans = plan_fixes(face_model, people, images, CONTEXT, only_below)
+    fixed, masks = fix_faces(face_model, people, images, plans, resample, GUIDE, FEATHER, MULTIPLE)
+    return fixed, masks, plans
+
+
 def _outside(image: torch.Tensor, windows: list[Window]) -> torch.Tensor:
     keep = torch.ones(image.shape[:2], dtype=torch.bool)
     for window in windows:
@@ -87,8 +94,7 @@ def test_fix_pastes_the_sampled_face_inside_the_window_only(face_model, people):
     every pixel outside the re-sampled window are bit-identical to the input."""
     image, truth = photo(f"{ANGELA}_1", f"{AKHMED}_1"), photo(f"{ANGELA}_1", f"{ANDERS}_1")
     calls: list[FaceFix] = []
-    fixed, masks, plans = fix_faces(face_model, people, image[None], oracle(truth, calls), GUIDE, CONTEXT, FEATHER,
-                                    only_below=0.45, multiple=MULTIPLE)
+    fixed, masks, plans = fix(face_model, people, image[None], oracle(truth, calls), only_below=0.45)
     assert [face.reference for face in calls] == [1]
     window = calls[0].window
     assert torch.equal(_outside(fixed[0], [window]), _outside(image, [window]))
@@ -104,8 +110,7 @@ def test_a_face_that_gets_worse_is_reported(face_model, people):
     """Every matched face is fixed (only_below 0); the stand-in puts Akhmed where Angela was: flagged WORSE."""
     image, wrong = photo(f"{ANGELA}_1", f"{ANDERS}_1"), photo(f"{AKHMED}_1", f"{ANDERS}_1")
     calls: list[FaceFix] = []
-    _, _, plans = fix_faces(face_model, people, image[None], oracle(wrong, calls), GUIDE, CONTEXT, FEATHER,
-                            only_below=0, multiple=MULTIPLE)
+    _, _, plans = fix(face_model, people, image[None], oracle(wrong, calls), only_below=0)
     assert sorted(face.reference for face in calls) == [0, 1]
     angela = next(face for face in plans[0].faces if face.reference == 0)
     assert angela.worse
@@ -118,9 +123,8 @@ def test_a_batch_with_nothing_to_fix_in_one_image_passes_it_through(face_model, 
     back bit for bit with an empty mask, image 2 gets R2's face fixed."""
     right, wrong = photo(f"{ANGELA}_1", f"{ANDERS}_1"), photo(f"{AKHMED}_1", f"{ANGELA}_1")
     calls: list[FaceFix] = []
-    fixed, masks, plans = fix_faces(face_model, people, torch.stack([right, wrong]),
-                                    oracle(photo(f"{ANDERS}_1", f"{ANGELA}_1"), calls), GUIDE, CONTEXT, FEATHER,
-                                    only_below=0.45, multiple=MULTIPLE)
+    fixed, masks, plans = fix(face_model, people, torch.stack([right, wrong]),
+                              oracle(photo(f"{ANDERS}_1", f"{ANGELA}_1"), calls), only_below=0.45)
     assert torch.equal(fixed[0], right) and not masks[0].any()
     assert [(face.image, face.reference) for face in calls] == [(1, 1)]
     assert not torch.equal(fixed[1], wrong)

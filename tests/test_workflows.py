@@ -19,16 +19,16 @@ WIDGET_COUNTS = {
     "UNETLoader": 2, "DualCLIPLoader": 4, "CLIPLoader": 3, "VAELoader": 1, "CLIPTextEncode": 1, "LoadImage": 2,
     "FluxGuidance": 1, "ConditioningZeroOut": 0, "EmptySD3LatentImage": 3, "KSampler": 7, "VAEDecode": 0,
     "SaveImage": 1, "PreviewImage": 0, "DualCFGGuider": 3, "RandomNoise": 2, "KSamplerSelect": 1,
-    "BasicScheduler": 3, "SamplerCustomAdvanced": 0,
+    "BasicScheduler": 3, "SamplerCustomAdvanced": 0, "UMOIdentityFaceFix": 13,
 }
 EXPECTED = {"umo_uno_single_identity", "umo_uno_two_identities", "umo_uno_two_identities_best_of_4",
-            "umo_omnigen2_multi_identity", "umo_identity_report"}
+            "umo_uno_two_identities_face_fix", "umo_omnigen2_multi_identity", "umo_identity_report"}
 OFFICIAL_FILES = {"flux1-dev.safetensors", "UMO_UNO.safetensors", "ae.safetensors", "clip_l.safetensors",
                   "t5xxl_fp16.safetensors", "omnigen2_fp16.safetensors", "qwen_2.5_vl_fp16.safetensors",
                   "UMO_OmniGen2.safetensors"}
 
 
-def test_the_five_workflows_with_thumbnails():
+def test_the_six_workflows_with_thumbnails():
     assert {w.stem for w in WORKFLOWS} == EXPECTED
     for workflow in WORKFLOWS:
         thumbnail = workflow.with_suffix(".jpg")

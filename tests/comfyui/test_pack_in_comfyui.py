@@ -29,6 +29,9 @@ PACK_NODES = {
     "UMOIdentityGuidance": (["model", "vae", "face_model", "identities", "strength", "start", "end", "reward",
                              "redetect_every"],
                             ["MODEL"]),
+    "UMOIdentityFaceFix": (["images", "model", "vae", "positive", "negative", "face_model", "identities", "seed",
+                            "steps", "cfg", "sampler_name", "scheduler", "denoise", "guide_size", "context", "feather",
+                            "only_below", "long_side", "guidance_strength"], ["IMAGE", "MASK", "STRING"]),
 }
 
 

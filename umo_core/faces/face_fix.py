@@ -220,12 +220,10 @@ def measure_after(face_model: FaceModel, identities: Identities, fixed: torch.Te
             face.after = float(identities.embeddings[face.reference] @ analysed.embeddings[found])
 
 
-def fix_faces(face_model: FaceModel, identities: Identities, images: torch.Tensor, resample: Resample,
-              guide_size: int, context: float, feather: int, only_below: float,
-              multiple: int) -> tuple[torch.Tensor, torch.Tensor, list[ImagePlan]]:
-    """Fix a batch [B,H,W,3]: the fixed images, the paste masks [B,H,W] and each image's plan with its
-    before/after cosines (`fix_report` writes them as text)."""
-    plans = plan_fixes(face_model, identities, images, context, only_below)
+def fix_faces(face_model: FaceModel, identities: Identities, images: torch.Tensor, plans: list[ImagePlan],
+              resample: Resample, guide_size: int, feather: int, multiple: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fix a batch [B,H,W,3] as `plan_fixes` planned it: the fixed images and the paste masks [B,H,W]. Each
+    plan gets its fixed faces' cosines after the fix (`fix_report` writes them out)."""
     fixed_images, masks = [], []
     for image, plan in zip(images, plans):
         fixed, mask = fix_image(image, plan, resample, guide_size, feather, multiple)
@@ -233,7 +231,7 @@ def fix_faces(face_model: FaceModel, identities: Identities, images: torch.Tenso
             measure_after(face_model, identities, fixed, plan)
         fixed_images.append(fixed)
         masks.append(mask)
-    return torch.stack(fixed_images), torch.stack(masks), plans
+    return torch.stack(fixed_images), torch.stack(masks)
 
 
 def _cosine(value: float | None, threshold: float) -> str:
