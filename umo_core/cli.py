@@ -20,6 +20,8 @@ from .arguments import at_least, check_device, check_seed, finite
 from .backbones.flux1.text_embedding import TextEmbedding, checked_text_embedding_widths, load_text_embeddings
 from .console import HelpFormatter
 from .errors import UMOError
+from .evaluate import add_parser as add_evaluate_parser
+from .evaluate import evaluate_command
 from .faces.annotate import annotate
 from .faces.embedding import BACKENDS
 from .faces.face_model import load_face_model
@@ -71,6 +73,7 @@ def _parser() -> argparse.ArgumentParser:
                        help=f"refuse image files with more pixels than this (default ${MAX_PIXELS_ENV} or "
                             f"{MAX_PIXELS}; 0 = no limit)")
     _add_generate_parser(commands)
+    add_evaluate_parser(commands, os.environ.get("UMO_FACE_PACK", DEFAULT_PACK))
     return parser
 
 
@@ -425,6 +428,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "score":
             score_command(args)
+        elif args.command == "evaluate":
+            _writable_folder(args.out, f"--out '{args.out}'")
+            evaluate_command(args)
         else:
             generate_command(GenerateConfig.from_args(args))
     except UMOError as error:

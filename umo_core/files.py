@@ -4,6 +4,7 @@ paths that cannot be followed."""
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+HASH_CHUNK = 1 << 20
 
 
 def usual_file_mode() -> int:
@@ -64,3 +67,12 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
     with atomic_path(Path(path)) as temporary:
         save_file({key: tensor.detach().contiguous().clone() for key, tensor in tensors.items()}, temporary,
                   metadata=metadata)
+
+
+def content_hash(path: Path) -> str:
+    """sha256 of the file's bytes (hex): the key of caches that must survive renaming or moving a file."""
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for chunk in iter(lambda: file.read(HASH_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -40,6 +40,9 @@ ImageLike = str | Path | np.ndarray | torch.Tensor | Image.Image
 # alignment reads, so a few such images fit in memory at once. 0 turns the check off.
 MAX_PIXELS = 100_000_000
 MAX_PIXELS_ENV = "UMO_MAX_PIXELS"
+# The file types the commands collect from folders (photo collections, benchmark folders); any file PIL
+# opens works where a path is given one by one.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
 _PIL_LIMIT_LOCK = threading.Lock()
 
@@ -126,6 +129,17 @@ def load_image(path: str | Path, label: str | None = None, notes: list[str] | No
             if frames > 1 and notes is not None:
                 notes.append(f"{label} is animated ({frames} frames); using the first frame")
             return _pil_to_rgb(ImageOps.exif_transpose(image), label)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise UMOError(f"{label} cannot be read as an image ({error})") from None
+
+
+def check_image_header(path: Path, label: str, max_pixels: int | None = None) -> None:
+    """`load_image`'s checks without decoding the pixels: `check_image_file`, and the header that PIL reads says
+    an image within the pixel limit; for commands that check a folder of inputs before the long work."""
+    check_image_file(path, label)
+    try:
+        with _pil_pixel_check_off(), Image.open(path) as image:
+            _check_pixels(image.size, label, max_pixels)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise UMOError(f"{label} cannot be read as an image ({error})") from None
 

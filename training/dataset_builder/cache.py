@@ -20,10 +20,9 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from umo_core import FaceModel
-from umo_core.files import atomic_path
+from umo_core.files import HASH_CHUNK, atomic_path
 
 from .faces import PhotoFaces
-from .photos import HASH_CHUNK
 
 CACHE_VERSION = "1"  # bump when PhotoFaces or how it is measured changes
 _ARRAYS = [f.name for f in fields(PhotoFaces) if f.name not in ("height", "width")]

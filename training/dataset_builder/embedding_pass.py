@@ -15,11 +15,12 @@ import numpy as np
 
 from umo_core import FaceModel, UMOError
 from umo_core.console import progress
+from umo_core.files import content_hash
 from umo_core.images import load_image, pixel_limit
 
 from .cache import FaceCache
 from .faces import PhotoFaces, analyse_photos
-from .photos import PhotoFile, content_hash
+from .photos import PhotoFile
 
 
 @dataclass

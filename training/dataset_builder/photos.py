@@ -1,16 +1,15 @@
-"""The photo collection on disk: which files are photos, their content hashes and their sidecar prompts."""
+"""The photo collection on disk: which files are photos and their sidecar prompts (a photo's key in the embedding
+cache is `umo_core.files.content_hash`)."""
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from umo_core import UMOError
+from umo_core.images import IMAGE_SUFFIXES
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 PROMPT_SUFFIX = ".txt"  # photo.jpg's prompt is photo.txt beside it
-HASH_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -39,15 +38,6 @@ def list_photos(folder: Path, flag: str) -> Listing:
         raise UMOError(f"{flag} '{folder}' holds no photos ({', '.join(IMAGE_SUFFIXES)}); "
                        "put the photos there (sub-folders are searched too)")
     return Listing(photos, skipped)
-
-
-def content_hash(path: Path) -> str:
-    """sha256 of the file's bytes: the photo's key in the embedding cache (renaming a file keeps it)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        for chunk in iter(lambda: file.read(HASH_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def sidecar_prompt(photo: Path) -> str | None:
