@@ -96,7 +96,8 @@ def add_parser(commands: argparse._SubParsersAction, default_pack: str) -> None:
     parser.add_argument("benchmark", type=Path, help="the benchmark folder: one sub-folder per case")
     parser.add_argument("--out", type=Path, required=True,
                         help="output folder for the tables, plots and the cache (outside the benchmark folder)")
-    parser.add_argument("--faces", default=default_pack, help="face pack name or folder (as for score)")
+    parser.add_argument("--faces", default=default_pack, metavar="PACK",
+                        help="face pack name or folder, as for score ($UMO_FACE_PACK sets the default)")
     parser.add_argument("--shard", help="i/n: score only the i-th of n equal parts of the images (1 <= i <= n) "
                         "into OUT's cache; then run with --merge once every shard is done")
     parser.add_argument("--merge", action="store_true",
