@@ -38,6 +38,7 @@ def insightface_loop(app, cases) -> int:
     import numpy as np
     import torch
 
+    from umo_core.faces.face_model import same_person_threshold
     from umo_core.faces.metrics import identity_metrics
 
     def embeddings(faces, dim: int) -> torch.Tensor:
@@ -50,10 +51,11 @@ def insightface_loop(app, cases) -> int:
     for case in cases:
         references = embeddings([max(app.get(cv2.imread(str(path))), key=area) for path in case.references], 0)
         dim = references.shape[1]
+        threshold = same_person_threshold(dim)[0]
         gt = embeddings(app.get(cv2.imread(str(case.ground_truth))), dim) if case.ground_truth else None
         for images in case.methods.values():
             for path in images:
-                identity_metrics(references, embeddings(app.get(cv2.imread(str(path))), dim), gt)
+                identity_metrics(references, embeddings(app.get(cv2.imread(str(path))), dim), threshold, gt)
                 count += 1
     return count
 
@@ -61,9 +63,13 @@ def insightface_loop(app, cases) -> int:
 def worker(side: str, benchmark: Path, pack: Path, provider: str, batch: int, connection) -> None:
     """One side in its own process: answers each turn with (images, wall seconds, CPU seconds of this process),
     once the process is idle again."""
+    import warnings
+
     import onnxruntime
     import torch
     from insightface.app import FaceAnalysis
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # insightface's use of scikit-image's estimate
 
     from bench.face_throughput import wait_until_idle
     from umo_core.cli import main as umo_main
@@ -91,7 +97,8 @@ def worker(side: str, benchmark: Path, pack: Path, provider: str, batch: int, co
     connection.send(f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}")
     while connection.recv():
         wall, cpu = time.perf_counter(), time.process_time()
-        with contextlib.redirect_stdout(io.StringIO()):  # insightface prints each model it loads
+        # insightface prints each model it loads, evaluate its table and progress lines
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             images = run()
         result = (images, time.perf_counter() - wall, time.process_time() - cpu)
         wait_until_idle()

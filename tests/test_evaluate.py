@@ -71,8 +71,9 @@ def test_tables_hold_the_score_commands_numbers(benchmark, evaluated, pack_dir, 
                 for name, value in entry["metrics"].items():
                     assert row["metrics"][name] == (value if value is None or isinstance(value, (list, int))
                                                     else pytest.approx(value, rel=1e-6, abs=1e-9)), (path, name)
-                    written = csv_rows[row["image"]][name]
-                    assert written == "" if value is None else float(written) == pytest.approx(value), (path, name)
+                    written = csv_rows[row["image"]][name]  # lists as JSON, no value as an empty cell
+                    assert (written == "" if value is None else json.loads(written) == value if isinstance(value, list)
+                            else float(written) == pytest.approx(value)), (path, name)
 
 
 def test_summary_is_the_mean_of_the_images(evaluated):
@@ -84,12 +85,22 @@ def test_summary_is_the_mean_of_the_images(evaluated):
         group = [r for r in rows if r["method"] == method and people in ("all", r["people"])]
         assert row["images"] == len(group)
         assert row["face_count_accuracy"] == pytest.approx(sum(r["faces"] == r["people"] for r in group) / len(group))
-        for key in ("id_sim", "id_conf", "sim_gt", "cp"):
+        for key in ("id_sim", "id_conf", "id_sim_matched", "sim_gt", "cp", "coverage"):
             values = [r[key] for r in group if r[key] is not None]
             assert row[key] == (pytest.approx(sum(values) / len(values)) if values else None), (method, people, key)
-    # duo/faithful/c.png shows a stranger beside the two people; trio/pasted/b.png misses one of three.
+    # duo/faithful/c.png shows a stranger beside the two people: a bystander, the face count is off, nobody
+    # missing or doubled. duo/pasted/b.png shows R1 twice, duo/pasted/c.png misses R1, trio/pasted/b.png R3.
+    by_image = {row["image"]: row for row in rows}
+    assert [image for image, row in by_image.items() if row["duplicates"]] == ["duo/pasted/b.png"]
+    assert {image: row["missing"] for image, row in by_image.items() if row["missing"]} == {
+        "duo/pasted/c.png": [0], "trio/pasted/b.png": [2]}
     assert summary["faithful", 2]["face_count_accuracy"] == pytest.approx(2 / 3)
+    assert summary["faithful", "all"]["coverage"] == 1 and summary["faithful", "all"]["duplicates"] == 0
+    assert summary["pasted", 2]["face_count_accuracy"] == pytest.approx(1 / 3)
     assert summary["pasted", 3]["face_count_accuracy"] == pytest.approx(1 / 2)
+    assert summary["pasted", 2]["coverage"] == pytest.approx((1 + 1 + 0.5) / 3)
+    assert summary["pasted", 3]["coverage"] == pytest.approx((1 + 2 / 3) / 2)
+    assert summary["pasted", 2]["duplicates"] == pytest.approx(1 / 3) and summary["pasted", 3]["duplicates"] == 0
     # Pasting the references is copy-paste; other photos of the people are closer to the ground truth.
     assert summary["pasted", "all"]["cp"] > 0.3 > summary["faithful", "all"]["cp"]
     markdown = (evaluated / "summary.md").read_text()

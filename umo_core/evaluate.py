@@ -21,8 +21,9 @@ import hashlib
 import importlib.util
 import io
 import json
+from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from .faces.embedding import BACKENDS
 from .faces.face_model import FaceModel, Identities
 from .faces.face_pack import PROVIDER_CHOICES, FacePack, find_face_pack
 from .faces.metrics import average_metrics
-from .faces.scoring import ImageScore, ground_truth_embeddings, score_image
+from .faces.scoring import ImageScore, ground_truth_embeddings, score_images
 from .files import atomic_path, content_hash, is_symlink_loop
 from .images import IMAGE_SUFFIXES, MAX_PIXELS, MAX_PIXELS_ENV, check_image_header, load_image, pixel_limit
 
@@ -252,20 +253,22 @@ def cache_keys(jobs: list[Job], model_digest: str) -> dict[Job, str]:
 
 
 def score_record(score: ImageScore) -> dict:
-    """What the cache keeps of an image's score: the `score` command's JSON entry without the path."""
-    return {"faces": score.faces_json(), "similarity": score.similarity, "assignment": score.assignment,
-            "matches": score.matches_json(), "metrics": score.metrics,
-            "same_person_threshold": score.same_person_threshold}
+    """What the cache keeps of an image's score: the `score` command's JSON entry without the path, and the
+    same-person threshold it was made with."""
+    return {**score.to_json(), "same_person_threshold": score.match.same_person_threshold}
 
 
-def _prefetched(batches: list[list[Job]], load: Callable[[Job], np.ndarray]) -> Iterator[list[np.ndarray]]:
-    """Each batch's decoded images, the next batch decoding on LOAD_THREADS threads while this one is scored."""
+def _prefetched(jobs: list[Job], load: Callable[[Job], np.ndarray], ahead: int) -> Iterator[np.ndarray]:
+    """The decoded images of `jobs`, in order, `ahead` of them decoding on LOAD_THREADS threads while the
+    face model works on the ones before."""
     with ThreadPoolExecutor(LOAD_THREADS) as pool:
-        pending = [pool.submit(load, job) for job in batches[0]] if batches else []
-        for number in range(len(batches)):
-            current = pending
-            pending = [pool.submit(load, job) for job in batches[number + 1]] if number + 1 < len(batches) else []
-            yield [future.result() for future in current]
+        waiting: deque[Future] = deque()
+        for job in jobs:
+            waiting.append(pool.submit(load, job))
+            if len(waiting) > ahead:
+                yield waiting.popleft().result()
+        while waiting:
+            yield waiting.popleft().result()
 
 
 def _load_job(job: Job, max_pixels: int | None) -> np.ndarray:
@@ -278,8 +281,9 @@ def _load_job(job: Job, max_pixels: int | None) -> np.ndarray:
 
 def score_jobs(face_model: FaceModel, jobs: list[Job], keys: dict[Job, str], cache: ResultCache, batch: int,
                max_pixels: int | None, finished: Callable[[int], None]) -> None:
-    """Score `jobs` (images without a cached result) case by case and put each result in the cache: the
-    references and ground truth embedded once per case, the images in batches of `batch`."""
+    """Score `jobs` (images without a cached result) case by case with the scoring loop, `score_images`, and
+    put each result in the cache as soon as it is there: the references and ground truth embedded once per
+    case, the images `batch` at a time (their faces in one recogniser call), read ahead on threads."""
     by_case: dict[str, list[Job]] = {}
     for job in jobs:
         by_case.setdefault(job.case.name, []).append(job)
@@ -301,18 +305,21 @@ def score_jobs(face_model: FaceModel, jobs: list[Job], keys: dict[Job, str], cac
         for note in notes:
             tell("note", note)
 
-        batches = [case_jobs[i:i + batch] for i in range(0, len(case_jobs), batch)]
-        for batch_jobs, images in zip(batches, _prefetched(batches, lambda job: _load_job(job, max_pixels))):
-            for job, image in zip(batch_jobs, images):
-                cache.save(keys[job], score_record(score_image(face_model, identities, image, gt_embeddings)))
-                finished(1)
+        remaining = iter(case_jobs)  # score_images reports the scores in the order of the images
+
+        def save(score: ImageScore, remaining: Iterator[Job] = remaining) -> None:
+            cache.save(keys[next(remaining)], score_record(score))
+            finished(1)
+
+        images = _prefetched(case_jobs, lambda job: _load_job(job, max_pixels), 2 * batch)
+        score_images(face_model, identities, images, gt_embeddings, progress=save, batch_size=batch)
 
 
 def image_row(job: Job, record: dict, benchmark: Path) -> dict:
     """One row of the per-image table: where the image is, how many people and faces, and its metrics."""
-    people, faces = len(job.case.references), len(record["faces"])
+    people, metrics = len(job.case.references), record["metrics"]
     return {"case": job.case.name, "method": job.method, "image": job.image.relative_to(benchmark).as_posix(),
-            "people": people, "faces": faces, "face_count_ok": faces == people, **record["metrics"]}
+            "people": people, "face_count_ok": metrics["faces"] == people, **metrics}
 
 
 def summary_values(row: dict) -> dict:
@@ -413,6 +420,7 @@ def plot(summary: list[dict], rows: list[dict], out: Path) -> list[Path]:
                 axes.plot(*zip(*points), marker="o", color=colour, label=method)
         axes.set_xticks(people_counts)
         axes.set_xlabel("people in the case")
+        axes.set_ylabel("mean over the images" if key == "coverage" else "share of the images")
         axes.set_ylim(-0.03, 1.03)
         axes.set_title(title, fontsize="medium")
         axes.grid(alpha=0.3)
