@@ -167,6 +167,12 @@ def test_interrupted_run_resumes(benchmark, evaluated, pack_dir, tmp_path, monke
     assert "8 already scored" in capsys.readouterr().out
     assert _files(out) == after
 
+    # A damaged result (a disk problem, a copy cut short) is scored again, not trusted nor fatal.
+    (out / list(cached)[2]).write_text('{"faces": [')
+    assert _evaluate(benchmark, out, pack_dir) == 0
+    assert "9 already scored" in capsys.readouterr().out
+    assert _files(out) == after
+
 
 def test_shards_merged_equal_one_run(benchmark, evaluated, pack_dir, tmp_path, capsys):
     out = tmp_path / "out"
@@ -258,6 +264,7 @@ def test_bad_layout_is_one_line_before_any_work(name, benchmark, tmp_path, capsy
     (["--shard", "half"], "--shard 'half' is not i/n"),
     (["--shard", "1/2", "--merge"], "--merge writes the tables from every shard's results; give it without --shard"),
     (["--batch", "0"], "--batch 0: give a positive number"),
+    (["--provider", "nosuch"], "provider 'nosuch' is unknown; choose one of"),
 ])
 def test_bad_options_are_one_line(extra, expected, benchmark, tmp_path, capsys):
     assert main(["evaluate", str(benchmark), "--out", str(tmp_path / "out"), *extra]) == 2
@@ -292,3 +299,17 @@ def test_without_matplotlib_it_says_so_before_any_work(benchmark, tmp_path, monk
     assert capsys.readouterr().err == ("error: evaluate draws its plots with matplotlib, which is not installed; "
                                        "pip install matplotlib (or umo-identity[eval])\n")
     assert not (tmp_path / "out").exists()
+
+
+def test_without_ground_truth_there_is_no_copy_paste_plot(benchmark, evaluated, pack_dir, tmp_path, capsys):
+    bench, out = tmp_path / "bench", tmp_path / "out"
+    shutil.copytree(benchmark, bench)
+    shutil.copytree(evaluated, out)  # an earlier run's tables and plots, with ground truths
+    for case in CASES:
+        (bench / case / "gt.png").unlink()
+    assert _evaluate(bench, out, pack_dir) == 0
+    assert "0 already scored" in capsys.readouterr().out  # the ground truth is part of each result's key
+    summary = json.loads((out / "results.json").read_text())["summary"]
+    assert all(row["sim_gt"] is None and row["cp"] is None and row["id_sim"] is not None for row in summary)
+    assert not (out / evaluate.PLOT_FILES[0]).exists() and (out / evaluate.PLOT_FILES[1]).is_file()
+    assert "| faithful | all | 5 | 70.8 | 93.8 | 70.8 |  |  | 1.000 |" in (out / "summary.md").read_text()

@@ -33,7 +33,7 @@ from .console import HelpFormatter, progress, tell
 from .errors import UMOError
 from .faces.embedding import BACKENDS
 from .faces.face_model import FaceModel, Identities
-from .faces.face_pack import PROVIDER_CHOICES, FacePack, find_face_pack
+from .faces.face_pack import PROVIDER_CHOICES, FacePack, find_face_pack, resolve_providers
 from .faces.metrics import average_metrics
 from .faces.scoring import ImageScore, ground_truth_embeddings, score_images
 from .files import atomic_path, content_hash, is_symlink_loop
@@ -405,6 +405,8 @@ def plot(summary: list[dict], rows: list[dict], out: Path) -> list[Path]:
         axes.grid(alpha=0.3)
         axes.legend(fontsize="small")
         written.append(_save_figure(figure, out / PLOT_FILES[0]))
+    else:  # no case has a ground truth (any more): an earlier run's plot would not belong to these tables
+        (out / PLOT_FILES[0]).unlink(missing_ok=True)
 
     figure = Figure(figsize=(9, 4), layout="constrained")
     FigureCanvasAgg(figure)
@@ -436,8 +438,10 @@ def _save_figure(figure, path: Path) -> Path:
     return path
 
 
-def write_outputs(out: Path, rows: list[dict], records: list[dict], summary: list[dict], settings: dict) -> None:
-    """results.json, images.csv, summary.csv, summary.md and the plots, each written whole or not at all."""
+def write_outputs(out: Path, rows: list[dict], records: list[dict], summary: list[dict],
+                  settings: dict) -> list[Path]:
+    """results.json, images.csv, summary.csv, summary.md and the plots, each written whole or not at all;
+    returns the plots drawn."""
     where = ("case", "method", "image", "people", "face_count_ok")
     results = {**settings, "summary": summary,
                "images": [{**{key: row[key] for key in where},
@@ -447,7 +451,7 @@ def write_outputs(out: Path, rows: list[dict], records: list[dict], summary: lis
     _write_text(out / "images.csv", _csv_text(rows))
     _write_text(out / "summary.csv", _csv_text(summary))
     _write_text(out / "summary.md", summary_markdown(summary))
-    plot(summary, rows, out)
+    return plot(summary, rows, out)
 
 
 def _check_out(out: Path, benchmark: Path) -> None:
@@ -470,6 +474,8 @@ def evaluate_command(args: argparse.Namespace) -> dict | None:
     if not args.shard and importlib.util.find_spec("matplotlib") is None:
         raise UMOError("evaluate draws its plots with matplotlib, which is not installed; "
                        "pip install matplotlib (or umo-identity[eval])")
+    if not args.merge:
+        resolve_providers(args.provider)  # an unknown or missing provider is named before the files are read
     _check_out(args.out, args.benchmark)
     cases = read_benchmark(args.benchmark, args.max_pixels)
     jobs = benchmark_jobs(cases)
@@ -477,7 +483,7 @@ def evaluate_command(args: argparse.Namespace) -> dict | None:
     pack = find_face_pack(args.faces)
     keys = cache_keys(mine, pack_digest(pack, args.backend))
     cache = ResultCache(args.out / CACHE_FOLDER)
-    pending = [job for job in mine if not cache.path(keys[job]).is_file()]
+    pending = [job for job in mine if cache.load(keys[job]) is None]  # a damaged record is scored again
     if args.merge and pending:
         raise UMOError(f"--merge: {len(pending)} of {len(jobs)} images have no result in '{cache.folder}' (the "
                        f"first: case '{pending[0].case.name}', method '{pending[0].method}', image "
@@ -520,7 +526,7 @@ def evaluate_command(args: argparse.Namespace) -> dict | None:
     settings = {"benchmark": str(args.benchmark), "face_pack": str(pack.directory), "backend": args.backend,
                 "same_person_threshold": records[0]["same_person_threshold"],
                 "cases": len(cases), "image_count": len(jobs)}
-    write_outputs(args.out, rows, records, summary, settings)
+    plots = write_outputs(args.out, rows, records, summary, settings)
     print(summary_markdown(summary), end="")
-    print(f"tables and plots in '{args.out}': {', '.join(TABLE_FILES + PLOT_FILES)}")
+    print(f"tables and plots in '{args.out}': {', '.join([*TABLE_FILES, *(path.name for path in plots)])}")
     return {**settings, "summary": summary, "images": rows}
