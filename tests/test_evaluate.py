@@ -263,7 +263,7 @@ def test_bad_layout_is_one_line_before_any_work(name, benchmark, tmp_path, capsy
     (["--shard", "3/2"], "--shard '3/2' is not i/n with 1 <= i <= n"),
     (["--shard", "half"], "--shard 'half' is not i/n"),
     (["--shard", "1/2", "--merge"], "--merge writes the tables from every shard's results; give it without --shard"),
-    (["--batch", "0"], "--batch 0: give a positive number"),
+    (["--batch", "0"], "--batch 0 must be at least 1 (images per face-model call)"),
     (["--provider", "nosuch"], "provider 'nosuch' is unknown; choose one of"),
 ])
 def test_bad_options_are_one_line(extra, expected, benchmark, tmp_path, capsys):

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .arguments import at_least
 from .console import HelpFormatter, progress, tell
 from .errors import UMOError
 from .faces.embedding import BACKENDS
@@ -468,8 +469,7 @@ def evaluate_command(args: argparse.Namespace) -> dict | None:
     if args.shard and args.merge:
         raise UMOError("--merge writes the tables from every shard's results; give it without --shard")
     shard = parse_shard(args.shard) if args.shard else None
-    if args.batch < 1:
-        raise UMOError(f"--batch {args.batch}: give a positive number of images per face-model call")
+    at_least("--batch", args.batch, 1, " (images per face-model call)")
     pixel_limit(args.max_pixels)  # a bad --max-pixels or $UMO_MAX_PIXELS is named before the folder is read
     if not args.shard and importlib.util.find_spec("matplotlib") is None:
         raise UMOError("evaluate draws its plots with matplotlib, which is not installed; "
