@@ -13,12 +13,14 @@ from umo_core.errors import UMOError
 from umo_core.faces.face_fix import FaceFix, fix_faces, fix_report, plan_fixes
 from umo_core.images import float_image
 
-from .backbone import attach_references, model_family
+from .backbone import BACKBONES, attach_references
+from .comfy_compat import model_family
 from .guidance import IdentityGuidance
 from .node_api import io, ui
 from .sockets import FaceModelSocket, IdentitiesSocket
 
 REFERENCE_KEYS = ("reference_latents", "reference_latents_method")
+REFERENCE_FAMILIES = {family for family in BACKBONES.values() if family}  # those attach_references conditions
 
 
 def without_references(conditioning: list) -> list:
@@ -78,9 +80,9 @@ class IdentityFaceFix(io.ComfyNode):
                 scheduler, denoise, guide_size, context, feather, only_below, long_side=0,
                 guidance_strength=0.0) -> io.NodeOutput:
         family = model_family(model)
-        if family is None:
-            raise UMOError(f"UMO Identity Face Fix: the model is {type(model.model).__name__}, which UMO cannot "
-                           "condition on a reference photo; connect FLUX.1 (UMO_UNO) or OmniGen2 (UMO_OmniGen2)")
+        if family not in REFERENCE_FAMILIES:  # FLUX.2 too, until attach_references has its reference rule
+            raise UMOError(f"UMO Identity Face Fix: the model is {type(model.model).__name__}, which the face fix "
+                           "cannot condition on a reference photo; connect FLUX.1 (UMO_UNO) or OmniGen2 (UMO_OmniGen2)")
         positive, negative = without_references(positive), without_references(negative)
         plans = plan_fixes(face_model, identities, images, context, only_below)  # checks the photos, finds the faces
         bar = ProgressBar(max(1, sum(face.fixed for plan in plans for face in plan.faces)) * steps)

@@ -196,7 +196,8 @@ def test_identity_guidance_steers_toward_the_one_reference(flux, vae, torch_face
 
 
 @pytest.mark.parametrize(("case", "message"), [
-    ("sdxl", "UMO Identity Face Fix: the model is SDXL, which UMO cannot condition on a reference photo"),
+    ("SDXL", "UMO Identity Face Fix: the model is SDXL, which the face fix cannot condition on a reference photo"),
+    ("Flux2", "the model is Flux2, which the face fix cannot condition"),  # no FLUX.2 reference rule yet
     ("no photos", "the identities carry no reference photos"),
     ("no face", r"no face was found in the 1 image\(s\)"),
 ])
@@ -206,8 +207,10 @@ def test_bad_input_is_one_clear_error_before_sampling(flux, vae, face_model, peo
 
     recorder = Recorder(flux, vae, monkeypatch)
     images = photo(f"{ANGELA}_1")[None]
-    if case == "sdxl":
-        recorder.model = SimpleNamespace(model=object.__new__(comfy.model_base.SDXL))
+    if case in ("SDXL", "Flux2"):
+        if not hasattr(comfy.model_base, case):
+            pytest.skip(f"this ComfyUI has no {case}")
+        recorder.model = SimpleNamespace(model=object.__new__(getattr(comfy.model_base, case)))
     elif case == "no photos":
         people = Identities(people.embeddings, people.faces, None)
     else:
