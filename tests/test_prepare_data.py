@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,13 +21,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageFilter
+from PIL import Image, ImageFilter, ImageOps
 from safetensors.torch import save_file
 
 from tests.conftest import PHOTOS, ROOT
 from tests.group_photos import FACE_SIDE, group_photo, lfw_face
 from tests.tiny_models import random_text_embedding, save_flux_folder
-from training.dataset_builder import filters, rows
+from training.dataset_builder import filters, rows, writer
+from training.dataset_builder.faces import analyse_photos
 from training.manifest import text_embedding_path
 from training.prepare_data import main
 from training.rerefl import main as rerefl_main
@@ -381,3 +383,171 @@ def test_a_bad_pixel_limit_setting_is_one_error_not_every_photo_unreadable(input
     assert _error(capsys) == ("error: $UMO_MAX_PIXELS is 'abc'; set it to a whole number of pixels (0 for no limit) "
                               "or unset it")
     assert not (tmp_path / "out").exists()
+
+
+def test_unusable_out_and_cache_folders_are_named_before_any_model_loads(inputs, clustered, tmp_path, capsys):
+    root, pack = inputs
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    assert build(root, pack, loop) == 2
+    assert _error(capsys) == f"error: --out '{loop}' is a broken link or a symlink loop; give a folder"
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "a").symlink_to(foreign / "b")
+    (foreign / "b").symlink_to(foreign / "a")  # a symlink loop inside a folder the builder did not write
+    assert build(root, pack, foreign) == 2
+    assert "was not written by training.prepare_data" in _error(capsys)
+    assert sorted(p.name for p in foreign.iterdir()) == ["a", "b"]
+
+    a_file = tmp_path / "cache_file"
+    a_file.write_text("not a folder")
+    for cache in (a_file, a_file / "below"):
+        assert main(["--photos", str(root / "photos"), "--out", str(tmp_path / "out"), "--faces", str(pack),
+                     "--provider", "cpu", "--cache", str(cache)]) == 2
+        assert _error(capsys) == (f"error: --cache '{cache}': '{a_file}' is a file; give a folder for the embedding "
+                                  "cache")
+    assert not (tmp_path / "out").exists()
+
+    # A data folder the builder wrote, with a symlink loop in it: written again, the loop left alone.
+    written = tmp_path / "written"
+    shutil.copytree(clustered, written)
+    (written / "loop").symlink_to(written / "loop")
+    (written / "images" / "loop").symlink_to(written / "images" / "loop")
+    assert build(root, pack, written) == 0
+    assert (written / "loop").is_symlink() and (written / "images" / "loop").is_symlink()
+    assert (written / "manifest.jsonl").read_text() == (clustered / "manifest.jsonl").read_text()
+
+
+def test_a_second_run_on_the_same_out_is_refused_and_a_dead_runs_lock_is_taken_over(inputs, clustered, tmp_path,
+                                                                                      capsys):
+    root, pack = inputs
+    out = tmp_path / "out"
+    shutil.copytree(clustered, out)
+    before = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    other_run = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    lock = out / writer.LOCK_NAME
+    try:
+        lock.write_text(f"{other_run.pid} {socket.gethostname()}\n")
+        assert build(root, pack, out) == 2
+        assert _error(capsys) == (f"error: --out '{out}' is being written by another training.prepare_data run "
+                                  f"(process {other_run.pid}, see '{lock}'); wait for it to end, or give another "
+                                  "--out. If no such run is going on, delete that file")
+        assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file() and path != lock} == before
+        assert lock.read_text() == f"{other_run.pid} {socket.gethostname()}\n"
+    finally:
+        other_run.kill()
+        other_run.wait()
+    assert build(root, pack, out) == 0  # the run is gone: its lock is stale
+    assert not lock.exists()
+
+
+def test_a_person_folder_must_agree_with_itself(inputs, tmp_path, capsys):
+    """Rob's folder holds a group photo where a stranger (Ann) is larger than Rob, Amber's two photos of her and one
+    of Abel only: the stranger never becomes Rob, and Abel's photo is left out with a warning."""
+    root, pack = inputs
+    people = tmp_path / "people"
+    shutil.copytree(root / "people", people)
+    group_photo([lfw_face("Ann_Veneman_1"), real_photo("Rob_Lowe_0002.jpg")]).save(people / "Rob_Lowe" / "group.jpg")
+    (people / "Amber_Tamblyn").mkdir()
+    group_photo([lfw_face("Amber_Tamblyn_1")]).save(people / "Amber_Tamblyn" / "amber_1.jpg")
+    group_photo([lfw_face("Amber_Tamblyn_2")]).resize((300, 300)).save(people / "Amber_Tamblyn" / "amber_2.jpg")
+    group_photo([lfw_face("Abel_Pacheco_2")]).save(people / "Amber_Tamblyn" / "abel.jpg")
+    out = tmp_path / "out"
+    assert build(root, pack, out, "--people", str(people), "--max-people", "2") == 0
+    warnings = capsys.readouterr().err
+    assert ("warning: --people 'Amber_Tamblyn': 'Amber_Tamblyn/abel.jpg': no face in it matches the folder's other "
+            "photos, so it is left out (is it a photo of Amber_Tamblyn?)") in warnings
+    assert report(out)["people_photos_left_out"] == {
+        "people:Amber_Tamblyn/abel.jpg": "no face in it matches Amber_Tamblyn's other photos"}
+    lines = {line["target"].removeprefix("images/"): line for line in manifest(out)}
+    for name, line in lines.items():
+        assert line["identities"] == PEOPLE_IN[name]  # Ann is nobody's, Abel is not Amber
+    assert "ann.jpg" not in lines and report(out)["rejected_photos"]["ann.jpg"] == rows.UNKNOWN
+    assert lines["amber.jpg"]["identities"] == ["Amber_Tamblyn"]
+
+
+def test_linked_folders_are_searched_and_loops_and_broken_links_named(inputs, tmp_path, capsys):
+    root, pack = inputs
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "collection").symlink_to(root / "photos")  # a linked sub-folder: searched like any other
+    (photos / "again").symlink_to(photos)  # a loop
+    (photos / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    group_photo([lfw_face("Amber_Tamblyn_1")]).save(photos / "zoe.jpg")
+    (photos / "zoe.txt").write_bytes("Zoé au café".encode("latin-1"))
+    out = tmp_path / "out"
+    assert build(root, pack, out, photos=photos) == 0
+    warnings = capsys.readouterr().err
+    assert (f"warning: --photos '{photos}': 'again' links to a folder already searched (a symlink loop or a second "
+            "link to it); its photos are taken once") in warnings
+    assert f"warning: --photos '{photos}': 'gone.jpg' is a broken link or a symlink loop; skipped" in warnings
+    assert (f"warning: prompt file '{photos / 'zoe.txt'}' is not UTF-8 (byte 0xe9 at 2); read as "
+            "Windows-1252/Latin-1: 'Zoé au café'") in warnings
+    assert report(out)["photos"]["found"] == 15
+    lines = {line["target"]: line for line in manifest(out)}
+    assert lines["images/zoe.jpg"]["prompt"] == "Zoé au café"
+    assert "images/collection/office/group_a.jpg" in lines
+
+
+def test_mirrored_and_padded_copies_are_near_duplicates(assets, face_model):
+    base = group_photo([lfw_face("Angela_Bassett_1"), lfw_face("Akhmed_Zakayev_1")])
+    rob = real_photo("Rob_Lowe_0001.jpg")
+    photos = {"a_base.jpg": base, "b_mirrored.jpg": ImageOps.mirror(base),
+              "c_padded.jpg": ImageOps.expand(base, (0, 0, 400, 0), fill=(0, 0, 0)),
+              "d_other_photos.jpg": group_photo([lfw_face("Angela_Bassett_2"), lfw_face("Akhmed_Zakayev_2")]),
+              "e_rob.jpg": rob, "f_rob_mirrored.jpg": ImageOps.mirror(rob),
+              "g_rob_padded.jpg": ImageOps.expand(rob, 60, fill=(255, 255, 255)),
+              "h_rob_other.jpg": real_photo("Rob_Lowe_0002.jpg")}
+    faces = dict(zip(photos, analyse_photos(face_model, [np.asarray(photo) for photo in photos.values()])))
+    assert filters.near_duplicates(faces, filters.DEFAULT_DUPLICATE_BITS) == {
+        "b_mirrored.jpg": "a_base.jpg", "c_padded.jpg": "a_base.jpg", "f_rob_mirrored.jpg": "e_rob.jpg",
+        "g_rob_padded.jpg": "e_rob.jpg"}
+    # Never a reference of its copy, even with near-duplicates kept (--duplicate-bits -1).
+    assert filters.is_near_duplicate(faces["e_rob.jpg"], faces["f_rob_mirrored.jpg"], 0)
+
+
+def test_the_pixel_limit_is_an_option_of_prepare_data(inputs, tmp_path, capsys):
+    root, pack = inputs
+    out = tmp_path / "out"
+    assert main(["--photos", str(root / "photos"), "--out", str(out), "--faces", str(pack), "--provider", "cpu",
+                 "--cache", str(tmp_path / "cache"), "--max-pixels", "1000"]) == 2
+    assert "no photo of" in _error(capsys)
+    unreadable = report(out)["photos"]["unreadable"]
+    assert len(unreadable) == 14 and "pass --max-pixels" in unreadable["amber.jpg"]
+
+
+def _prepare_data_process(root: Path, pack: Path, out: Path) -> subprocess.Popen:
+    command = [sys.executable, "-m", "training.prepare_data", "--photos", str(root / "photos"), "--out", str(out),
+               "--faces", str(pack), "--provider", "cpu", "--cache", str(root / "cache")]
+    return subprocess.Popen(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_ctrl_c_while_the_folder_is_written_leaves_one_line_and_a_folder_a_rerun_takes(inputs, clustered, tmp_path):
+    root, pack = inputs
+    out = tmp_path / "out"
+    process = _prepare_data_process(root, pack, out)  # every photo is in the cache: straight to the writing
+    deadline = time.monotonic() + 300
+    while not (out / "references").exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    _, error = process.communicate(timeout=120)
+    assert process.returncode == 130, error[-2000:]
+    assert error.splitlines()[-1].startswith("interrupted: ") and "Traceback" not in error
+    assert not [path for path in out.rglob("*") if path.name.startswith(".") and path.name != ".face-cache"]
+    assert build(root, pack, out) == 0  # the folder is the builder's: a re-run writes it whole
+    assert (out / "manifest.jsonl").read_text() == (clustered / "manifest.jsonl").read_text()
+
+
+def test_ctrl_c_after_the_work_is_no_traceback_and_progress_in_a_log_is_plain_lines(inputs, clustered, tmp_path):
+    root, pack = inputs
+    out = tmp_path / "out"
+    process = _prepare_data_process(root, pack, out)
+    assert "training rows in" in process.stdout.readline()  # the last thing the command does
+    process.send_signal(signal.SIGINT)
+    _, error = process.communicate(timeout=120)
+    assert process.returncode in (0, 130) and "Traceback" not in error, error[-2000:]
+    assert (out / "manifest.jsonl").read_text() == (clustered / "manifest.jsonl").read_text()
+    # stderr is a pipe here, as a log file would be: no bar redraws, a plain line per pass
+    assert "\r" not in error and "photos: 14/14 photos, " in error

@@ -16,7 +16,7 @@ import numpy as np
 from umo_core import FaceModel, UMOError
 from umo_core.console import progress
 from umo_core.files import content_hash
-from umo_core.images import load_image, pixel_limit
+from umo_core.images import load_image
 
 from .cache import FaceCache
 from .faces import PhotoFaces, analyse_photos
@@ -39,17 +39,18 @@ def _hash(photo: PhotoFile) -> tuple[str | None, str | None]:
         return None, f"cannot be read ({error.strerror or error})"
 
 
-def _load(photo: PhotoFile) -> tuple[np.ndarray | None, str | None]:
+def _load(photo: PhotoFile, max_pixels: int) -> tuple[np.ndarray | None, str | None]:
     try:
-        return load_image(photo.path), None
+        return load_image(photo.path, max_pixels=max_pixels), None
     except UMOError as error:
         return None, str(error)
 
 
 def embed_photos(photos: list[PhotoFile], face_model: FaceModel, cache: FaceCache, batch_size: int,
-                 workers: int, shard: tuple[int, int] = (0, 1), description: str = "photos") -> PassResult:
-    """The faces of this shard's photos; unreadable files are recorded in the result, never raised."""
-    pixel_limit()  # a bad $UMO_MAX_PIXELS is the run's one error, not every photo's problem
+                 workers: int, max_pixels: int, shard: tuple[int, int] = (0, 1),
+                 description: str = "photos") -> PassResult:
+    """The faces of this shard's photos; unreadable files (and photos above `max_pixels`, see umo_core.images) are
+    recorded in the result, never raised."""
     index, count = shard
     mine = photos[index::count]
     result = PassResult()
@@ -76,7 +77,7 @@ def embed_photos(photos: list[PhotoFile], face_model: FaceModel, cache: FaceCach
         batches = [pending[i:i + batch_size] for i in range(0, len(pending), batch_size)]
 
         def submit(batch: list[tuple[str, PhotoFile]]) -> list[Future]:
-            return [pool.submit(_load, photo) for _, photo in batch]
+            return [pool.submit(_load, photo, max_pixels) for _, photo in batch]
 
         loading = submit(batches[0]) if batches else []
         for number, batch in enumerate(batches):

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from scipy.cluster.hierarchy import fcluster, linkage
 
-from umo_core import assign
+from umo_core import UMOError, assign
 
 SAME_PERSON_SIMILARITY = 0.4
 DEFAULT_MATCH_THRESHOLD = SAME_PERSON_SIMILARITY
@@ -60,3 +60,50 @@ def cluster_faces(face_ids: list[FaceId], embeddings: np.ndarray, threshold: flo
     for cluster in clusters:
         names.setdefault(int(cluster), f"person_{len(names) + 1:04d}")
     return {face: names[int(cluster)] for face, cluster in zip(face_ids, clusters)}
+
+
+def own_faces(person: str, candidates: dict[str, list[int]], photos: dict, threshold: float
+              ) -> tuple[dict[str, int], dict[str, str], list[str]]:
+    """Which face of each photo of a --people folder is that person: (photo -> face, photo left out -> why, warnings).
+
+    candidates: photo -> its faces that are not background. In each photo the person is the face that matches (at
+    least `threshold`) a face in the most other photos of the folder, the larger on a tie. A photo where no face
+    matches any other photo is left out with a warning: a group photo in the folder must not make a stranger
+    this person. With a single photo its largest face is taken (with a
+    warning when it shows several faces, as nothing can say which one is the person).
+    """
+    names = [name for name, faces in candidates.items() if faces]
+    if len(names) == 1:
+        name = names[0]
+        faces = candidates[name]
+        sides = photos[name].face_sides()
+        warnings = [f"--people '{person}': '{_photo_file(name)}' shows {len(faces)} faces and is the folder's only "
+                    f"photo; its largest face is taken as {person} (add another photo of {person} to tell)"
+                    ] if len(faces) > 1 else []
+        return {name: max(faces, key=lambda j: sides[j])}, {}, warnings
+    support: dict[tuple[str, int], int] = {}
+    for name in names:
+        for j in candidates[name]:
+            embedding = photos[name].embeddings[j]
+            support[(name, j)] = sum(
+                bool(np.max(photos[other].embeddings[candidates[other]] @ embedding) >= threshold)
+                for other in names if other != name)
+    chosen, left_out, warnings = {}, {}, []
+    for name in names:
+        sides = photos[name].face_sides()
+        best = max(candidates[name], key=lambda j: (support[(name, j)], sides[j]))
+        if support[(name, best)] == 0:
+            left_out[name] = f"no face in it matches {person}'s other photos"
+            warnings.append(f"--people '{person}': '{_photo_file(name)}': no face in it matches the folder's other "
+                            f"photos, so it is left out (is it a photo of {person}?)")
+        else:
+            chosen[name] = best
+    if not chosen and names:
+        raise UMOError(f"--people '{person}': no two of its {len(names)} photos show the same face; put photos of "
+                       f"{person} only in the folder")
+    return chosen, left_out, warnings
+
+
+def _photo_file(name: str) -> str:
+    """A --people photo's name without the people: prefix (person/file)."""
+    return name.split(":", 1)[-1]

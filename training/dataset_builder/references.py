@@ -18,6 +18,7 @@ from .faces import PhotoFaces, frontalness
 REFERENCE_FACE_SIDE = 256.0
 SHARPNESS_HALF = 50.0  # about the sharpness of a sharp face (filters.py)
 DEFAULT_MARGIN = 0.6  # each side, as a fraction of the face box's long side: a head-and-shoulders crop
+MAX_REFERENCE_MARGIN = 3.0  # beyond, the face is a speck in its reference (UNO resizes references to 320-512 px)
 
 
 def reference_quality(faces: PhotoFaces) -> np.ndarray:

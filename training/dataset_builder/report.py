@@ -28,8 +28,9 @@ class Decisions:
 
 
 def build_report(settings: dict, mode: str, cache: Path, found: int, skipped: list[str], collection: PassResult,
-                 people: PassResult, decided: Decisions) -> dict:
-    """Everything the run decided (report.json); `found` counts the collection's image files."""
+                 people: PassResult, people_left_out: dict[str, str], decided: Decisions) -> dict:
+    """Everything the run decided (report.json); `found` counts the collection's image files, `people_left_out`
+    the --people photos whose faces are not their folder's person."""
     target_problems = [problem for name in decided.targets for problem in decided.problems[name]]
     unknown = sum(1 for name in decided.targets for j, problem in enumerate(decided.problems[name])
                   if problem is None and (name, j) not in decided.labels)
@@ -50,6 +51,7 @@ def build_report(settings: dict, mode: str, cache: Path, found: int, skipped: li
         "photos": {"found": found, "read": found - len(collection.unreadable), "unreadable": collection.unreadable,
                    "near_duplicates": decided.duplicates, "skipped_files": skipped},
         "people_photos_unreadable": people.unreadable,
+        "people_photos_left_out": people_left_out,
         "embedding_cache": {"folder": str(cache), "computed": collection.computed + people.computed,
                             "cached": collection.cached + people.cached},
         "faces": {"found": len(target_problems), "usable": target_problems.count(None), "unknown": unknown,
@@ -103,6 +105,9 @@ def markdown(report: dict) -> str:
         lines.append(f"| {name} | {entry['split']} | {entry['photos']} | {entry['faces']} | {entry['rows']} | "
                      f"{entry['best_reference']} | {used} |")
     lines.append("")
+    if report["people_photos_left_out"]:
+        lines += ["## People photos left out", "",
+                  *(f"- {name}: {why}" for name, why in report["people_photos_left_out"].items()), ""]
     if photos["unreadable"]:
         lines += ["## Unreadable files", "", *(f"- {name}: {why}" for name, why in photos["unreadable"].items()), ""]
     if report["rejected_photos"]:

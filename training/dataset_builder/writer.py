@@ -7,13 +7,17 @@
 
 A re-run rewrites the manifest in one step and removes the images, references and sheets it no longer
 writes; text/ (training.encode_prompts' cache) is kept, and rows whose prompt is already encoded get
-their text_embedding back. Only a folder this builder made (it has report.json) or an empty one is written to.
+their text_embedding back. Only a folder this builder made (it has report.json) or an empty one is written to,
+and by one run at a time: a run holds LOCK_NAME in the folder (its process id and host) while it works.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -27,26 +31,93 @@ from umo_core.images import load_image
 from ..manifest import row_line, text_embedding_path, write_lines
 from .faces import PhotoFaces
 from .identities import FaceId
-from .photos import sidecar_prompt
 from .references import crop_box
 from .rows import Row, prompt_for
 from .sheets import Tile, draw_sheet, shown_faces, similarity_to_centre
 
 REPORT_NAME = "report.json"
+LOCK_NAME = ".prepare_data.lock"
 OWNED_FOLDERS = ("images", "references", "sheets")
 TILE_MARGIN = 0.15
 TILE_SIDE = 128  # px kept per contact-sheet face until the sheets are drawn
 
 
+def _real(path: Path) -> str:
+    return os.path.realpath(path)  # unlike Path.resolve, a name (no error) for a symlink loop
+
+
 def check_output_folder(folder: Path, flag: str, cache: Path) -> None:
-    """A folder may be written when it does not exist, holds nothing but the embedding cache, or was written
-    by this builder (it has report.json)."""
+    """A folder may be written when it does not exist, holds nothing but the embedding cache (and a run's lock), or
+    was written by this builder (it has report.json)."""
+    if folder.is_symlink() and not folder.exists():
+        raise UMOError(f"{flag} '{folder}' is a broken link or a symlink loop; give a folder")
     if not folder.exists():
         return
-    others = [p for p in folder.iterdir() if p.resolve() != cache.resolve()] if folder.is_dir() else [folder]
+    if not folder.is_dir():
+        raise UMOError(f"{flag} '{folder}' is a file; give a new or empty folder")
+    others = [p for p in folder.iterdir() if p.name != LOCK_NAME and _real(p) != _real(cache)]
     if others and not (folder / REPORT_NAME).is_file():
         raise UMOError(f"{flag} '{folder}' exists and was not written by training.prepare_data (no {REPORT_NAME}); "
                        "give a new or empty folder")
+
+
+def check_cache_folder(cache: Path) -> None:
+    """--cache must be a folder, or a place where one can be made (its nearest existing parent a folder)."""
+    existing = cache
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "a broken link or a symlink loop" if existing.is_symlink() and not existing.exists() else "a file"
+        raise UMOError(f"--cache '{cache}': '{existing}' is {what}; give a folder for the embedding cache")
+
+
+def _lock_holder(lock: Path) -> str | None:
+    """Who holds the lock, when that run is still going (or on another host, where this cannot be told)."""
+    try:
+        pid, host = lock.read_text(encoding="utf-8").split()
+        pid = int(pid)
+    except (OSError, ValueError):
+        return None  # no lock, or a torn one: nobody's
+    if host != socket.gethostname():
+        return f"process {pid} on host {host}"
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None  # that run is gone: its lock is stale
+    except PermissionError:
+        pass  # another user's live process
+    return f"process {pid}"
+
+
+def check_output_lock(folder: Path) -> None:
+    """A UMOError when another run is writing `folder` (see output_lock)."""
+    holder = _lock_holder(folder / LOCK_NAME)
+    if holder:
+        raise UMOError(f"--out '{folder}' is being written by another training.prepare_data run ({holder}, see "
+                       f"'{folder / LOCK_NAME}'); wait for it to end, or give another --out. If no such run is "
+                       "going on, delete that file")
+
+
+@contextmanager
+def output_lock(folder: Path) -> Iterator[None]:
+    """Hold `folder`'s lock while the block runs; another live run's lock is a UMOError, a dead run's is taken
+    over."""
+    check_output_lock(folder)
+    lock = folder / LOCK_NAME
+    mine = f"{os.getpid()} {socket.gethostname()}\n"
+    folder.mkdir(parents=True, exist_ok=True)
+    lock.unlink(missing_ok=True)  # a stale lock
+    try:
+        descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+    except FileExistsError:
+        check_output_lock(folder)  # names the run that took it since the check
+        raise UMOError(f"--out '{folder}': another run took '{lock}' at the same moment; run again") from None
+    with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+        file.write(mine)
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
 
 
 def reference_file(identity: str, face: FaceId) -> str:
@@ -77,7 +148,7 @@ def link_target(source: Path, destination: Path) -> None:
 
 
 def crop_faces(paths: dict[str, Path], photos: dict[str, PhotoFaces], references: dict[FaceId, list[Path]],
-               tiles: set[FaceId], margin: float) -> dict[FaceId, np.ndarray]:
+               tiles: set[FaceId], margin: float, max_pixels: int) -> dict[FaceId, np.ndarray]:
     """Save each reference crop to its files and return the contact-sheet tiles; every photo is read once."""
     wanted: dict[str, list[tuple[int, bool]]] = {}  # photo -> (face, is a reference) to cut from it
     for face in references:
@@ -87,7 +158,7 @@ def crop_faces(paths: dict[str, Path], photos: dict[str, PhotoFaces], references
     thumbnails: dict[FaceId, np.ndarray] = {}
     bar = progress(len(wanted), "crops", "photo")
     for name in sorted(wanted):
-        image = Image.fromarray(load_image(paths[name]))
+        image = Image.fromarray(load_image(paths[name], max_pixels=max_pixels))
         faces = photos[name]
         for index, is_reference in wanted[name]:
             if is_reference:
@@ -131,9 +202,10 @@ def remove_stale(folder: Path, written: set[Path]) -> None:
 
 
 def write_data_folders(folders: list[tuple[Path, list[Row]]], paths: dict[str, Path], faces: dict[str, PhotoFaces],
-                       labels: dict[FaceId, str], margin: float, prompt_template: str) -> None:
+                       labels: dict[FaceId, str], margin: float, sidecars: dict[str, str | None],
+                       prompt_template: str, max_pixels: int) -> None:
     """The data folder(s) with their rows and, in the first, the contact sheets of every identity;
-    each photo is read once for all its crops. paths: photo name -> file."""
+    each photo is read once for all its crops. paths: photo name -> file; sidecars: target -> its own prompt."""
     references: dict[FaceId, list[Path]] = {}
     for folder, rows in folders:
         for row in rows:
@@ -146,7 +218,8 @@ def write_data_folders(folders: list[tuple[Path, list[Row]]], paths: dict[str, P
         by_identity.setdefault(identity, {})[face] = faces[face[0]].embeddings[face[1]]
     similarity = {identity: similarity_to_centre(members) for identity, members in by_identity.items()}
     shown = {identity: shown_faces(values) for identity, values in similarity.items()}
-    tiles = crop_faces(paths, faces, references, {face for chosen in shown.values() for face in chosen}, margin)
+    tiles = crop_faces(paths, faces, references, {face for chosen in shown.values() for face in chosen}, margin,
+                       max_pixels)
     main_folder = folders[0][0]
     written = {destination for destinations in references.values() for destination in destinations}
     for identity, chosen in shown.items():
@@ -159,7 +232,7 @@ def write_data_folders(folders: list[tuple[Path, list[Row]]], paths: dict[str, P
         for row in rows:
             link_target(paths[row.target], folder / "images" / row.target)
             written.add(folder / "images" / row.target)
-        prompts = {row.target: prompt_for(sidecar_prompt(paths[row.target]), len(row.identities),
-                                          prompt_template) for row in rows}
+        prompts = {row.target: prompt_for(sidecars[row.target], len(row.identities), prompt_template)
+                   for row in rows}
         write_lines(folder, [row_line(row) for row in manifest_rows(folder, rows, prompts)])
         remove_stale(folder, written)
