@@ -9,8 +9,12 @@ so that the test comparing the two can fail. ComfyUI's model detection fixes FLU
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
+from safetensors.torch import save_file
 
 KLEIN_4B_TEXT_WIDTH = 7680  # Qwen3-4B's hidden states of three layers, stacked (2560 x 3)
 FLUX2_HEAD_DIM = 128
@@ -109,3 +113,31 @@ def flux2_vae() -> AutoencoderKLFlux2:
         vae.bn.running_var.copy_(torch.rand(vae.bn.running_var.shape, generator=generator) + 0.5)
     return vae.eval()
 
+
+# The modules of FLUX.2's blocks a LoRA adapts (attention in and out, and the feed-forward of the double block).
+FLUX2_LORA_MODULES = ("transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k",
+                      "transformer_blocks.0.attn.to_v", "transformer_blocks.0.attn.add_k_proj",
+                      "transformer_blocks.0.attn.to_out.0",
+                      "transformer_blocks.0.ff.linear_in", "single_transformer_blocks.0.attn.to_qkv_mlp_proj",
+                      "single_transformer_blocks.0.attn.to_out")
+FLUX2_LORA_RANK, FLUX2_LORA_ALPHA = 4, 8.0
+
+
+def flux2_peft_lora() -> dict[str, torch.Tensor]:
+    """A peft LoRA of the tiny Flux2Transformer2DModel (keys without prefix or adapter name), random A and B; the
+    text stream's q/k/v only partly adapted (k), as ComfyUI's fused qkv then gets rows of zeros."""
+    shapes = {name: parameter.shape for name, parameter in flux2_transformer().named_parameters()}
+    generator = torch.Generator().manual_seed(5)
+    lora = {}
+    for module in FLUX2_LORA_MODULES:
+        outputs, inputs = shapes[f"{module}.weight"]
+        lora[f"{module}.lora_A.weight"] = torch.randn(FLUX2_LORA_RANK, inputs, generator=generator) * 0.1
+        lora[f"{module}.lora_B.weight"] = torch.randn(outputs, FLUX2_LORA_RANK, generator=generator) * 0.1
+    return lora
+
+
+def save_flux2_peft_lora(path: Path) -> Path:
+    """flux2_peft_lora() as diffusers/peft users share it: 'transformer.' keys, the alpha in diffusers' metadata."""
+    save_file({f"transformer.{key}": tensor for key, tensor in flux2_peft_lora().items()}, path,
+              metadata={"lora_adapter_metadata": json.dumps({"r": FLUX2_LORA_RANK, "lora_alpha": FLUX2_LORA_ALPHA})})
+    return path

@@ -19,7 +19,7 @@ WIDGET_COUNTS = {
     "UNETLoader": 2, "DualCLIPLoader": 4, "CLIPLoader": 3, "VAELoader": 1, "CLIPTextEncode": 1, "LoadImage": 2,
     "FluxGuidance": 1, "ConditioningZeroOut": 0, "EmptySD3LatentImage": 3, "KSampler": 7, "VAEDecode": 0,
     "SaveImage": 1, "PreviewImage": 0, "DualCFGGuider": 3, "RandomNoise": 2, "KSamplerSelect": 1,
-    "BasicScheduler": 3, "SamplerCustomAdvanced": 0, "UMOIdentityFaceFix": 13,
+    "BasicScheduler": 3, "SamplerCustomAdvanced": 0, "UMOIdentityFaceFix": 13, "Note": 1,
 }
 EXPECTED = {"umo_uno_single_identity", "umo_uno_two_identities", "umo_uno_two_identities_best_of_4",
             "umo_uno_two_identities_face_fix", "umo_omnigen2_multi_identity", "umo_identity_report"}

@@ -26,7 +26,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.conftest import ASSETS, PHOTOS, ROOT, make_pack
-from tests.flux2_layout import flux2_file_shapes, flux2_transformer, flux2_vae, transformer_to_bfl
+from tests.flux2_layout import (
+    flux2_file_shapes,
+    flux2_transformer,
+    flux2_vae,
+    save_flux2_peft_lora,
+    transformer_to_bfl,
+)
 from tests.flux_layout import ae_file_shapes, flux1_file_shapes, vae_to_bfl
 from tests.official_packs import make_official_pack
 
@@ -330,8 +336,9 @@ def gguf_flux(comfy) -> str:
     """The tiny FLUX as a GGUF file in the diffusion_models folder, for city96's ComfyUI-GGUF (a custom node pack
     installed in $COMFYUI_PATH/custom_nodes, as its users install it)."""
     if "UnetLoaderGGUF" not in comfy.get("/object_info"):
-        message = (f"ComfyUI-GGUF is not installed: clone https://github.com/city96/ComfyUI-GGUF into "
-                   f"{COMFYUI_PATH}/custom_nodes and pip install gguf")
+        message = (f"ComfyUI-GGUF is not loaded: clone https://github.com/city96/ComfyUI-GGUF into "
+                   f"{COMFYUI_PATH}/custom_nodes and pip install gguf (0.12.1's pip-installable fork fails to import "
+                   "it: its folder_names_and_paths has no get() with a default)")
         if os.environ.get("CI", "").lower() == "true":  # as for the face assets: in CI a missing part fails
             pytest.fail(message)
         pytest.skip(message)
@@ -377,11 +384,16 @@ def flux2_vae_state_dict() -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="session")
 def flux2_files(comfy, flux2_support) -> tuple[str, str]:
     """A 2-head FLUX.2 [klein]-style transformer (Qwen3-4B's text width) and FLUX.2's autoencoder with random
-    weights, in the server's diffusion_models and vae folders: (transformer file, VAE file)."""
+    weights, in the server's diffusion_models and vae folders: (transformer file, VAE file); and a peft LoRA of the
+    transformer, tiny_flux2_peft.safetensors, in its loras folder."""
     models = comfy.base / "models"
     save_file({key: tensor.to(torch.bfloat16).contiguous()
                for key, tensor in transformer_to_bfl(flux2_transformer().state_dict()).items()},
               models / "diffusion_models" / "tiny_flux2.safetensors")
-    save_file({key: tensor.contiguous() for key, tensor in flux2_vae_state_dict().items()},
-              models / "vae" / "tiny_flux2_ae.safetensors")
+    # Small random weights (as the FLUX.1 autoencoder's file): diffusers' own initialisation decodes to saturated
+    # pixels, where a LoRA's change would not show.
+    vae = random_state_dict(flux2_vae_state_dict(), dtype=torch.float32)
+    vae["bn.running_var"], vae["bn.num_batches_tracked"] = torch.ones_like(vae["bn.running_var"]), torch.tensor(0)
+    save_file(vae, models / "vae" / "tiny_flux2_ae.safetensors")
+    save_flux2_peft_lora(models / "loras" / "tiny_flux2_peft.safetensors")
     return "tiny_flux2.safetensors", "tiny_flux2_ae.safetensors"
