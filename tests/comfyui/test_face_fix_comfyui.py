@@ -170,10 +170,11 @@ def test_cancel_during_the_second_face_stops_the_run(flux, vae, face_model, peop
     recorder = Recorder(flux, vae, monkeypatch, on_call=press_cancel)
     images = torch.stack([photo(f"{ANGELA}_1", f"{ANDERS}_1"), photo(f"{ANDERS}_1", f"{ANGELA}_1")])
     try:
-        with pytest.raises(comfy.model_management.InterruptProcessingException):
+        with pytest.raises(Exception) as raised:  # the class lives in comfy.interruption in some ComfyUI versions
             _face_fix(recorder, vae, face_model, people, images)
     finally:
         comfy.model_management.interrupt_current_processing(False)
+    assert type(raised.value).__name__ == "InterruptProcessingException"
     assert len(recorder.references) == STEPS + 1
 
 
@@ -279,12 +280,15 @@ def test_face_fix_graph_in_comfyui(comfy):
     assert sorted(row.split()[0] + row.split()[2] for row in rows[1:5]) == ["1R1", "1R2", "2R1", "2R2"]
 
 
-async def _cancel_in_the_second_face(comfy, prompt: dict) -> str:
-    """Queue `prompt` and press Cancel once the face fix reports progress past the first face's steps."""
+async def _cancel_in_the_second_face(comfy, prompt: dict) -> tuple[dict, int]:
+    """Queue `prompt`, press Cancel once the face fix reports progress past the first face's steps, and return
+    the websocket's execution_interrupted event (its history entry does not name the node in every ComfyUI) and
+    the highest progress value reported."""
     import aiohttp
 
     client_id = uuid.uuid4().hex
     steps = prompt["facefix"]["inputs"]["steps"]
+    highest, pressed = 0, False
     async with aiohttp.ClientSession() as session:
         async with session.ws_connect(f"{comfy.url}/ws?clientId={client_id}") as ws:
             async with session.post(f"{comfy.url}/prompt", json={"prompt": prompt, "client_id": client_id}) as queued:
@@ -296,23 +300,25 @@ async def _cancel_in_the_second_face(comfy, prompt: dict) -> str:
                 if message.type == aiohttp.WSMsgType.BINARY:
                     continue
                 event = json.loads(message.data)
-                if event["type"] == "progress" and event["data"].get("node") == "facefix":
-                    assert event["data"]["max"] == 4 * steps  # one bar over every face's steps
-                    if event["data"]["value"] > steps:
-                        break
-            async with session.post(f"{comfy.url}/interrupt", json={}):
-                return prompt_id
+                data = event.get("data", {})
+                if data.get("prompt_id") not in (None, prompt_id):
+                    continue
+                assert event["type"] not in ("execution_success", "execution_error"), event
+                if event["type"] == "execution_interrupted":
+                    return data, highest
+                if event["type"] == "progress" and data.get("node") == "facefix":
+                    assert data["max"] == 4 * steps  # one bar over every face's steps
+                    highest = max(highest, data["value"])
+                    if data["value"] > steps and not pressed:
+                        async with session.post(f"{comfy.url}/interrupt", json={}):
+                            pressed = True
 
 
 def test_cancel_in_the_second_face_stops_the_face_fix(comfy):
     _write_inputs(comfy)
-    prompt = _face_fix_graph(steps=6)
+    steps = 6
+    prompt = _face_fix_graph(steps)
     prompt["facefix"]["inputs"]["seed"] = 8  # not the cached result of the graph test
-    prompt_id = asyncio.run(_cancel_in_the_second_face(comfy, prompt))
-    deadline = time.time() + 120
-    while prompt_id not in comfy.get(f"/history/{prompt_id}"):
-        assert time.time() < deadline, "Cancel did not stop the face fix"
-        time.sleep(0.2)
-    status = comfy.get(f"/history/{prompt_id}")[prompt_id]["status"]
-    interrupted = [data for kind, data in status["messages"] if kind == "execution_interrupted"]
-    assert interrupted and interrupted[0]["node_type"] == "UMOIdentityFaceFix", status["messages"]
+    interrupted, highest = asyncio.run(_cancel_in_the_second_face(comfy, prompt))
+    assert interrupted["node_type"] == "UMOIdentityFaceFix", interrupted
+    assert steps < highest < 4 * steps  # stopped after the first face, before the last
