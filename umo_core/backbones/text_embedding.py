@@ -3,7 +3,7 @@
 In memory a batch is a `TextEmbedding`. On disk one prompt is one .safetensors file holding `prompt_embeds`
 [L, width] and, for backbones that have one, `pooled_prompt_embeds` [width] (FLUX.1: T5-XXL's last hidden state
 4096 wide, L = 512, and CLIP-L's pooled output 768 wide; FLUX.2: the stacked hidden states of its language model,
-no pooled vector). The file's metadata names the backbone it was made for (contract.BACKBONE_METADATA_KEY); files
+no pooled vector). The file's metadata names the backbone it was made for (BACKBONE_METADATA_KEY); files
 without it are FLUX.1's, the only kind made before. `python -m training.encode_prompts` writes them; the trainer
 and `generate --text-embedding` read them.
 """

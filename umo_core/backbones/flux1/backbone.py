@@ -24,7 +24,7 @@ class Flux1:
     lora_target_modules = UNO_TARGET_MODULES
     transformer_files = loading.TRANSFORMER_FILES
     vae_files = loading.VAE_FILES
-    text_encoder_files = "a diffusers FLUX.1 folder with text_encoder/, tokenizer/, text_encoder_2/ and tokenizer_2/"
+    text_encoder_files = "a diffusers FLUX folder with text_encoder/, tokenizer/, text_encoder_2/ and tokenizer_2/"
 
     @staticmethod
     def sampling_defaults(transformer_path: Path) -> tuple[int, float]:
