@@ -24,9 +24,13 @@ def flux2_args(root, data, pack, output, steps, *extra):
 
 def test_flux2_training_steps_change_only_the_lora(flux2_trainer_inputs, tmp_path):
     root, data, pack = flux2_trainer_inputs
-    assert main(flux2_args(root, data, pack, tmp_path / "run", 2, "--gradient-checkpointing")) == 0
+    assert main(flux2_args(root, data, pack, tmp_path / "run", 2, "--gradient-checkpointing", "--eval-every", "2",
+                           "--eval-count", "1")) == 0
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2]
+    evaluations = [json.loads(line) for line in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evaluations] == [0, 2]  # the untrained start and the end
+    assert (tmp_path / "run" / "eval" / "step_000002" / "row_0001.png").is_file()
     assert all(torch.isfinite(torch.tensor([r["loss"], r["diffusion_loss"], r["reward"]])).all() for r in log)
     trained = load_file(tmp_path / "run" / "lora_diffusers.safetensors")
     assert trained and all(".lora_A." in k or ".lora_B." in k for k in trained)
