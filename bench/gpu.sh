@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The GPU figures of bench/RESULTS.md in one run (under 8 minutes on one H100/H200), written to one file:
+# The GPU figures of bench/RESULTS.md in one run (under 14 minutes on one H100/H200), written to one file:
 #   1. face throughput: umo_core vs the insightface loop at 1/4/16 images, onnxruntime-gpu and torch CUDA;
 #   2. one guidance step at 1024 px (full-size FLUX autoencoder, random weights: decode, detecting step, reused
 #      faces, full decode with gradient) next to one full-size FLUX.1-dev transformer step (random weights,
 #      bf16), so that the guidance's share of a 25-step sampling is a ratio;
 #   3. one full-architecture ReReFL step at 512 px, two references, LoRA rank 512 (bench/train_step.py: the
-#      trainer's own step; peak memory, seconds, share of the reward).
+#      trainer's own step; peak memory, seconds, share of the reward);
+#   4. the same FLUX.2 step (--backbone flux2): klein-4B at 512 and 1024 px, klein-9B at 512 px, rank 128.
 #
 #   bench/gpu.sh [--cpu-smoke] [--output FILE]
 #
@@ -30,10 +31,12 @@ output="${output:-bench/gpu-results-$mode-$(date +%Y%m%d-%H%M%S).md}"
 
 if [ "$mode" = gpu ]; then
     provider=cuda device=cuda dtype=bfloat16 size=1024 transformer=full train=full repeats=9 train_repeats=2
-    face_limit=90 guidance_limit=210 train_limit=180
+    face_limit=90 guidance_limit=210 train_limit=180 flux2_limit=120
+    flux2_runs="klein-4b:512 klein-4b:1024 klein-9b:512"
 else
     provider=cpu device=cpu dtype=float32 size=128 transformer=tiny train=tiny repeats=1 train_repeats=1
-    face_limit=900 guidance_limit=1800 train_limit=900
+    face_limit=900 guidance_limit=1800 train_limit=900 flux2_limit=900
+    flux2_runs="tiny:128"
 fi
 
 section() {  # section TITLE LIMIT_SECONDS COMMAND...: the command's output under a heading, with its time
@@ -82,5 +85,10 @@ section "Guidance step at $size px next to a FLUX.1 transformer step ($transform
     --modes decode guided reused full transformer --transformer "$transformer"
 section "ReReFL step ($train architecture, two references)" "$train_limit" \
     "$python" bench/train_step.py --config "$train" --device "$device" --repeats "$train_repeats"
+for run in $flux2_runs; do
+    section "FLUX.2 ReReFL step (${run%%:*} at ${run##*:} px, two references)" "$flux2_limit" \
+        "$python" bench/train_step.py --backbone flux2 --config "${run%%:*}" --resolution "${run##*:}" \
+        --device "$device" --repeats 1
+done
 
 echo "results: $output"

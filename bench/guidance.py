@@ -55,7 +55,7 @@ def transformer_step(size: int, device: str, dtype: torch.dtype, architecture: s
     from train_step import CONFIGS, random_models
 
     from umo_core.backbones.flux1.runtime import predict_velocity
-    from umo_core.backbones.flux1.text_embedding import TextEmbedding
+    from umo_core.backbones.text_embedding import TextEmbedding
 
     config = CONFIGS[architecture]
     transformer = random_models(config, torch.device(device), dtype)[0].eval().requires_grad_(False)

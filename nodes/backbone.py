@@ -9,13 +9,8 @@ import node_helpers
 import torch
 from comfy.utils import ProgressBar
 
+from umo_core.backbones import get
 from umo_core.backbones.lora_formats import check_family, load_lora_file, lora_family, to_comfy_lora
-from umo_core.backbones.references import (
-    OMNIGEN2_REFERENCE_PIXELS,
-    reference_long_side,
-    resize_omnigen2_reference,
-    resize_reference,
-)
 from umo_core.errors import UMOError
 
 from .comfy_compat import lora_patches, model_family
@@ -23,6 +18,7 @@ from .node_api import io
 from .sockets import collect_references, reference_image_inputs
 
 BACKBONES = {"auto": None, "flux (UNO)": "flux", "omnigen2": "omnigen2"}
+FAMILY_BACKBONES = {"flux": "flux1", "omnigen2": "omnigen2"}  # family -> umo_core.backbones name (its reference rule)
 # Width of the text embedding in the conditioning -> the backbone it was made for.
 TEXT_WIDTH_FAMILY = {4096: "flux", 2048: "omnigen2"}  # T5-XXL (FLUX), Qwen2.5-VL-3B (OmniGen2)
 LOW_RANK_DOWN_KEYS = (".lora_down.weight", ".lora_A.weight")
@@ -55,7 +51,7 @@ class UMOLoraLoader(io.ComfyNode):
         path = folder_paths.get_full_path_or_raise("loras", lora_name)
         state_dict, metadata = load_lora_file(path)
         family = model_family(model)
-        check_family(lora_name, lora_family(state_dict), family)
+        check_family(lora_name, lora_family(state_dict, metadata), family)
         lora = to_comfy_lora(state_dict, metadata)  # the metadata carries peft's alpha
         patches, known_modules = lora_patches(model, lora)
         # ComfyUI's loader silently skips LoRA layers the model lacks: a half-applied LoRA is an error here.
@@ -104,14 +100,14 @@ def attach_references(positive: list, negative: list | None, vae, references: li
     overrides UNO's long side; `on_encoded(n)` is called after the n-th reference is encoded.
     """
     flux = family == "flux"
-    side = reference_long_side(len(references), long_side)
+    rule = get(FAMILY_BACKBONES[family])
     latents = []
     for reference in references:
         rgb = reference[..., :3]
         if flux:
-            prepared = resize_reference(rgb, side)
+            prepared = rule.resize_reference(rgb, len(references), long_side)
         else:
-            prepared = resize_omnigen2_reference(rgb, OMNIGEN2_REFERENCE_PIXELS)
+            prepared = rule.resize_reference(rgb, len(references))
         latents.append(vae.encode(prepared[None]))
         if on_encoded is not None:
             on_encoded(len(latents))

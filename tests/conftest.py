@@ -114,6 +114,25 @@ def trainer_inputs(assets, photos, tmp_path_factory) -> tuple[Path, Path, Path]:
     return root, data, pack
 
 
+@pytest.fixture(scope="module")
+def flux2_trainer_inputs(trainer_inputs, tmp_path_factory) -> tuple[Path, Path, Path]:
+    """`trainer_inputs` for --backbone flux2: the tiny FLUX.2's transformer/ and vae/, the same data folder with a
+    FLUX.2 text embedding (marked as FLUX.2's), the face pack."""
+    import torch
+    from safetensors.torch import save_file
+
+    from tests.tiny_models import flux2_text_embedding, save_flux2_folder
+    from umo_core.backbones.text_embedding import embedding_file_metadata
+
+    _, flux1_data, pack = trainer_inputs
+    root = save_flux2_folder(tmp_path_factory.mktemp("rerefl_flux2"))
+    data = root / "data"
+    shutil.copytree(flux1_data, data)
+    save_file(flux2_text_embedding(torch.Generator().manual_seed(0)), data / "text" / "0.safetensors",
+              metadata=embedding_file_metadata("flux2"))
+    return root, data, pack
+
+
 def trainer_args(root: Path, data: Path, pack: Path, output: Path, steps: int, *extra: str) -> list[str]:
     """The trainer's command line for `trainer_inputs` on the CPU: a tiny run (64 px, 4 sampling steps, rank 4)."""
     return ["--data", str(data), "--transformer", str(root / "transformer"), "--vae", str(root / "vae"),

@@ -140,3 +140,69 @@ def save_bfl_file(model: FluxTransformer2DModel | AutoencoderKL, path: Path, pre
     to_bfl = transformer_to_bfl if isinstance(model, FluxTransformer2DModel) else vae_to_bfl
     save_file({prefix + key: tensor.contiguous() for key, tensor in to_bfl(model.state_dict()).items()}, path)
     return path
+
+
+# FLUX.2 (Flux2Transformer2DModel): diffusers module -> BFL module for weights that only change name, written from
+# Black Forest Labs' FLUX.2 layout (flux-2-klein-4b.safetensors), not from umo_core or diffusers' converter.
+_FLUX2_TOP_LEVEL = {
+    "x_embedder": "img_in",
+    "context_embedder": "txt_in",
+    "time_guidance_embed.timestep_embedder.linear_1": "time_in.in_layer",
+    "time_guidance_embed.timestep_embedder.linear_2": "time_in.out_layer",
+    "time_guidance_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+    "time_guidance_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+    "double_stream_modulation_img.linear": "double_stream_modulation_img.lin",
+    "double_stream_modulation_txt.linear": "double_stream_modulation_txt.lin",
+    "single_stream_modulation.linear": "single_stream_modulation.lin",
+    "proj_out": "final_layer.linear",
+}
+_FLUX2_DOUBLE_BLOCK = {
+    "attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj",
+    "ff.linear_in": "img_mlp.0", "ff.linear_out": "img_mlp.2",
+    "ff_context.linear_in": "txt_mlp.0", "ff_context.linear_out": "txt_mlp.2",
+}
+_FLUX2_SINGLE_BLOCK = {"attn.to_qkv_mlp_proj": "linear1", "attn.to_out": "linear2"}
+_FLUX2_SINGLE_NORMS = {"attn.norm_q": "norm.query_norm", "attn.norm_k": "norm.key_norm"}
+_FLUX2_DOUBLE_FUSED = {"img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+                       "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")}
+
+
+def flux2_transformer_to_bfl(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Flux2Transformer2DModel's state dict as flux-2-klein-4b.safetensors keeps it (no biases in FLUX.2)."""
+    unused = set(state_dict)
+
+    def take(key: str) -> torch.Tensor:
+        unused.remove(key)
+        return state_dict[key]
+
+    bfl = {f"{bfl_name}.weight": take(f"{name}.weight") for name, bfl_name in _FLUX2_TOP_LEVEL.items()
+           if f"{name}.weight" in state_dict}
+    shift_scale = take("norm_out.linear.weight").chunk(2)  # diffusers: (scale, shift); BFL: (shift, scale)
+    bfl["final_layer.adaLN_modulation.1.weight"] = torch.cat(shift_scale[::-1])
+    doubles = {int(key.split(".")[1]) for key in state_dict if key.startswith("transformer_blocks.")}
+    singles = {int(key.split(".")[1]) for key in state_dict if key.startswith("single_transformer_blocks.")}
+    for i in sorted(doubles):
+        block = f"transformer_blocks.{i}"
+        for name, bfl_name in _FLUX2_DOUBLE_BLOCK.items():
+            bfl[f"double_blocks.{i}.{bfl_name}.weight"] = take(f"{block}.{name}.weight")
+        for bfl_name, parts in _FLUX2_DOUBLE_FUSED.items():
+            bfl[f"double_blocks.{i}.{bfl_name}.weight"] = torch.cat([take(f"{block}.{p}.weight") for p in parts])
+        for name, bfl_name in (("attn.norm_q", "img_attn.norm.query_norm"), ("attn.norm_k", "img_attn.norm.key_norm"),
+                               ("attn.norm_added_q", "txt_attn.norm.query_norm"),
+                               ("attn.norm_added_k", "txt_attn.norm.key_norm")):
+            bfl[f"double_blocks.{i}.{bfl_name}.scale"] = take(f"{block}.{name}.weight")
+    for i in sorted(singles):
+        block = f"single_transformer_blocks.{i}"
+        for name, bfl_name in _FLUX2_SINGLE_BLOCK.items():
+            bfl[f"single_blocks.{i}.{bfl_name}.weight"] = take(f"{block}.{name}.weight")
+        for name, bfl_name in _FLUX2_SINGLE_NORMS.items():
+            bfl[f"single_blocks.{i}.{bfl_name}.scale"] = take(f"{block}.{name}.weight")
+    assert not unused, f"weights without a place in the FLUX.2 file layout: {sorted(unused)[:3]}"
+    return bfl
+
+
+def save_flux2_bfl_file(model, path: Path, prefix: str = "") -> Path:
+    """A Flux2Transformer2DModel or AutoencoderKLFlux2 as the single file Black Forest Labs publish (BFL's names)."""
+    to_bfl = vae_to_bfl if hasattr(model, "bn") else flux2_transformer_to_bfl
+    save_file({prefix + key: tensor.contiguous() for key, tensor in to_bfl(model.state_dict()).items()}, path)
+    return path

@@ -31,8 +31,8 @@ def no_models(monkeypatch):
     def refuse(*_, **__):
         raise AssertionError("a model was loaded before the error")
 
-    for module, name in ((rerefl, "FaceModel"), (rerefl, "load_transformer"), (loading, "load_transformer"),
-                         (loading, "load_vae")):
+    # The trainer and generate load through the backbone (umo_core.backbones.get), whose FLUX.1 loaders are these.
+    for module, name in ((rerefl, "FaceModel"), (loading, "load_transformer"), (loading, "load_vae")):
         monkeypatch.setattr(module, name, refuse)
 
 

@@ -62,8 +62,8 @@ def test_atomic_path_gives_the_usual_permissions_whatever_the_writer_made(tmp_pa
 def test_save_tensors_writes_text_embeddings_and_loras_with_the_usual_permissions(tmp_path, umask):
     """The shared .safetensors writer (text embeddings, LoRA files, the checkpoint's LoRA): safetensors 0.8 alone
     makes 0600 files."""
-    from umo_core.backbones.flux1.text_embedding import POOLED_KEY, PROMPT_KEY
     from umo_core.backbones.lora_formats import save_lora_file
+    from umo_core.backbones.text_embedding import POOLED_KEY, PROMPT_KEY
 
     embedding = {PROMPT_KEY: torch.randn(4, 8), POOLED_KEY: torch.randn(8)[::2]}  # a view: written as a copy
     save_tensors(tmp_path / "text" / "0.safetensors", embedding)

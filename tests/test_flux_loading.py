@@ -25,7 +25,7 @@ from umo_core import UMOError
 from umo_core.backbones.flux1.keys import flux_bfl_to_diffusers
 from umo_core.backbones.flux1.loading import VAE_CONFIG, load_transformer, load_vae
 from umo_core.backbones.flux1.runtime import decode_latents, encode_images, predict_velocity
-from umo_core.backbones.flux1.text_embedding import TextEmbedding
+from umo_core.backbones.text_embedding import TextEmbedding
 
 COMFY_PREFIX = "model.diffusion_model."
 

@@ -18,16 +18,14 @@ from safetensors.torch import save_file
 from tests.lora_layouts import UNO_TO_COMFY, UNO_TO_DIFFUSERS, assert_same_deltas
 from tests.tiny_models import HIDDEN, LORA_RANK, add_lora, omnigen2_peft_lora, tiny_flux_transformer, uno_lora
 from umo_core import UMOError
+from umo_core.backbones.flux1.lora import UNO_TARGET_MODULES, diffusers_to_uno, uno_to_diffusers
 from umo_core.backbones.lora_formats import (
-    UNO_TARGET_MODULES,
     check_family,
     detect_lora_format,
-    diffusers_to_uno,
     load_lora_file,
     lora_family,
     save_lora_file,
     to_comfy_lora,
-    uno_to_diffusers,
 )
 
 
@@ -209,7 +207,7 @@ def test_comfy_keys_of_other_models_pass_through_with_no_family():
     ["double_blocks.0.processor.qkv_lora.down.weight"],  # single-block module name in a double block
 ])
 def test_unknown_layouts_list_what_is_recognised(keys):
-    with pytest.raises(UMOError, match="Recognised: UNO.*OmniGen2.*FluxTransformer2DModel.*diffusion_model"):
+    with pytest.raises(UMOError, match="Recognised: UNO.*FluxTransformer2DModel.*OmniGen2.*diffusion_model"):
         detect_lora_format(dict.fromkeys(keys, torch.zeros(1)))
 
 

@@ -6,16 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from umo_core.backbones.references import (
-    centre_corner,
-    cover_shape,
-    nearest_multiple,
-    reference_long_side,
-    reference_shape,
-    resize_and_crop,
-    resize_omnigen2_reference,
-    resize_reference,
-)
+from umo_core.backbones.flux1.references import reference_long_side, reference_shape, resize_reference
+from umo_core.backbones.omnigen2.references import resize_omnigen2_reference
+from umo_core.backbones.references import centre_corner, cover_shape, nearest_multiple, resize_and_crop
 from umo_core.images import float_image, load_image
 
 

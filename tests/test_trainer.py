@@ -92,7 +92,7 @@ def test_reward_gradient_reaches_the_lora_through_vae_and_face_network(assets, p
     the reward depends on the LoRA is through the decoder and the face network."""
     from umo_core import identity_reward, load_face_model
     from umo_core.backbones.flux1.runtime import decode_latents, predict_velocity
-    from umo_core.backbones.flux1.text_embedding import TextEmbedding
+    from umo_core.backbones.text_embedding import TextEmbedding
 
     face_model = load_face_model(pack_dir, provider="cpu", backend="torch")
     identities = face_model.identities([photos / "Rob_Lowe_0001.jpg"])
@@ -124,7 +124,8 @@ def test_generate_command_with_and_without_a_uno_lora(trainer_inputs, photos, tm
     from peft.utils import get_peft_model_state_dict
 
     from umo_core.backbones.flux1.loading import merge_lora
-    from umo_core.backbones.lora_formats import diffusers_to_uno, save_lora_file
+    from umo_core.backbones.flux1.lora import diffusers_to_uno
+    from umo_core.backbones.lora_formats import save_lora_file
     from umo_core.cli import main as umo_main
 
     root, data, _ = trainer_inputs

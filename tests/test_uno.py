@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from umo_core.backbones.flow import clean_estimate
 from umo_core.backbones.flux1.uno import (
-    clean_estimate,
     flux_sigmas,
     pack_latents,
     text_ids,

@@ -16,7 +16,7 @@ import torch
 from diffusers import AutoencoderKL, FluxTransformer2DModel
 from peft import LoraConfig
 
-from umo_core.backbones.lora_formats import UNO_TARGET_MODULES
+from umo_core.backbones.flux1.lora import UNO_TARGET_MODULES
 
 # The text embedding the tiny transformer takes: TEXT_LEN tokens of T5 width TEXT_DIM, CLIP's pooled POOLED_DIM.
 TEXT_LEN, TEXT_DIM, POOLED_DIM = 4, 32, 16
@@ -160,3 +160,80 @@ def save_t5_text_encoder(folder: Path) -> None:
                       feed_forward_proj="gated-gelu")
     T5EncoderModel(config).save_pretrained(folder / "text_encoder_2")
 
+
+# FLUX.2: the text width the tiny Flux2Transformer2DModel takes (three stacked hidden states of a width-8 encoder,
+# as klein stacks Qwen3's), and its size.
+FLUX2_TEXT_DIM = 24
+FLUX2_HEADS, FLUX2_HEAD_DIM = 2, 16
+
+
+def tiny_flux2_transformer(guidance: bool = False, layers: int = 1, single_layers: int = 1):
+    """FLUX.2's transformer (klein without guidance embedding, dev with it) with 128 input channels (the real
+    latent), `layers` double and `single_layers` single blocks of two heads of 16. diffusers' initialisation, then
+    every weight random (its output layers start at zero, which would hide a wrong velocity)."""
+    from diffusers import Flux2Transformer2DModel
+
+    torch.manual_seed(3)
+    model = Flux2Transformer2DModel(patch_size=1, in_channels=128, num_layers=layers, num_single_layers=single_layers,
+                                    attention_head_dim=FLUX2_HEAD_DIM, num_attention_heads=FLUX2_HEADS,
+                                    joint_attention_dim=FLUX2_TEXT_DIM, timestep_guidance_channels=32,
+                                    axes_dims_rope=(4, 4, 4, 4), guidance_embeds=guidance)
+    return randomized(model)
+
+
+def tiny_flux2_vae():
+    """FLUX.2's autoencoder (32 latent channels, 2x2 patches, batch-norm statistics) with four levels of 32 channels
+    (8x downsampling) and one resnet a level; the statistics random, so the normalisation is not the identity."""
+    from diffusers import AutoencoderKLFlux2
+
+    torch.manual_seed(4)
+    vae = AutoencoderKLFlux2(block_out_channels=(32, 32, 32, 32), layers_per_block=1, latent_channels=32)
+    generator = torch.Generator().manual_seed(5)
+    vae.bn.running_mean.copy_(torch.randn(vae.bn.running_mean.shape, generator=generator) * 0.1)
+    vae.bn.running_var.copy_(torch.rand(vae.bn.running_var.shape, generator=generator) + 0.5)
+    return vae.eval()
+
+
+def flux2_text_embedding(generator: torch.Generator, tokens: int = TEXT_LEN) -> dict[str, torch.Tensor]:
+    """A FLUX.2 text embedding file's tensors for the tiny transformer (one prompt: [tokens, FLUX2_TEXT_DIM])."""
+    return {"prompt_embeds": torch.randn(tokens, FLUX2_TEXT_DIM, generator=generator)}
+
+
+def save_flux2_folder(root: Path, guidance: bool = False) -> Path:
+    """The tiny FLUX.2 transformer and autoencoder in a diffusers folder's transformer/ and vae/."""
+    tiny_flux2_transformer(guidance).save_pretrained(root / "transformer")
+    tiny_flux2_vae().save_pretrained(root / "vae")
+    return root
+
+
+# Qwen3's chat turns, with what its template adds for a generation prompt with thinking off (the empty think block).
+QWEN3_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
+
+
+def save_qwen3_text_encoder(folder: Path) -> None:
+    """FLUX.2 [klein]'s tokenizer/ and text_encoder/: a byte-level BPE Qwen2 tokenizer with Qwen3's special tokens and
+    a chat template, and a Qwen3 of width 8 with 27 layers (klein stacks layers 9, 18 and 27: 3 x 8 =
+    FLUX2_TEXT_DIM)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import Qwen2TokenizerFast, Qwen3Config, Qwen3ForCausalLM
+
+    merges = [("t", "w"), ("tw", "o"), ("Ġ", "p")]
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+    tokens = sorted(ByteLevel.alphabet()) + ["tw", "two", "Ġp"]
+    model = models.BPE(vocab={token: i for i, token in enumerate(tokens)}, merges=merges)
+    backend = Tokenizer(model)
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(specials)
+    tokenizer = Qwen2TokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   unk_token=None, bos_token=None)
+    tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
+    tokenizer.save_pretrained(folder / "tokenizer")
+    torch.manual_seed(6)
+    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=8, intermediate_size=16, num_hidden_layers=27,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=4, max_position_embeddings=1024)
+    Qwen3ForCausalLM(config).save_pretrained(folder / "text_encoder")

@@ -3,7 +3,7 @@
 A target is trained at about `resolution**2` pixels in the bucket whose aspect ratio is nearest
 its own (resized to cover the bucket, then centre-cropped), so portrait and landscape photos are
 not squashed or cut to squares. A batch holds samples of one shape: the same bucket, the same
-reference sizes after UNO's resize rule and the same text length, as the transformer takes one
+reference sizes after the backbone's reference rule and the same text length, as the transformer takes one
 sequence layout per batch.
 """
 
@@ -17,15 +17,8 @@ import numpy as np
 import torch
 from PIL import ExifTags, Image
 
-from umo_core.backbones.flux1.text_embedding import text_embedding_shapes
-from umo_core.backbones.references import (
-    centre_corner,
-    cover_shape,
-    nearest_multiple,
-    reference_long_side,
-    reference_shape,
-    resize_and_crop,
-)
+from umo_core.backbones.references import centre_corner, cover_shape, nearest_multiple, resize_and_crop
+from umo_core.backbones.text_embedding import text_embedding_shapes
 from umo_core.faces.detection import Faces
 from umo_core.faces.face_model import AnalysedImage
 
@@ -74,11 +67,10 @@ def image_size(path: Path) -> tuple[int, int]:
     return height, width
 
 
-def shape_key(target: Path, references: list[Path], text_embedding: Path, resolution: int) -> tuple:
-    """What must be equal for two samples to share a batch."""
+def shape_key(backbone, target: Path, references: list[Path], text_embedding: Path, resolution: int) -> tuple:
+    """What must be equal for two samples to share a batch (the references' sizes by `backbone`'s rule)."""
     bucket = nearest_bucket(*image_size(target), bucket_sizes(resolution))
-    side = reference_long_side(len(references))
-    reference_shapes = tuple(reference_shape(*image_size(p), side) for p in references)
+    reference_shapes = tuple(backbone.reference_shape(*image_size(p), len(references)) for p in references)
     text_length = text_embedding_shapes(text_embedding)[0][0]
     return bucket, reference_shapes, text_length
 

@@ -13,6 +13,8 @@ from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 from umo_core.arguments import MAX_SEED, above, at_least, check_seed
+from umo_core.backbones import DEFAULT as DEFAULT_BACKBONE
+from umo_core.backbones import TRAINABLE
 from umo_core.console import HelpFormatter
 from umo_core.errors import UMOError
 from umo_core.faces.face_pack import PROVIDER_CHOICES
@@ -30,6 +32,7 @@ class TrainConfig:
     """One training run (or one --check-data); see `parse_config` for what each field means."""
 
     data: Path
+    backbone: str = DEFAULT_BACKBONE  # a name in umo_core.backbones.TRAINABLE
     transformer: Path | None = None
     vae: Path | None = None
     output: Path | None = None
@@ -75,7 +78,8 @@ class TrainConfig:
         at_least("--eval-guidance", self.eval_guidance, 0)
         at_least("--checkpoint-every", self.checkpoint_every, 1)
         check_seed("--seed", self.seed)
-        for flag, value, choices in (("--mixed-precision", self.mixed_precision, MIXED_PRECISION),
+        for flag, value, choices in (("--backbone", self.backbone, TRAINABLE),
+                                     ("--mixed-precision", self.mixed_precision, MIXED_PRECISION),
                                      ("--on-bad-rows", self.on_bad_rows, ON_BAD_ROWS),
                                      ("--provider", self.provider.lower(), PROVIDER_CHOICES)):
             if value not in choices:
@@ -119,10 +123,14 @@ def _parser() -> argparse.ArgumentParser:
                         help="check --data (and --eval-data) as training would and exit: 0 when clean, 2 with "
                              "problems; needs no --transformer, --vae or --output (a given --transformer sets the "
                              "text-embedding widths to check)")
+    parser.add_argument("--backbone", choices=TRAINABLE, default=default("backbone"),
+                        help="flux1: FLUX.1 with UNO's references (UMO-UNO); flux2: FLUX.2 [klein] or [dev]")
     parser.add_argument("--transformer", type=Path,
-                        help="FLUX transformer: diffusers folder or single .safetensors file (flux1-dev.safetensors)")
+                        help="the backbone's transformer: diffusers folder or single .safetensors file "
+                             "(flux1-dev.safetensors; flux-2-klein-base-4b.safetensors ...)")
     parser.add_argument("--vae", type=Path,
-                        help="FLUX autoencoder: diffusers folder or single .safetensors file (ae.safetensors)")
+                        help="the backbone's autoencoder: diffusers folder or single .safetensors file "
+                             "(ae.safetensors; flux2-vae.safetensors)")
     parser.add_argument("--faces", default=default("faces"), help="face pack name or folder")
     parser.add_argument("--provider", default=default("provider"),
                         help=f"onnxruntime provider for face detection: {', '.join(PROVIDER_CHOICES)}")

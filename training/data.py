@@ -1,7 +1,7 @@
 """The training data folder: `manifest.jsonl` plus images and cached text embeddings.
 
 The manifest's rows and how it is read: training/manifest.py. The text embedding file holds `prompt_embeds`
-[L, T5 width] and `pooled_prompt_embeds` [CLIP width] (4096 and 768 for FLUX.1; the widths the transformer
+[L, width] and, for FLUX.1, `pooled_prompt_embeds` [CLIP width] (4096 and 768 for FLUX.1; the widths the transformer
 takes, or the same in every row when no transformer is given); `python -m training.encode_prompts`
 writes these files and fills in `text_embedding`.
 
@@ -21,7 +21,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
-from umo_core.backbones.flux1.text_embedding import checked_text_embedding_widths
+from umo_core.backbones import DEFAULT, get
+from umo_core.backbones.text_embedding import checked_text_embedding_widths, widths_text
 from umo_core.errors import UMOError
 from umo_core.faces.face_model import AnalysedImage, FaceModel, Identities
 from umo_core.images import load_image, pixel_limit
@@ -44,8 +45,10 @@ class Sample:
     target_faces: AnalysedImage  # the target photo's faces and their embeddings, in the photo's own pixels
 
 
-def _check_text_embedding(folder: Path, row: dict, widths: tuple[int, int] | None) -> tuple[str, tuple[int, int]]:
-    """The row's text embedding file (normalised) and its (T5, CLIP) widths, read from the file's header."""
+def _check_text_embedding(folder: Path, row: dict, widths: tuple[int, ...] | None,
+                          backbone) -> tuple[str, tuple[int, ...]]:
+    """The row's text embedding file (normalised) and its widths, read from the file's header; made for
+    `backbone`."""
     encode_hint = ("make it with: python -m training.encode_prompts "
                    f"--data {folder} --text-encoders <diffusers FLUX folder>")
     if "text_embedding" not in row:
@@ -54,8 +57,8 @@ def _check_text_embedding(folder: Path, row: dict, widths: tuple[int, int] | Non
     path = folder / relative
     if not path.is_file():
         raise UMOError(f"text embedding '{relative}' does not exist ({encode_hint})")
-    found = checked_text_embedding_widths(path, f"text embedding '{relative}'", f"delete it and {encode_hint}",
-                                          widths)
+    found = checked_text_embedding_widths(path, f"text embedding '{relative}'",
+                                          f"delete it and {encode_hint} --backbone {backbone.name}", backbone, widths)
     return relative, found
 
 
@@ -84,18 +87,20 @@ def _attempt(problems: list[str], check: Callable[..., Result], *args) -> Result
         return None
 
 
-def check_dataset(folder: str | Path, face_model: FaceModel,
-                  text_widths: tuple[int, int] | None = None) -> tuple[list[Sample], list[str]]:
+def check_dataset(folder: str | Path, face_model: FaceModel, text_widths: tuple[int, ...] | None = None,
+                  backbone=None) -> tuple[list[Sample], list[str]]:
     """Every row of the folder checked: the usable samples and one line per bad row, in row order.
 
-    `text_widths`: the (T5, CLIP) widths the transformer takes; without them every row's text
-    embedding must have the widths most rows have.
+    `text_widths`: the widths the transformer takes (backbone.transformer_text_widths); without them every row's
+    text embedding must have the widths most rows have. `backbone`: the one trained (default FLUX.1's); each text
+    embedding must have been made for it.
     """
     folder = Path(folder)
+    backbone = backbone or get(DEFAULT)
     pixel_limit()  # a bad $UMO_MAX_PIXELS is the run's one error, not every row's problem
     samples, problems = [], {}  # problems: row number -> message
     first_rows: dict[tuple, int] = {}  # (prompt, target, references) -> the first row that has them
-    found_widths: dict[int, tuple[int, int]] = {}
+    found_widths: dict[int, tuple[int, ...]] = {}
     for number, line in enumerate(read_lines(folder), 1):
         if not line.strip():
             continue
@@ -112,7 +117,7 @@ def check_dataset(folder: str | Path, face_model: FaceModel,
             continue
         first_rows[key] = number
         row_problems: list[str] = []
-        text_embedding = _attempt(row_problems, _check_text_embedding, folder, row, text_widths)
+        text_embedding = _attempt(row_problems, _check_text_embedding, folder, row, text_widths, backbone)
         target_faces = _attempt(row_problems, _check_target, folder, target, face_model)
         identities = _attempt(row_problems, _check_references, folder, references, face_model)
         if row_problems:
@@ -125,19 +130,18 @@ def check_dataset(folder: str | Path, face_model: FaceModel,
         usual = Counter(found_widths.values()).most_common(1)[0][0]
         for sample in samples:
             if found_widths[sample.row] != usual:
-                width, pooled = found_widths[sample.row]
                 problems[sample.row] = (
-                    f"text embedding '{sample.text_embedding.relative_to(folder)}' has prompt_embeds of width {width} "
-                    f"and pooled_prompt_embeds of {pooled}; most rows have {usual[0]} and {usual[1]} (made with "
-                    "other text encoders?)")
+                    f"text embedding '{sample.text_embedding.relative_to(folder)}' has "
+                    f"{widths_text(found_widths[sample.row])}; most rows have {' and '.join(map(str, usual))} "
+                    "(made with other text encoders?)")
         samples = [sample for sample in samples if sample.row not in problems]
     return samples, [f"{row_label(folder, number)}: {problems[number]}" for number in sorted(problems)]
 
 
 def load_dataset(folder: str | Path, face_model: FaceModel, on_bad_rows: str = "error",
-                 text_widths: tuple[int, int] | None = None) -> tuple[list[Sample], list[str]]:
+                 text_widths: tuple[int, ...] | None = None, backbone=None) -> tuple[list[Sample], list[str]]:
     """Validated samples (see check_dataset) and, with on_bad_rows='skip', the report of skipped rows."""
-    samples, problems = check_dataset(folder, face_model, text_widths)
+    samples, problems = check_dataset(folder, face_model, text_widths, backbone)
     if problems and on_bad_rows == "error":
         listing = "\n  ".join(problems)
         raise UMOError(f"bad training data (use --on-bad-rows skip to leave these rows out):\n  {listing}")

@@ -1,6 +1,7 @@
-"""The text-embedding cache of a training data folder, made with FLUX's text encoders.
+"""The text-embedding cache of a training data folder, made with the backbone's text encoders.
 
     python -m training.encode_prompts --data DATA --text-encoders FLUX.1-dev
+    python -m training.encode_prompts --backbone flux2 --data DATA --text-encoders FLUX.2-klein-base-4B
 
 Each manifest.jsonl row's embedding file is its `text_embedding`, or text/<sha256 of the prompt>.safetensors
 when the row has none (the field is then filled in). Files that exist are kept, so the same prompt is
@@ -19,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from umo_core.backbones.flux1.text_embedding import embedding_file_tensors
-from umo_core.backbones.flux1.text_encoders import encode_prompts, load_text_encoders
+from umo_core.backbones import DEFAULT, TRAINABLE, get
+from umo_core.backbones.text_embedding import embedding_file_metadata, embedding_file_tensors
 from umo_core.console import HelpFormatter, progress
 from umo_core.errors import UMOError
 from umo_core.files import save_tensors
@@ -38,14 +39,18 @@ class EncodeSettings:
     device: str
     dtype: torch.dtype
     batch_size: int
+    backbone: str = DEFAULT
 
 
 def parse_args(argv: list[str] | None = None) -> EncodeSettings:
     parser = argparse.ArgumentParser(prog="python -m training.encode_prompts", description=__doc__,
                                      formatter_class=HelpFormatter)
     parser.add_argument("--data", type=Path, required=True, help="folder with manifest.jsonl (see README)")
+    parser.add_argument("--backbone", choices=TRAINABLE, default=DEFAULT,
+                        help="whose text encoders: flux1 (CLIP-L and T5) or flux2 (klein's Qwen3); the files record it")
     parser.add_argument("--text-encoders", type=Path, required=True,
-                        help="diffusers FLUX folder with text_encoder/, tokenizer/, text_encoder_2/, tokenizer_2/")
+                        help="the backbone's diffusers folder: FLUX.1 with text_encoder/, tokenizer/, text_encoder_2/, "
+                             "tokenizer_2/; FLUX.2 [klein] with text_encoder/, tokenizer/")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where the encoders run")
     parser.add_argument("--dtype", choices=DTYPES, help="default bfloat16 on a GPU, float32 on the CPU")
@@ -54,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> EncodeSettings:
     if args.batch_size < 1:
         parser.error(f"--batch-size {args.batch_size}: give at least 1")
     dtype = DTYPES[args.dtype] if args.dtype else torch.bfloat16 if args.device.startswith("cuda") else torch.float32
-    return EncodeSettings(args.data, args.text_encoders, args.device, dtype, args.batch_size)
+    return EncodeSettings(args.data, args.text_encoders, args.device, dtype, args.batch_size, args.backbone)
 
 
 @dataclass
@@ -97,15 +102,16 @@ def encode_data_folder(settings: EncodeSettings) -> Plan:
     data = settings.data
     plan = plan_encoding(data)
     if plan.to_encode:
-        encoders = load_text_encoders(settings.text_encoders, settings.dtype, settings.device)
+        backbone = get(settings.backbone)
+        encoders = backbone.load_text_encoders(settings.text_encoders, settings.dtype, settings.device)
         pending = list(plan.to_encode.items())
         bar = progress(len(pending), "encoding prompts", "prompt")
         for start in range(0, len(pending), settings.batch_size):
             chunk = pending[start:start + settings.batch_size]
-            text = encode_prompts(encoders, [prompt for _, prompt in chunk])
+            text = backbone.encode_prompts(encoders, [prompt for _, prompt in chunk])
             for i, (path, _) in enumerate(chunk):
                 # An interrupted run leaves no partial file that the next run would take as done.
-                save_tensors(data / path, embedding_file_tensors(text, i))
+                save_tensors(data / path, embedding_file_tensors(text, i), embedding_file_metadata(backbone.name))
             bar.update(len(chunk))
         bar.close()
     if plan.filled:

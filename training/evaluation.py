@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from umo_core.backbones.flux1.generation import LATENT_SCALE, generate_image
+from umo_core.backbones.flow import generate_image
 from umo_core.faces.face_model import FaceModel
 from umo_core.faces.metrics import average_metrics
 from umo_core.faces.scoring import score_image
@@ -24,16 +24,16 @@ EVAL_LOG_FILE = "eval.jsonl"  # one summary per evaluation
 
 
 @torch.no_grad()
-def evaluate(step: int, transformer, vae, face_model: FaceModel, batches: list[Batch], output: Path,
+def evaluate(backbone, step: int, transformer, vae, face_model: FaceModel, batches: list[Batch], output: Path,
              seed: int, sampling_steps: int, guidance: float) -> dict:
     """Generate one image per evaluation row (seed + row), score it, write the images and the report."""
     folder = output / "eval" / f"step_{step:06d}"
     folder.mkdir(parents=True, exist_ok=True)
     images = []
     for batch in batches:
-        height, width = (side * LATENT_SCALE for side in batch.target.shape[2:])  # the target photo's bucket
-        image = generate_image(transformer, vae, batch.text, batch.references, seed + batch.rows[0], height, width,
-                               sampling_steps, guidance)
+        height, width = (side * backbone.latent_scale for side in batch.target.shape[2:])  # the target's bucket
+        image = generate_image(backbone, transformer, vae, batch.text, batch.references, seed + batch.rows[0],
+                               height, width, sampling_steps, guidance)
         name = f"row_{batch.rows[0]:04d}.png"
         save_image(image, folder / name)
         score = score_image(face_model, batch.identities[0], image, batch.ground_truth[0].embeddings)

@@ -1,7 +1,9 @@
-r"""ReReFL: train a UMO-style LoRA on FLUX with UNO's references and the multi-identity reward.
+r"""ReReFL: train a UMO-style LoRA on FLUX.1 (UNO's references) or FLUX.2 with the multi-identity reward.
 
     accelerate launch -m training.rerefl --data DATA --transformer FLUX/transformer --vae FLUX/vae \
         --faces antelopev2 --output runs/umo           # or plain `python -m training.rerefl ...`
+    python -m training.rerefl --backbone flux2 --transformer flux-2-klein-base-4b.safetensors \
+        --vae flux2-vae.safetensors --data DATA --output runs/klein
 
 Per step (training/step.py): L = lambda * L_diff - R, where L_diff is the flow-matching loss
 on the batch and R the reward of a ReReFL rollout (the UMO paper, arXiv 2509.06818): sample without
@@ -32,20 +34,8 @@ from peft.utils import set_peft_model_state_dict
 from tqdm import tqdm
 
 from umo_core import UMOError
-from umo_core.backbones.flux1.loading import (
-    check_vae,
-    load_flux_lora,
-    load_transformer,
-    load_vae,
-    transformer_text_widths,
-)
-from umo_core.backbones.lora_formats import (
-    BASE_MODEL_METADATA_KEY,
-    FORMAT_METADATA_KEY,
-    UNO_TARGET_MODULES,
-    diffusers_to_uno,
-    save_lora_file,
-)
+from umo_core.backbones import get
+from umo_core.backbones.lora_formats import save_lora_file
 from umo_core.faces.face_model import FaceModel
 from umo_core.faces.face_pack import FacePack, find_face_pack
 from umo_core.faces.metrics import average_metrics, match_metrics
@@ -85,9 +75,10 @@ def check_paths(config: TrainConfig) -> tuple[FacePack, tuple[int, int] | None, 
     if config.init_lora and not config.init_lora.is_file():
         raise UMOError(f"--init-lora '{config.init_lora}' is not a file; give the path of a UNO-layout (UMO_UNO) "
                        "or diffusers FLUX LoRA .safetensors")
-    text_widths = transformer_text_widths(config.transformer) if config.transformer else None
+    backbone = get(config.backbone)
+    text_widths = backbone.transformer_text_widths(config.transformer) if config.transformer else None
     if config.vae:
-        check_vae(config.vae)
+        backbone.check_vae(config.vae)
     pack = find_face_pack(config.faces)
     saved = None
     if config.output:
@@ -122,7 +113,7 @@ def check_data(config: TrainConfig) -> int:
     for what, folder in (("data", config.data), ("evaluation data", config.eval_data)):
         if folder is None:
             continue
-        samples, problems = check_dataset(folder, face_model, text_widths)
+        samples, problems = check_dataset(folder, face_model, text_widths, get(config.backbone))
         for line in problems:
             print(line)
         rows = len(samples) + len(problems)
@@ -143,7 +134,7 @@ def lora_config(config: TrainConfig,
     if config.rank:
         ranks.append((f"--rank {config.rank}", config.rank))
     if config.init_lora:
-        initial = load_flux_lora(config.init_lora)
+        initial = get(config.backbone).load_lora(config.init_lora)
         found = {tensor.shape[0] for key, tensor in initial.items() if ".lora_A." in key}
         if len(found) != 1:
             raise UMOError(f"--init-lora '{config.init_lora}' has modules of different ranks {sorted(found)}; "
@@ -154,14 +145,14 @@ def lora_config(config: TrainConfig,
         ranks.append((f"the rank {saved.rank} of the checkpoint in '{config.output / CHECKPOINT_FOLDER}'",
                       saved.rank))
     if not ranks:
-        return lora_adapter(DEFAULT_RANK), initial
+        return lora_adapter(DEFAULT_RANK, get(config.backbone).lora_target_modules), initial
     (first, rank), *others = ranks
     for other, other_rank in others:
         if other_rank != rank:
             hint = ("leave --rank out to continue at the file's rank" if config.rank else
                     "leave --init-lora out with --resume: the checkpoint holds the LoRA")
             raise UMOError(f"{first} differs from {other}; {hint}")
-    return lora_adapter(rank), initial
+    return lora_adapter(rank, get(config.backbone).lora_target_modules), initial
 
 
 @dataclass
@@ -204,17 +195,19 @@ class StopRequest:
 def load_training_data(config: TrainConfig, face_model: FaceModel, text_widths: tuple[int, int] | None,
                        accelerator: Accelerator) -> TrainingData:
     """The data check of --data (and --eval-data), before any model is loaded: bad rows are reported first."""
-    samples, skipped = load_dataset(config.data, face_model, config.on_bad_rows, text_widths)
+    backbone = get(config.backbone)
+    samples, skipped = load_dataset(config.data, face_model, config.on_bad_rows, text_widths, backbone)
     for line in skipped:
         accelerator.print(f"skipped {line}")
     evaluation_samples = samples
     if config.eval_data and config.eval_every:
-        evaluation_samples, skipped = load_dataset(config.eval_data, face_model, config.on_bad_rows, text_widths)
+        evaluation_samples, skipped = load_dataset(config.eval_data, face_model, config.on_bad_rows, text_widths,
+                                                   backbone)
         for line in skipped:
             accelerator.print(f"skipped evaluation {line}")
     evaluation_samples = evaluation_samples[:config.eval_count]
-    keys = [shape_key(s.target, s.references, s.text_embedding, config.resolution) for s in samples]
-    evaluation_buckets = [shape_key(s.target, s.references, s.text_embedding, config.resolution)[0]
+    keys = [shape_key(backbone, s.target, s.references, s.text_embedding, config.resolution) for s in samples]
+    evaluation_buckets = [shape_key(backbone, s.target, s.references, s.text_embedding, config.resolution)[0]
                           for s in evaluation_samples]
     bank = None
     if config.step.contrastive_weight:
@@ -222,10 +215,10 @@ def load_training_data(config: TrainConfig, face_model: FaceModel, text_widths: 
     return TrainingData(samples, keys, evaluation_samples, evaluation_buckets, bank)
 
 
-def lora_adapter(rank: int) -> LoraConfig:
+def lora_adapter(rank: int, target_modules: str) -> LoraConfig:
     """The LoRA the trainer trains: UNO's modules, alpha = rank (the delta is B @ A, as in UNO's layout and the
     files this trainer writes)."""
-    return LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=UNO_TARGET_MODULES)
+    return LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=target_modules)
 
 
 def attach_lora(transformer, adapter: LoraConfig, gradient_checkpointing: bool) -> list[torch.nn.Parameter]:
@@ -245,15 +238,16 @@ def load_models(config: TrainConfig, adapter: LoraConfig, initial_lora: dict[str
     """The frozen FLUX transformer with the trainable LoRA (from --init-lora where given), the frozen VAE,
     and the LoRA's parameters."""
     dtype = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float32
-    transformer = load_transformer(config.transformer, dtype).to(device)
-    vae = load_vae(config.vae, dtype).to(device)
+    backbone = get(config.backbone)
+    transformer = backbone.load_transformer(config.transformer, dtype).to(device)
+    vae = backbone.load_vae(config.vae, dtype).to(device)
     vae.requires_grad_(False)
     lora_parameters = attach_lora(transformer, adapter, config.gradient_checkpointing)
     if initial_lora is not None:  # into the fp32 weights: the file's values unrounded
         unexpected = set_peft_model_state_dict(transformer, initial_lora).unexpected_keys
         if unexpected:
             raise UMOError(f"--init-lora '{config.init_lora}' has layers this transformer lacks "
-                           f"({unexpected[:3]}...); is it a LoRA for another FLUX depth?")
+                           f"({unexpected[:3]}...); is it a LoRA for another depth or variant?")
     return transformer, vae, lora_parameters
 
 
@@ -261,9 +255,10 @@ def run_evaluation(config: TrainConfig, accelerator: Accelerator, step: int, mod
                    face_model: FaceModel, data: TrainingData) -> None:
     """With --eval-every, the evaluation images and report of `step` (main process; the others wait)."""
     if config.eval_every and accelerator.is_main_process:
-        batches = [load_batch([s], bucket, vae, accelerator.device)
+        backbone = get(config.backbone)
+        batches = [load_batch(backbone, [s], bucket, vae, accelerator.device)
                    for s, bucket in zip(data.evaluation_samples, data.evaluation_buckets)]
-        summary = evaluate(step, model, vae, face_model, batches, config.output, config.seed,
+        summary = evaluate(backbone, step, model, vae, face_model, batches, config.output, config.seed,
                            config.step.sampling_steps, config.eval_guidance)
         accelerator.print(f"evaluation at step {step}: " + ", ".join(
             f"{name} {value:.3f}" for name, value in summary.items() if name != "step" and value is not None))
@@ -293,11 +288,9 @@ def log_step(accelerator: Accelerator, output: Path, step: int, batch: Batch, re
 
 
 def export_lora(config: TrainConfig, model) -> None:
-    """The trained LoRA in the diffusers and the UNO layouts, and the run's settings."""
-    lora = lora_weights(model)
-    save_lora_file(config.output / "lora_diffusers.safetensors", lora)
-    save_lora_file(config.output / "lora_uno.safetensors", diffusers_to_uno(lora),
-                   {FORMAT_METADATA_KEY: "uno", BASE_MODEL_METADATA_KEY: "flux1-dev"})
+    """The trained LoRA in the backbone's layouts (peft, and UNO's or ComfyUI's) and the run's settings."""
+    for name, (tensors, metadata) in get(config.backbone).lora_files(lora_weights(model)).items():
+        save_lora_file(config.output / name, tensors, metadata)
     with atomic_path(config.output / CONFIG_FILE) as temporary:
         temporary.write_text(config_json(config), encoding="utf-8")
 
@@ -306,6 +299,7 @@ def train(config: TrainConfig) -> int:
     """The run; its exit status: 0 when it trained to --steps, 128 + the signal's number when stopped (after the
     checkpoint)."""
     # Paths and file headers first (seconds), then the data (minutes on a big set), then the models.
+    backbone = get(config.backbone)
     pack, text_widths, saved = check_paths(config)
     adapter, initial_lora = lora_config(config, saved)
     # Without a GPU, say so: accelerate would otherwise run N unconnected copies under torchrun.
@@ -336,8 +330,9 @@ def train(config: TrainConfig) -> int:
     progress = tqdm(total=config.steps, initial=start, disable=not accelerator.is_main_process)
     for step in range(start + 1, config.steps + 1):
         indices = order.next_batch()
-        batch = load_batch([data.samples[i] for i in indices], data.keys[indices[0]][0], vae, accelerator.device)
-        result = rerefl_step(transformer, vae, face_model, batch, config.step, state.generator,
+        batch = load_batch(backbone, [data.samples[i] for i in indices], data.keys[indices[0]][0], vae,
+                           accelerator.device)
+        result = rerefl_step(backbone, transformer, vae, face_model, batch, config.step, state.generator,
                              rollout_transformer=state.model, bank=data.bank)
         apply_gradients(accelerator, result.loss, lora_parameters, optimizer, config.grad_clip)
         record = log_step(accelerator, config.output, step, batch, result, config.step)

@@ -8,7 +8,8 @@
 - The ID terms (WithAnyone's; README, "WithAnyone terms"): on the flow-matching branch's clean
   estimate, at the target photo's face keypoints; off where sigma > ID_LOSS_MAX_SIGMA.
 
-The trainer and bench/train_step.py both run `rerefl_step`, then `apply_gradients`.
+The step is the same for every backbone (umo_core.backbones.contract): the backbone gives the velocity, the
+schedule and the decoder. The trainer and bench/train_step.py both run `rerefl_step`, then `apply_gradients`.
 """
 
 from __future__ import annotations
@@ -18,8 +19,7 @@ from dataclasses import dataclass
 import torch
 from accelerate import Accelerator
 
-from umo_core.backbones.flux1.runtime import decode_latents, predict_velocity, sample
-from umo_core.backbones.flux1.uno import clean_estimate, flux_sigmas
+from umo_core.backbones.flow import clean_estimate, sample
 from umo_core.faces.detection import Faces
 from umo_core.faces.face_model import FaceModel
 from umo_core.faces.reward import RewardResult, identity_reward
@@ -68,7 +68,7 @@ class StepResult:
     rewards: RewardResult  # per sample of the batch, of its decoded clean estimate
 
 
-def withanyone_terms(settings: StepSettings, vae, face_model: FaceModel, batch: Batch, noisy: torch.Tensor,
+def withanyone_terms(backbone, settings: StepSettings, vae, face_model: FaceModel, batch: Batch, noisy: torch.Tensor,
                      velocity: torch.Tensor, t: torch.Tensor, bank: ReferenceBank | None) -> dict[str, torch.Tensor]:
     """WithAnyone's ID losses on the flow-matching branch's clean estimate.
 
@@ -79,7 +79,7 @@ def withanyone_terms(settings: StepSettings, vae, face_model: FaceModel, batch: 
     kept = [i for i in range(len(t)) if t[i] <= ID_LOSS_MAX_SIGMA]
     if not kept:
         return {}
-    images = decode_latents(vae, clean_estimate(noisy[kept], velocity[kept], t[kept]))
+    images = backbone.decode_latents(vae, clean_estimate(noisy[kept], velocity[kept], t[kept]))
     truths = [batch.ground_truth[i] for i in kept]
     terms = {}
     if settings.gt_id_weight:
@@ -95,24 +95,26 @@ def withanyone_terms(settings: StepSettings, vae, face_model: FaceModel, batch: 
     return terms
 
 
-def batch_reward(vae, face_model: FaceModel, batch: Batch, estimate: torch.Tensor, kind: str,
+def batch_reward(backbone, vae, face_model: FaceModel, batch: Batch, estimate: torch.Tensor, kind: str,
                  faces: list[Faces] | None = None) -> tuple[torch.Tensor, RewardResult]:
     """R: the batch mean of each sample's reward (`kind`) of its decoded clean estimate against the sample's own
     references, and those rewards. Differentiable through the decoder and the face network; `faces` as in
     `rerefl_step`."""
-    rewards = identity_reward(decode_latents(vae, estimate), batch.identities, face_model, kind=kind, faces=faces)
+    images = backbone.decode_latents(vae, estimate)
+    rewards = identity_reward(images, batch.identities, face_model, kind=kind, faces=faces)
     return rewards.values.mean(), rewards
 
 
-def rerefl_step(transformer, vae, face_model: FaceModel, batch: Batch, settings: StepSettings,
+def rerefl_step(backbone, transformer, vae, face_model: FaceModel, batch: Batch, settings: StepSettings,
                 generator: torch.Generator, rollout_transformer=None, bank: ReferenceBank | None = None,
                 faces: list[Faces] | None = None) -> StepResult:
     """The loss of one batch; its random draws (t, noise, the reward step, the rollout's noise) come from
     `generator`, in that order.
 
-    transformer: FLUX with the trainable LoRA, as wrapped for training (DDP under torchrun: its forward
-    syncs the gradients). rollout_transformer: the same model unwrapped, for the rollout without gradient
-    (default: `transformer`). bank: the negatives of the contrastive term (needed when it is on).
+    backbone: a umo_core.backbones.contract.Backbone. transformer: its transformer with the trainable LoRA, as
+    wrapped for training (DDP under torchrun: its forward syncs the gradients). rollout_transformer: the same
+    model unwrapped, for the rollout without gradient (default: `transformer`). bank: the negatives of the
+    contrastive term (needed when it is on).
     faces: per sample, where the faces of its decoded estimate are. A bench-only seam: random weights
     decode no faces, so bench/train_step.py gives fixed boxes; the trainer detects them (None).
     """
@@ -121,23 +123,23 @@ def rerefl_step(transformer, vae, face_model: FaceModel, batch: Batch, settings:
     t = torch.rand((shape[0], 1, 1, 1), generator=generator).to(device)
     noise = torch.randn(shape, generator=generator).to(device)
     noisy = (1 - t) * batch.target + t * noise
-    velocity = predict_velocity(transformer, noisy, t.flatten(), batch.text, batch.references, guidance=1.0)
+    velocity = backbone.predict_velocity(transformer, noisy, t.flatten(), batch.text, batch.references, guidance=1.0)
     diffusion_loss = torch.nn.functional.mse_loss(velocity, noise - batch.target)
     id_terms = {}
     if settings.id_term_weights():
-        id_terms = withanyone_terms(settings, vae, face_model, batch, noisy, velocity, t, bank)
+        id_terms = withanyone_terms(backbone, settings, vae, face_model, batch, noisy, velocity, t, bank)
 
     # 2. ReReFL: roll out without gradient to a step in the window, one step with gradient, its estimate.
     reward_step = int(torch.randint(settings.sampling_steps - settings.window, settings.sampling_steps, (),
                                     generator=generator))
     start = torch.randn(shape, generator=generator).to(device)
     rollout = transformer if rollout_transformer is None else rollout_transformer
-    latent = sample(rollout, start, batch.text, batch.references, settings.sampling_steps, guidance=1.0,
+    latent = sample(backbone, rollout, start, batch.text, batch.references, settings.sampling_steps, guidance=1.0,
                     stop_at=reward_step)
-    sigma = flux_sigmas(settings.sampling_steps, (shape[2] // 2) * (shape[3] // 2))[reward_step]
-    velocity = predict_velocity(transformer, latent, sigma, batch.text, batch.references, guidance=1.0)
-    reward, rewards = batch_reward(vae, face_model, batch, clean_estimate(latent, velocity, sigma), settings.reward,
-                                   faces)
+    sigma = backbone.sigmas(settings.sampling_steps, tuple(shape[2:]))[reward_step]
+    velocity = backbone.predict_velocity(transformer, latent, sigma, batch.text, batch.references, guidance=1.0)
+    estimate = clean_estimate(latent, velocity, sigma)
+    reward, rewards = batch_reward(backbone, vae, face_model, batch, estimate, settings.reward, faces)
 
     loss = settings.diffusion_weight * diffusion_loss - reward
     for name, weight in settings.id_term_weights().items():

@@ -17,7 +17,8 @@ import torch
 from tqdm import tqdm
 
 from .arguments import at_least, check_device, check_seed, finite
-from .backbones.flux1.text_embedding import TextEmbedding, checked_text_embedding_widths, load_text_embeddings
+from .backbones import DEFAULT, TRAINABLE, get
+from .backbones.text_embedding import TextEmbedding, checked_text_embedding_widths, load_text_embeddings
 from .console import HelpFormatter
 from .errors import UMOError
 from .evaluate import add_parser as add_evaluate_parser
@@ -90,6 +91,7 @@ class GenerateConfig:
     vae: Path
     references: tuple[Path, ...]
     out: Path
+    backbone: str = DEFAULT  # a name in umo_core.backbones.TRAINABLE
     text_embedding: Path | None = None
     prompt: str | None = None
     text_encoders: Path | None = None
@@ -97,29 +99,32 @@ class GenerateConfig:
     lora: Path | None = None
     lora_strength: float = 1.0
     size: int = 768
-    steps: int = 25
-    guidance: float = 4.0
+    steps: int | None = None  # None: the backbone's for the transformer (sampling_defaults)
+    guidance: float | None = None
     seed: int = 0
     count: int = 1
     device: str = field(default_factory=_default_device)
 
     def __post_init__(self) -> None:
+        if self.backbone not in TRAINABLE:
+            raise UMOError(f"--backbone '{self.backbone}' is not one of {', '.join(TRAINABLE)}")
         if (self.text_embedding is None) == (self.prompt is None):
             raise UMOError("give the prompt as --prompt (with --text-encoders) or as --text-embedding, one of them")
         if self.prompt is None and self.text_encoders:
             raise UMOError("--text-encoders goes with --prompt; with --text-embedding leave it out")
         if self.prompt is not None and not self.text_encoders:
-            raise UMOError("--prompt needs --text-encoders: a diffusers FLUX folder with text_encoder/, tokenizer/, "
-                           "text_encoder_2/ and tokenizer_2/")
+            raise UMOError(f"--prompt needs --text-encoders: {get(self.backbone).text_encoder_files}")
         if not self.references:
             raise UMOError("give --ref: one reference photo per person")
         if self.size < SIZE_MULTIPLE or self.size % SIZE_MULTIPLE:
             below = max(SIZE_MULTIPLE, self.size // SIZE_MULTIPLE * SIZE_MULTIPLE)
             raise UMOError(f"--size {self.size} must be a multiple of {SIZE_MULTIPLE} (FLUX's latent patches); "
                            f"give e.g. {below} or {below + SIZE_MULTIPLE}")
-        at_least("--steps", self.steps, 1)
+        if self.steps is not None:
+            at_least("--steps", self.steps, 1)
         at_least("--count", self.count, 1, " (images to make)")
-        at_least("--guidance", self.guidance, 0)
+        if self.guidance is not None:
+            at_least("--guidance", self.guidance, 0)
         finite("--lora-strength", self.lora_strength)
         check_seed("--seed", self.seed, self.count)
         check_device("--device", self.device)
@@ -131,28 +136,35 @@ class GenerateConfig:
 
 
 def _add_generate_parser(commands) -> None:
-    generate = commands.add_parser("generate", help="images of the reference people from a prompt (FLUX + UNO)",
-                                   formatter_class=HelpFormatter)
+    generate = commands.add_parser("generate", help="images of the reference people from a prompt (FLUX.1 + UNO, "
+                                                    "or FLUX.2)", formatter_class=HelpFormatter)
+    generate.add_argument("--backbone", choices=TRAINABLE, default=GenerateConfig.backbone,
+                          help="flux1: FLUX.1 with UNO's references; flux2: FLUX.2 [klein] or [dev]")
     generate.add_argument("--transformer", type=Path, required=True,
-                          help="FLUX transformer: diffusers folder or single .safetensors file (flux1-dev.safetensors)")
+                          help="transformer: diffusers folder or single .safetensors file (flux1-dev.safetensors, "
+                               "flux-2-klein-4b.safetensors ...)")
     generate.add_argument("--vae", type=Path, required=True,
-                          help="FLUX autoencoder: diffusers folder or single .safetensors file (ae.safetensors)")
+                          help="autoencoder: diffusers folder or single .safetensors file (ae.safetensors, "
+                               "flux2-vae.safetensors)")
     prompt = generate.add_mutually_exclusive_group(required=True)
-    prompt.add_argument("--text-embedding", type=Path, help="safetensors with prompt_embeds and pooled_prompt_embeds "
-                        "(python -m training.encode_prompts writes them)")
+    prompt.add_argument("--text-embedding", type=Path, help="safetensors with prompt_embeds (and FLUX.1's "
+                        "pooled_prompt_embeds), made for --backbone (python -m training.encode_prompts writes them)")
     prompt.add_argument("--prompt", help="the prompt, encoded with the text encoders of --text-encoders")
-    generate.add_argument("--text-encoders", type=Path, help="with --prompt: diffusers FLUX folder with text_encoder/, "
-                          "tokenizer/, text_encoder_2/ and tokenizer_2/")
+    generate.add_argument("--text-encoders", type=Path, help="with --prompt: the backbone's diffusers folder "
+                          "(FLUX.1: text_encoder/, tokenizer/, text_encoder_2/, tokenizer_2/; FLUX.2 [klein]: "
+                          "text_encoder/, tokenizer/)")
     generate.add_argument("--ref", action="append", required=True, type=Path, help="reference photo, one per person")
     generate.add_argument("--faces", help="face pack that checks each --ref shows a face (default $UMO_FACE_PACK or "
                           f"{DEFAULT_PACK}; where that is not installed the check is skipped with a note)")
-    generate.add_argument("--lora", type=Path, help="UMO_UNO.safetensors or a LoRA from the trainer")
+    generate.add_argument("--lora", type=Path, help="UMO_UNO.safetensors or a LoRA from the trainer (of --backbone)")
     generate.add_argument("--lora-strength", type=float, default=GenerateConfig.lora_strength,
                           help="the LoRA's weight delta is scaled by this")
     generate.add_argument("--size", type=int, default=GenerateConfig.size,
                           help=f"width and height (a multiple of {SIZE_MULTIPLE})")
-    generate.add_argument("--steps", type=int, default=GenerateConfig.steps, help="sampling steps")
-    generate.add_argument("--guidance", type=float, default=GenerateConfig.guidance, help="FLUX guidance")
+    generate.add_argument("--steps", type=int, help="sampling steps (default: the backbone's, 25 for FLUX.1; 4 for a "
+                          "distilled FLUX.2 klein, 50 for klein base and dev)")
+    generate.add_argument("--guidance", type=float, help="guidance (default: the backbone's, 4; 1 for a distilled "
+                          "klein, which ignores it)")
     generate.add_argument("--seed", type=int, default=GenerateConfig.seed, help="seed of the first image")
     generate.add_argument("--count", type=int, default=GenerateConfig.count,
                           help="images to make (seeds seed, seed+1, ...)")
@@ -162,31 +174,30 @@ def _add_generate_parser(commands) -> None:
                                "GPU, else cpu)")
 
 
-def _prompt_embedding(config: GenerateConfig, dtype: torch.dtype) -> TextEmbedding:
-    """--text-embedding's file, or --prompt encoded with the text encoders of --text-encoders."""
+def _prompt_embedding(config: GenerateConfig, backbone, dtype: torch.dtype) -> TextEmbedding:
+    """--text-embedding's file, or --prompt encoded with the backbone's text encoders of --text-encoders."""
     if config.prompt is None:
         return load_text_embeddings([config.text_embedding])
-    from .backbones.flux1.text_encoders import encode_prompts, load_text_encoders
-
-    return encode_prompts(load_text_encoders(config.text_encoders, dtype, config.device), [config.prompt])
+    encoders = backbone.load_text_encoders(config.text_encoders, dtype, config.device)
+    return backbone.encode_prompts(encoders, [config.prompt])
 
 
 def _check_generate_inputs(config: GenerateConfig) -> list[np.ndarray]:
     """Every file `generate` reads, from its header, and the output folder, before any model loads (seconds, not
     the minutes of loading FLUX); the reference photos."""
-    from .backbones.flux1.loading import check_vae, transformer_text_widths
-
-    widths = transformer_text_widths(config.transformer)
-    check_vae(config.vae)
+    backbone = get(config.backbone)
+    widths = backbone.transformer_text_widths(config.transformer)
+    backbone.check_vae(config.vae)
     if config.text_embedding is not None:
         hint = "make it with python -m training.encode_prompts, or give --prompt and --text-encoders"
         if not config.text_embedding.is_file():
             raise UMOError(f"--text-embedding '{config.text_embedding}' does not exist or is not a file; {hint}")
-        checked_text_embedding_widths(config.text_embedding, f"--text-embedding '{config.text_embedding}'", hint,
-                                      widths)
+        checked_text_embedding_widths(config.text_embedding, f"--text-embedding '{config.text_embedding}'",
+                                      f"{hint} --backbone {backbone.name}", backbone, widths)
     if config.lora and not config.lora.is_file():
         raise UMOError(f"--lora '{config.lora}' does not exist or is not a file; give the path of a UNO-layout "
-                       "(UMO_UNO) or diffusers FLUX LoRA .safetensors")
+                       "(UMO_UNO) or diffusers FLUX LoRA .safetensors (FLUX.2: the trainer's lora_comfy or "
+                       "lora_diffusers file)")
     if config.out.exists() and not config.out.is_dir():
         raise UMOError(f"--out '{config.out}' is a file; give a folder for the images (it is made if missing)")
     _writable_folder(config.out, f"--out '{config.out}'")
@@ -219,29 +230,32 @@ def _warn_faceless_references(config: GenerateConfig, photos: list[np.ndarray]) 
 
 
 def generate_command(config: GenerateConfig) -> list[Path]:
-    """The headless twin of the UMO-UNO ComfyUI graph."""
-    from .backbones.flux1.generation import generate_image
-    from .backbones.flux1.loading import load_transformer, load_vae, merge_lora
-    from .backbones.flux1.runtime import encode_images
-    from .backbones.references import reference_long_side, resize_reference
+    """The headless twin of the UMO-UNO ComfyUI graph, for any backbone."""
+    from .backbones.flow import generate_image
+    from .backbones.lora_formats import merge_lora_weights
 
+    backbone = get(config.backbone)
     photos = _check_generate_inputs(config)
+    lora = backbone.load_lora(config.lora) if config.lora else None  # another backbone's LoRA: named here
     _warn_faceless_references(config, photos)
+    default_steps, default_guidance = backbone.sampling_defaults(config.transformer)
+    steps = config.steps or default_steps
+    guidance = default_guidance if config.guidance is None else config.guidance
     dtype = torch.bfloat16 if torch.device(config.device).type == "cuda" else torch.float32
     # The prompt first: the text encoders are freed before the transformer takes the memory.
-    text = _prompt_embedding(config, dtype)
-    transformer = load_transformer(config.transformer, dtype).to(config.device)
-    vae = load_vae(config.vae, dtype).to(config.device)
-    if config.lora:
-        merge_lora(transformer, config.lora, config.lora_strength)
-    side = reference_long_side(len(photos))
+    text = _prompt_embedding(config, backbone, dtype)
+    transformer = backbone.load_transformer(config.transformer, dtype).to(config.device)
+    vae = backbone.load_vae(config.vae, dtype).to(config.device)
+    if lora is not None:
+        merge_lora_weights(transformer, lora, config.lora_strength)
     with torch.no_grad():
-        references = [encode_images(vae, resize_reference(photo, side)[None]) for photo in photos]
+        references = [backbone.encode_images(vae, backbone.resize_reference(photo, len(photos))[None])
+                      for photo in photos]
     config.out.mkdir(parents=True, exist_ok=True)
     written = []
     for seed in range(config.seed, config.seed + config.count):
-        image = generate_image(transformer, vae, text, references, seed, config.size, config.size, config.steps,
-                               config.guidance)
+        image = generate_image(backbone, transformer, vae, text, references, seed, config.size, config.size, steps,
+                               guidance)
         path = config.out / f"umo_{seed:06d}.png"
         save_image(image, path)
         written.append(path)

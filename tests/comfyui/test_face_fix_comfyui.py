@@ -25,7 +25,7 @@ from tests.comfyui.conftest import flux_vae, import_pack, random_state_dict
 from tests.flux_layout import flux1_file_shapes
 from tests.group_photos import group_photo, lfw_face
 from umo_core import UMOError
-from umo_core.backbones.references import resize_reference
+from umo_core.backbones.flux1.references import resize_reference
 from umo_core.faces.face_model import Identities
 from umo_core.images import float_image
 

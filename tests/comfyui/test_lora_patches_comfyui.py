@@ -25,7 +25,8 @@ from tests.tiny_models import (
 )
 from training.rerefl import main
 from umo_core.backbones.flux1.loading import merge_lora
-from umo_core.backbones.lora_formats import load_lora_file, to_comfy_lora, uno_to_diffusers
+from umo_core.backbones.flux1.lora import uno_to_diffusers
+from umo_core.backbones.lora_formats import load_lora_file, to_comfy_lora
 
 
 def on_cpu_patcher(model):

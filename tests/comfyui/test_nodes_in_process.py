@@ -24,7 +24,7 @@ from tests.comfyui.conftest import (
 from tests.conftest import PHOTOS, ROOT
 from tests.official_packs import make_official_pack
 from umo_core import UMOError
-from umo_core.backbones.references import resize_reference
+from umo_core.backbones.flux1.references import resize_reference
 
 # ComfyUI tells an OmniGen2 file by this key and gives it the released model's sizes.
 OMNIGEN2_FILE_MARKER = "time_caption_embed.timestep_embedder.linear_1.bias"

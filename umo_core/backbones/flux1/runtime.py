@@ -1,13 +1,13 @@
-"""FLUX.1 with UNO's references at run time: latents in and out of the autoencoder, one velocity prediction,
-Euler sampling. The same functions serve the trainer (with gradient) and headless generation (without).
+"""FLUX.1 with UNO's references at run time: latents in and out of the autoencoder, one velocity prediction.
+The same functions serve the trainer (with gradient) and headless generation (without); sampling is flow.sample.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .text_embedding import TextEmbedding
-from .uno import euler_step, flux_sigmas, pack_latents, text_ids, uno_image_ids, unpack_latents
+from ..text_embedding import TextEmbedding
+from .uno import pack_latents, text_ids, uno_image_ids, unpack_latents
 
 LATENT_CHANNELS = 16  # FLUX.1's autoencoder; the transformer packs them into 2x2 patches of 64
 
@@ -48,16 +48,3 @@ def predict_velocity(transformer, latent: torch.Tensor, sigma: torch.Tensor | fl
     )[0]
     target_tokens = (h // 2) * (w // 2)
     return unpack_latents(output[:, :target_tokens].float(), h, w)
-
-
-@torch.no_grad()
-def sample(transformer, noise: torch.Tensor, text: TextEmbedding, references: list[torch.Tensor],
-           steps: int = 25, guidance: float = 4.0, stop_at: int | None = None) -> torch.Tensor:
-    """FLUX's Euler sampler from `noise` over the shifted schedule; `stop_at` ends after that many steps."""
-    sigmas = flux_sigmas(steps, (noise.shape[2] // 2) * (noise.shape[3] // 2))
-    latent = noise
-    for i in range(steps if stop_at is None else stop_at):
-        velocity = predict_velocity(transformer, latent, sigmas[i], text, references, guidance)
-        latent = euler_step(latent, velocity, sigmas[i], sigmas[i + 1])
-    return latent
-

@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ...errors import UMOError
-from .text_embedding import TextEmbedding
+from ..text_embedding import TextEmbedding
 
 if TYPE_CHECKING:
     from transformers import CLIPTextModel, PreTrainedTokenizerBase, T5EncoderModel

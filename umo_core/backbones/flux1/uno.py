@@ -71,13 +71,3 @@ def flux_sigmas(steps: int, image_tokens: int) -> torch.Tensor:
     t = np.linspace(1.0, 1.0 / steps, steps)
     shifted = math.exp(mu) / (math.exp(mu) + (1.0 / t - 1.0))
     return torch.tensor(np.append(shifted, 0.0), dtype=torch.float32)
-
-
-def euler_step(latent: torch.Tensor, velocity: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
-    """Flow-matching Euler: x_{next} = x + (sigma_next - sigma) * v, with v = noise - x0."""
-    return latent + (sigma_next - sigma) * velocity
-
-
-def clean_estimate(latent: torch.Tensor, velocity: torch.Tensor, sigma: float) -> torch.Tensor:
-    """One-step clean estimate of rectified flow: x_t = (1-t) x0 + t noise, v = noise - x0 => x0 = x_t - t v."""
-    return latent - sigma * velocity
