@@ -13,14 +13,22 @@ from umo_core.backbones import get
 from umo_core.backbones.lora_formats import check_family, load_lora_file, lora_family, to_comfy_lora
 from umo_core.errors import UMOError
 
-from .comfy_compat import lora_patches, model_family
+from .comfy_compat import lora_patches, model_family, vae_latent_channels
 from .node_api import io
 from .sockets import collect_references, reference_image_inputs
 
-BACKBONES = {"auto": None, "flux (UNO)": "flux", "omnigen2": "omnigen2"}
-FAMILY_BACKBONES = {"flux": "flux1", "omnigen2": "omnigen2"}  # family -> umo_core.backbones name (its reference rule)
-# Width of the text embedding in the conditioning -> the backbone it was made for.
-TEXT_WIDTH_FAMILY = {4096: "flux", 2048: "omnigen2"}  # T5-XXL (FLUX), Qwen2.5-VL-3B (OmniGen2)
+BACKBONES = {"auto": None, "flux (UNO)": "flux", "flux2": "flux2", "omnigen2": "omnigen2"}
+FAMILY_BACKBONES = {"flux": "flux1", "flux2": "flux2", "omnigen2": "omnigen2"}  # family -> umo_core.backbones name
+# Width of the text embedding in the conditioning -> the backbone it was made for. ComfyUI's FLUX.2 text encoders
+# stack three hidden layers (klein: Qwen3 layers 9, 18, 27; dev: Mistral-3 layers 10, 20, 30).
+TEXT_WIDTH_FAMILY = {4096: "flux", 2048: "omnigen2", 7680: "flux2", 12288: "flux2", 15360: "flux2"}
+TEXT_ENCODERS = ("T5-XXL 4096 (FLUX.1), Qwen2.5-VL 2048 (OmniGen2), Qwen3-4B 7680 / Qwen3-8B 12288 (FLUX.2 [klein]), "
+                 "Mistral-3 15360 (FLUX.2 [dev])")
+VAE_LATENT_CHANNELS = {"flux": 16, "omnigen2": 16, "flux2": 128}  # as ComfyUI's VAE encodes (FLUX.2's: 32 x 2 x 2)
+VAE_FILES = {"flux": "FLUX.1's autoencoder (ae.safetensors)", "omnigen2": "FLUX.1's autoencoder (ae.safetensors)",
+             "flux2": "FLUX.2's autoencoder (flux2-vae.safetensors)"}
+# ComfyUI's reference_latents_method for each backbone (FluxKontextMultiReferenceLatentMethod's values).
+REFERENCE_METHODS = {"flux": "uxo", "flux2": "index", "omnigen2": None}
 LOW_RANK_DOWN_KEYS = (".lora_down.weight", ".lora_A.weight")
 
 
@@ -36,8 +44,9 @@ class UMOLoraLoader(io.ComfyNode):
             node_id="UMOLoraLoader",
             display_name="UMO LoRA Loader",
             category="UMO",
-            description="Applies a UMO LoRA: UNO/UMO_UNO processor keys (FLUX), UMO_OmniGen2 peft keys (converted "
-                        "on the fly) or this project's trained LoRAs.",
+            description="Applies a UMO LoRA: UNO/UMO_UNO processor keys (FLUX.1), UMO_OmniGen2 peft keys (converted "
+                        "on the fly), diffusers/peft FLUX.1 and FLUX.2 LoRAs, or this project's trained LoRAs; a "
+                        "LoRA of another model family is refused, naming both.",
             inputs=[
                 io.Model.Input("model"),
                 io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras")),
@@ -69,49 +78,70 @@ class UMOLoraLoader(io.ComfyNode):
         return io.NodeOutput(patched)
 
 
-def conditioning_family(positive: list, backbone: str) -> str:
-    """'flux' or 'omnigen2': the `backbone` choice, checked against the text encoder that made `positive`."""
+def conditioning_family(positive: list, backbone: str, vae=None) -> str:
+    """'flux', 'flux2' or 'omnigen2': the `backbone` choice (BACKBONES), or with 'auto' the backbone told from the text
+    encoder that made `positive` (TEXT_WIDTH_FAMILY) or else from the VAE's latent; checked against both."""
     width = positive[0][0].shape[-1]
-    detected = TEXT_WIDTH_FAMILY.get(width)
+    from_text = TEXT_WIDTH_FAMILY.get(width)
     chosen = BACKBONES[backbone]
-    if chosen is None and detected is None:
-        raise UMOError(f"UMO Reference Conditioning: a text embedding of width {width} is neither FLUX's T5 (4096) "
-                       "nor OmniGen2's Qwen2.5-VL (2048); set backbone to 'flux (UNO)' or 'omnigen2'")
-    if chosen is not None and detected is not None and chosen != detected:
+    channels = None if vae is None else vae_latent_channels(vae)
+    from_vae = "flux2" if channels == VAE_LATENT_CHANNELS["flux2"] else None  # FLUX.1 and OmniGen2 share a VAE
+    family = chosen or from_text or from_vae
+    if family is None:
+        raise UMOError(f"UMO Reference Conditioning: a text embedding of width {width} comes from no text encoder "
+                       f"the backbones use ({TEXT_ENCODERS}); set backbone to one of {list(BACKBONES)[1:]}")
+    if from_text is not None and from_text != family:
         raise UMOError(f"UMO Reference Conditioning: backbone is '{backbone}' but the positive conditioning comes "
-                       f"from the {detected} text encoder (width {width}); set backbone to 'auto'")
-    return chosen or detected
+                       f"from {_title(from_text)}'s text encoder (width {width}); set backbone to 'auto'")
+    if channels is not None and channels != VAE_LATENT_CHANNELS[family]:
+        raise UMOError(f"UMO Reference Conditioning: the VAE makes {channels}-channel latents, but "
+                       f"{_title(family)} needs {VAE_FILES[family]}; connect the VAE that goes with the model")
+    return family
 
 
-def _with_references(conditioning: list, latents: list[torch.Tensor], flux: bool) -> list:
-    """Append the latents to the conditioning's references (like chained ReferenceLatent nodes)."""
+def _with_references(conditioning: list, latents: list[torch.Tensor], family: str) -> list:
+    """Append the latents to the conditioning's references (like chained ReferenceLatent nodes) and set the backbone's
+    reference method (what FluxKontextMultiReferenceLatentMethod sets)."""
     conditioning = node_helpers.conditioning_set_values(conditioning, {"reference_latents": latents}, append=True)
-    if flux:  # what FluxKontextMultiReferenceLatentMethod("uxo/uno") sets
-        conditioning = node_helpers.conditioning_set_values(conditioning, {"reference_latents_method": "uxo"})
+    method = REFERENCE_METHODS[family]
+    if method is not None:
+        conditioning = node_helpers.conditioning_set_values(conditioning, {"reference_latents_method": method})
     return conditioning
+
+
+def _title(family: str) -> str:
+    return get(FAMILY_BACKBONES[family]).title
+
+
+def prepare_reference(rgb: torch.Tensor, family: str, count: int, long_side: int = 0) -> torch.Tensor:
+    """One reference photo [H,W,3] of `count` -> the image the backbone's VAE encodes, by the library's rule for the
+    backbone (umo_core.backbones.<name>.references): UNO's long side for 'flux' (`long_side` > 0 overrides it), the
+    FLUX.2 pipelines' rule for 'flux2', OmniGen2's one megapixel for 'omnigen2'."""
+    rule = get(FAMILY_BACKBONES[family])
+    if family == "flux":
+        return rule.resize_reference(rgb, count, long_side)
+    return rule.resize_reference(rgb, count)
 
 
 def attach_references(positive: list, negative: list | None, vae, references: list[torch.Tensor], family: str,
                       long_side: int = 0, on_encoded: Callable[[int], None] | None = None) -> tuple[list, list | None]:
-    """Encode reference photos [H,W,3] by the backbone's rule and attach them to `positive` (and `negative`
-    when given): UNO's resize and the uxo/uno placement for 'flux', OmniGen2's convention for 'omnigen2'.
+    """Encode reference photos [H,W,3] by the backbone's rule (prepare_reference) and attach them to `positive` (and
+    `negative` when given) the backbone's way: the uxo/uno placement for 'flux', ComfyUI's `index` method for 'flux2'
+    (reference i at time 10 (i + 1), as diffusers' FLUX.2 pipelines place them), none for 'omnigen2'.
 
     UMO Reference Conditioning's work, shared with the face fix (one reference per face). `long_side` > 0
-    overrides UNO's long side; `on_encoded(n)` is called after the n-th reference is encoded.
+    overrides UNO's long side (FLUX.1 only); `on_encoded(n)` is called after the n-th reference is encoded.
     """
-    flux = family == "flux"
-    rule = get(FAMILY_BACKBONES[family])
+    if long_side and family != "flux":
+        raise UMOError(f"UMO Reference Conditioning: long_side ({long_side}) sets UNO's rule for FLUX.1; "
+                       f"{_title(family)} references follow {_title(family)}'s own rule, as its LoRAs were trained: "
+                       "set long_side to 0")
     latents = []
     for reference in references:
-        rgb = reference[..., :3]
-        if flux:
-            prepared = rule.resize_reference(rgb, len(references), long_side)
-        else:
-            prepared = rule.resize_reference(rgb, len(references))
-        latents.append(vae.encode(prepared[None]))
+        latents.append(vae.encode(prepare_reference(reference[..., :3], family, len(references), long_side)[None]))
         if on_encoded is not None:
             on_encoded(len(latents))
-    return tuple(None if c is None else _with_references(c, latents, flux) for c in (positive, negative))
+    return tuple(None if c is None else _with_references(c, latents, family) for c in (positive, negative))
 
 
 class ReferenceConditioning(io.ComfyNode):
@@ -122,14 +152,17 @@ class ReferenceConditioning(io.ComfyNode):
             display_name="UMO Reference Conditioning",
             category="UMO",
             description="Encodes the reference photos and attaches them to the conditioning: UNO's resize rule and "
-                        "the uxo/uno placement for FLUX, the OmniGen2 convention for OmniGen2.",
+                        "the uxo/uno placement for FLUX.1, FLUX.2's own rule and ComfyUI's index placement for "
+                        "FLUX.2 [klein]/[dev], the OmniGen2 convention for OmniGen2.",
             inputs=[
                 io.Conditioning.Input("positive"),
                 io.Vae.Input("vae"),
                 io.Combo.Input("backbone", options=list(BACKBONES), default="auto",
-                               tooltip="auto: told from the text encoder (T5 -> FLUX, Qwen2.5-VL -> OmniGen2)"),
+                               tooltip="auto: told from the text encoder (T5 -> FLUX.1, Qwen3 or Mistral-3 -> FLUX.2, "
+                                       "Qwen2.5-VL -> OmniGen2), else from the VAE (FLUX.2's)"),
                 io.Int.Input("long_side", default=0, min=0, max=2048, step=16,
-                             tooltip="FLUX: reference long side; 0 = UNO's rule (512 for one reference, 320 for more)"),
+                             tooltip="FLUX.1 only: reference long side; 0 = UNO's rule (512 for one reference, 320 "
+                                     "for more). FLUX.2 and OmniGen2 need 0 (their own rules)"),
                 io.Conditioning.Input("negative", optional=True, tooltip="also gets the references (OmniGen2 CFG)"),
             ]
             + reference_image_inputs(),
@@ -141,7 +174,7 @@ class ReferenceConditioning(io.ComfyNode):
         references = collect_references(images, single_images)
         if not references:
             raise UMOError("UMO Reference Conditioning: connect at least one reference image")
-        family = conditioning_family(positive, backbone)
+        family = conditioning_family(positive, backbone, vae)
         bar = ProgressBar(len(references))
         return io.NodeOutput(*attach_references(positive, negative, vae, references, family, long_side,
                                                 on_encoded=bar.update_absolute))

@@ -136,13 +136,20 @@ def test_reference_conditioning_backbone(width, backbone, family):
 
 
 @pytest.mark.parametrize(("width", "backbone", "message"), [
-    (3584, "auto", "neither FLUX's T5"),
-    (4096, "omnigen2", "comes from the flux text encoder"),
-    (2048, "flux (UNO)", "comes from the omnigen2 text encoder"),
+    (3584, "auto", "a text embedding of width 3584 comes from no text encoder the backbones use"),
+    (4096, "omnigen2", "comes from FLUX.1 \\(UNO\\)'s text encoder"),
+    (2048, "flux (UNO)", "comes from OmniGen2's text encoder"),
 ])
 def test_reference_conditioning_backbone_errors(width, backbone, message):
     with pytest.raises(UMOError, match=message):
         _backbone_nodes().conditioning_family(_conditioning(width), backbone)
+
+
+def test_reference_conditioning_checks_the_vae(vae):
+    """FLUX.1's autoencoder (16 channels) goes with FLUX.1's text encoder, not with FLUX.2's."""
+    assert _backbone_nodes().conditioning_family(_conditioning(4096), "auto", vae) == "flux"
+    with pytest.raises(UMOError, match="the VAE makes 16-channel latents, but FLUX.2 needs FLUX.2's autoencoder"):
+        _backbone_nodes().conditioning_family(_conditioning(7680), "auto", vae)
 
 
 @pytest.fixture(scope="module")

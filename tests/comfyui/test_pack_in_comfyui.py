@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import PHOTOS
+from tests.flux2_layout import KLEIN_4B_TEXT_WIDTH
 from umo_core.faces.scoring import DOUBTFUL_MARK
 
 # Small references keep the full-width FLUX block fast on a CPU (UNO's 320 px rule is tested in process).
@@ -29,9 +30,6 @@ PACK_NODES = {
     "UMOIdentityGuidance": (["model", "vae", "face_model", "identities", "strength", "start", "end", "reward",
                              "redetect_every"],
                             ["MODEL"]),
-    "UMOIdentityFaceFix": (["images", "model", "vae", "positive", "negative", "face_model", "identities", "seed",
-                            "steps", "cfg", "sampler_name", "scheduler", "denoise", "guide_size", "context", "feather",
-                            "only_below", "long_side", "guidance_strength"], ["IMAGE", "MASK", "STRING"]),
 }
 
 
@@ -192,6 +190,52 @@ def test_identity_guidance_samples_and_leaves_the_model_unpatched(comfy):
     loader output sampled without guidance gives the plain result: the patch stayed on the clone."""
     guided = _sorted_pixels(comfy, comfy.run(_with_identity_guidance(_flux_graph(None, "guided"))))
     plain = _sorted_pixels(comfy, comfy.run(_flux_graph(None, "after_guidance")))
+    assert np.array_equal(guided, plain)
+
+
+def _flux2_graph(files: tuple[str, str], lora: str | None, prefix: str) -> dict:
+    """The same graph on FLUX.2 [klein]: its transformer and VAE files, Qwen3-4B's text width, FLUX.2's latent, the
+    references by FLUX.2's own rule (long_side 0), no guidance embedding."""
+    transformer, vae = files
+    prompt = _flux_graph(lora, prefix, {"class_type": "UNETLoader",
+                                        "inputs": {"unet_name": transformer, "weight_dtype": "default"}})
+    prompt["vae"]["inputs"]["vae_name"] = vae
+    prompt["text"]["inputs"]["width"] = KLEIN_4B_TEXT_WIDTH
+    prompt["refcond"]["inputs"]["long_side"] = 0
+    del prompt["guidance"]
+    prompt["sampler"]["inputs"]["positive"] = ["refcond", 0]
+    prompt["latent"] = {"class_type": "EmptyFlux2LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 2}}
+    return prompt
+
+
+def _sampled_latents(comfy, prompt: dict, prefix: str):
+    """Run `prompt` with a SaveLatent after its sampler; the sampled latents (the random test VAE's pixels would hide
+    small differences)."""
+    from safetensors.torch import load_file
+
+    prompt["save_latent"] = {"class_type": "SaveLatent",
+                             "inputs": {"samples": ["sampler", 0], "filename_prefix": f"latents/{prefix}"}}
+    _sorted_pixels(comfy, comfy.run(prompt))  # the graph completes, rerank included
+    (path,) = (comfy.base / "output" / "latents").glob(f"{prefix}_*.latent")
+    return load_file(path)["latent_tensor"]
+
+
+def test_flux2_graph_with_lora_two_references_and_rerank(comfy, flux2_files):
+    """A FLUX.2 file through ComfyUI's own detection (UNETLoader), UMO LoRA Loader with a peft FLUX.2 LoRA, UMO
+    Reference Conditioning with two references (backbone auto), a 2-step KSampler, VAEDecode and the rerank; the
+    same graph without the LoRA samples other latents."""
+    plain = _sampled_latents(comfy, _flux2_graph(flux2_files, None, "flux2_plain"), "flux2_plain")
+    with_lora = _sampled_latents(comfy, _flux2_graph(flux2_files, "tiny_flux2_peft.safetensors", "flux2_lora"),
+                                 "flux2_lora")
+    assert plain.shape == with_lora.shape == (2, 128, 4, 4)
+    assert (plain - with_lora).abs().mean() > 1e-3
+
+
+def test_flux2_identity_guidance_samples_and_leaves_the_model_unpatched(comfy, flux2_files):
+    """Guidance through FLUX.2's VAE on the whole schedule (the random VAE draws no face: every step leaves the
+    estimate as it is), then the same cached model sampled without guidance gives the same pixels."""
+    guided = _sorted_pixels(comfy, comfy.run(_with_identity_guidance(_flux2_graph(flux2_files, None, "flux2_guided"))))
+    plain = _sorted_pixels(comfy, comfy.run(_flux2_graph(flux2_files, None, "flux2_after_guidance")))
     assert np.array_equal(guided, plain)
 
 
