@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from tests.conftest import trainer_args, usual_mode
 from tests.tiny_models import POOLED_DIM, TEXT_DIM, TEXT_LEN, add_lora, tiny_flux_transformer, tiny_vae
 from training.rerefl import main
+from umo_core import backbones
 
 
 def test_training_steps_change_only_the_lora(trainer_inputs, tmp_path):
@@ -309,21 +310,22 @@ def test_withanyone_gradient_reaches_the_lora(trainer_inputs, pack_dir):
     face_model = load_face_model(pack_dir, provider="cpu", backend="torch")
     samples, _ = load_dataset(data, face_model)
     vae = tiny_vae().requires_grad_(False)
-    batch = load_batch(samples[:1], (256, 256), vae, torch.device("cpu"))
+    batch = load_batch(backbones.get("flux1"), samples[:1], (256, 256), vae, torch.device("cpu"))
     assert len(batch.ground_truth[0].faces) == 1  # Rob Lowe's face in the target photo
     transformer = add_lora(tiny_flux_transformer().requires_grad_(False), rank=4, alpha=4, lora_b_std=0.1)
     t = torch.full((1, 1, 1, 1), 0.3)
     noisy = (1 - t) * batch.target + t * torch.randn(batch.target.shape, generator=torch.Generator().manual_seed(0))
     velocity = predict_velocity(transformer, noisy, t.flatten(), batch.text, batch.references)
     settings = StepSettings(gt_id_weight=1.0)
-    terms = withanyone_terms(settings, vae, face_model, batch, noisy, velocity, t, bank=None)
+    terms = withanyone_terms(backbones.get("flux1"), settings, vae, face_model, batch, noisy, velocity, t, bank=None)
     assert set(terms) == {"gt_id_loss"} and 0 < terms["gt_id_loss"].item() <= 2
     terms["gt_id_loss"].backward()
     lora_grads = [p.grad for n, p in transformer.named_parameters() if "lora" in n]
     assert all(g is not None and torch.isfinite(g).all() for g in lora_grads)
     assert sum(g.abs().sum() for g in lora_grads) > 0
     noisier = torch.full((1, 1, 1, 1), 0.7)
-    assert withanyone_terms(settings, vae, face_model, batch, noisy, velocity, noisier, None) == {}
+    flux1 = backbones.get("flux1")
+    assert withanyone_terms(flux1, settings, vae, face_model, batch, noisy, velocity, noisier, None) == {}
 
 
 def test_a_batch_reuses_what_the_data_check_found(trainer_inputs, torch_face_model):
@@ -334,7 +336,7 @@ def test_a_batch_reuses_what_the_data_check_found(trainer_inputs, torch_face_mod
     root, data, pack = trainer_inputs
     samples, _ = load_dataset(data, torch_face_model)
     wide = samples[1]  # the 400 x 250 target, in the 48 x 80 bucket at --resolution 64
-    batch = load_batch([wide], (48, 80), tiny_vae(), torch.device("cpu"))
+    batch = load_batch(backbones.get("flux1"), [wide], (48, 80), tiny_vae(), torch.device("cpu"))
     assert batch.identities[0] is wide.identities and wide.identities.crops is None  # no preview crops per row
     assert len(wide.identities) == 2 and batch.names == [["rob", "nathalie"]]
     truth = batch.ground_truth[0]
