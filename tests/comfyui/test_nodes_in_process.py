@@ -25,6 +25,7 @@ from tests.conftest import PHOTOS, ROOT
 from tests.official_packs import make_official_pack
 from umo_core import UMOError
 from umo_core.backbones.flux1.references import resize_reference
+from umo_core.backbones.omnigen2 import references as omnigen2_references
 
 # ComfyUI tells an OmniGen2 file by this key and gives it the released model's sizes.
 OMNIGEN2_FILE_MARKER = "time_caption_embed.timestep_embedder.linear_1.bias"
@@ -234,7 +235,7 @@ def test_reference_conditioning_omnigen2_convention(vae, monkeypatch):
     """References for both conditionings (DualCFGGuider's cond1 and cond2), no FLUX placement, sides
     multiples of 16 at the target pixel count (lowered from one megapixel to keep the CPU encode short)."""
     backbone_nodes = _backbone_nodes()
-    monkeypatch.setattr(backbone_nodes, "OMNIGEN2_REFERENCE_PIXELS", 128 * 128)
+    monkeypatch.setattr(omnigen2_references, "OMNIGEN2_REFERENCE_PIXELS", 128 * 128)
     positive, negative = [[torch.zeros(1, 8, 2048), {}]], [[torch.ones(1, 8, 2048), {}]]
     output = backbone_nodes.ReferenceConditioning.execute(positive, vae, "auto", 0, negative=negative,
                                                           image_1=torch.rand(1, 100, 200, 3))

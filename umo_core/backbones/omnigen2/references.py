@@ -12,9 +12,11 @@ from ..references import nearest_multiple
 OMNIGEN2_REFERENCE_PIXELS = 1024 * 1024  # the official OmniGen2 graph scales references to 1 megapixel
 
 
-def resize_omnigen2_reference(image: torch.Tensor, pixels: int = OMNIGEN2_REFERENCE_PIXELS) -> torch.Tensor:
+def resize_omnigen2_reference(image: torch.Tensor, pixels: int | None = None) -> torch.Tensor:
     """One reference image [H,W,3] float -> OmniGen2's [h,w,3]: about `pixels` pixels (area scaling), sides
-    multiples of 16. `pixels`: OMNIGEN2_REFERENCE_PIXELS, or fewer where a test keeps the encode short."""
+    multiples of 16. `pixels`: OMNIGEN2_REFERENCE_PIXELS (read at call time, so a test may lower it to keep the
+    encode short), or an explicit count."""
+    pixels = OMNIGEN2_REFERENCE_PIXELS if pixels is None else pixels
     h, w = image.shape[:2]
     scale = math.sqrt(pixels / (h * w))
     size = (nearest_multiple(h * scale), nearest_multiple(w * scale))
