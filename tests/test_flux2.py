@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 
 from tests.flux_layout import flux2_transformer_to_bfl, save_flux2_bfl_file
 from tests.tiny_models import (
+    FLUX2_DEV_TEXT_DIM,
     FLUX2_TEXT_DIM,
     add_lora,
     save_flux2_folder,
@@ -270,20 +271,24 @@ def test_a_lora_of_one_backbone_is_refused_by_the_other(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def klein_folder(tmp_path_factory):
-    from tests.tiny_models import save_qwen3_text_encoder
+def text_folders(tmp_path_factory):
+    """Tiny diffusers FLUX.2 folders' text encoders: [klein]'s Qwen3, [dev]'s Mistral-3 (with its Pixtral processor)."""
+    from tests.tiny_models import save_mistral3_text_encoder, save_qwen3_text_encoder
 
-    root = tmp_path_factory.mktemp("klein")
-    save_qwen3_text_encoder(root)
-    return root
+    folders = {"klein": tmp_path_factory.mktemp("klein"), "dev": tmp_path_factory.mktemp("dev")}
+    save_qwen3_text_encoder(folders["klein"])
+    save_mistral3_text_encoder(folders["dev"])
+    return folders
 
 
 PROMPTS = ["two people at a cafe", "Zoé and Bob, smiling at the camera"]
+# dev's pipeline takes '[IMG]' out of a prompt; a prompt of more than 512 tokens is cut.
+DEV_PROMPTS = [*PROMPTS, "a [IMG] photo of " + "two people " * 60]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_klein_prompts_equal_the_pipelines_encode_prompt(klein_folder, dtype):
-    encoders = FLUX2.load_text_encoders(klein_folder, dtype, "cpu")
+def test_klein_prompts_equal_the_pipelines_encode_prompt(text_folders, dtype):
+    encoders = FLUX2.load_text_encoders(text_folders["klein"], dtype, "cpu")
     pipeline = Flux2KleinPipeline(scheduler=None, vae=None, text_encoder=encoders.model, tokenizer=encoders.tokenizer,
                                   transformer=None)
     with torch.no_grad():
@@ -291,24 +296,90 @@ def test_klein_prompts_equal_the_pipelines_encode_prompt(klein_folder, dtype):
     text = FLUX2.encode_prompts(encoders, PROMPTS)
     assert text.prompt_embeds.shape == (2, 512, FLUX2_TEXT_DIM) and text.pooled_prompt_embeds is None
     assert text.prompt_embeds.dtype == dtype and torch.equal(text.prompt_embeds, expected)
+    assert text.made_with == "FLUX.2 [klein]'s Qwen3"
 
 
-def test_encode_prompts_command_marks_flux2_files(klein_folder, tmp_path):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dev_prompts_equal_the_pipelines_encode_prompt(text_folders, dtype):
+    """Flux2Pipeline with the Mistral3ForConditionalGeneration and Pixtral processor of the folder, loaded by
+    transformers itself: its system message, chat template, 512 tokens and layers 10, 20, 30."""
+    from transformers import AutoProcessor, Mistral3ForConditionalGeneration
+
+    folder = text_folders["dev"]
+    pipeline = Flux2Pipeline(scheduler=None, vae=None, transformer=None,
+                             text_encoder=Mistral3ForConditionalGeneration.from_pretrained(folder / "text_encoder",
+                                                                                           dtype=dtype),
+                             tokenizer=AutoProcessor.from_pretrained(folder / "tokenizer"))
+    with torch.no_grad():
+        expected, _ = pipeline.encode_prompt(DEV_PROMPTS, device=torch.device("cpu"))
+    encoders = FLUX2.load_text_encoders(folder, dtype, "cpu")
+    text = FLUX2.encode_prompts(encoders, DEV_PROMPTS)
+    assert text.prompt_embeds.shape == (3, 512, FLUX2_DEV_TEXT_DIM) and text.pooled_prompt_embeds is None
+    assert text.prompt_embeds.dtype == dtype and torch.equal(text.prompt_embeds, expected)
+    assert text.made_with == "FLUX.2 [dev]'s Mistral-3"
+    assert not torch.equal(text.prompt_embeds[0], text.prompt_embeds[1])
+
+
+@pytest.mark.parametrize(("variant", "width", "made_with"), [
+    ("klein", FLUX2_TEXT_DIM, "FLUX.2 [klein]'s Qwen3"), ("dev", FLUX2_DEV_TEXT_DIM, "FLUX.2 [dev]'s Mistral-3")])
+def test_encode_prompts_command_marks_flux2_files(text_folders, tmp_path, variant, width, made_with):
     from training.encode_prompts import main as encode_main
-    from umo_core.backbones.text_embedding import text_embedding_backbone, text_embedding_shapes
+    from umo_core.backbones.text_embedding import (
+        text_embedding_backbone,
+        text_embedding_made_with,
+        text_embedding_shapes,
+    )
 
     (tmp_path / "manifest.jsonl").write_text(json.dumps({"prompt": PROMPTS[0]}) + "\n")
-    assert encode_main(["--data", str(tmp_path), "--text-encoders", str(klein_folder), "--backbone", "flux2",
+    assert encode_main(["--data", str(tmp_path), "--text-encoders", str(text_folders[variant]), "--backbone", "flux2",
                         "--device", "cpu"]) == 0
     path = tmp_path / json.loads((tmp_path / "manifest.jsonl").read_text())["text_embedding"]
-    assert text_embedding_backbone(path) == "flux2"
-    assert text_embedding_shapes(path) == ([512, FLUX2_TEXT_DIM], [])
+    assert text_embedding_backbone(path) == "flux2" and text_embedding_made_with(path) == made_with
+    assert text_embedding_shapes(path) == ([512, width], [])
 
 
-def test_a_non_klein_text_encoder_is_named(tmp_path):
+def test_a_text_encoder_flux2_does_not_have_is_named(tmp_path):
     (tmp_path / "text_encoder").mkdir()
     (tmp_path / "tokenizer").mkdir()
-    (tmp_path / "text_encoder" / "config.json").write_text(json.dumps({"model_type": "mistral3"}))
+    (tmp_path / "text_encoder" / "config.json").write_text(json.dumps({"model_type": "t5"}))
     (tmp_path / "tokenizer" / "tokenizer_config.json").write_text("{}")
-    with pytest.raises(UMOError, match="holds a mistral3 text encoder"):
+    with pytest.raises(UMOError, match="holds a t5 text encoder; FLUX.2 takes .klein.'s Qwen3 or .dev.'s Mistral-3"):
         FLUX2.load_text_encoders(tmp_path, torch.float32, "cpu")
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("variant", ["klein", "dev"])
+@pytest.mark.parametrize(("damage", "message"), [
+    (lambda folder: (folder / "text_encoder" / "config.json").write_text("{not json"),
+     "text_encoder/config.json' is not readable JSON"),
+    (lambda folder: (folder / "tokenizer" / "tokenizer_config.json").write_text("[]"),
+     "tokenizer/tokenizer_config.json' is not a JSON object"),
+    (lambda folder: (folder / "text_encoder" / "model.safetensors").unlink(),
+     "text_encoder' has no weights (model.safetensors or model.safetensors.index.json with its shards)"),
+    (lambda folder: _truncate(folder / "text_encoder" / "model.safetensors"),
+     "text_encoder/model.safetensors' is not a readable .safetensors file"),
+    (lambda folder: (folder / "tokenizer" / "tokenizer.json").write_text("{broken"), "could not be loaded"),
+    (lambda folder: (folder / "tokenizer" / "tokenizer_config.json").unlink(),
+     "is not a diffusers FLUX.2 folder, it lacks tokenizer/tokenizer_config.json"),
+])
+def test_damaged_flux2_text_encoders_are_one_error_line(text_folders, tmp_path, capsys, variant, damage, message):
+    import shutil
+
+    from training.encode_prompts import main as encode_main
+
+    encoders = tmp_path / variant
+    shutil.copytree(text_folders[variant], encoders)
+    damage(encoders)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "manifest.jsonl").write_text(json.dumps({"prompt": "two people"}) + "\n")
+    before = (data / "manifest.jsonl").read_bytes()
+    assert encode_main(["--data", str(data), "--text-encoders", str(encoders), "--backbone", "flux2",
+                        "--device", "cpu"]) == 2
+    error = capsys.readouterr().err
+    assert len(error.splitlines()) == 1 and error.startswith(f"error: text encoders: '{encoders}"), error
+    assert message in error, error
+    assert (data / "manifest.jsonl").read_bytes() == before and not (data / "text").exists()

@@ -4,13 +4,15 @@ the same step, data, checkpoints and LoRA files as FLUX.1 (tests/test_trainer.py
 from __future__ import annotations
 
 import json
+import shutil
 
+import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from tests.conftest import trainer_args
-from tests.tiny_models import FLUX2_TEXT_DIM, add_lora, tiny_flux2_transformer, tiny_flux2_vae
+from tests.tiny_models import FLUX2_DEV_TEXT_DIM, FLUX2_TEXT_DIM, add_lora, tiny_flux2_transformer, tiny_flux2_vae
 from training.rerefl import main
 from umo_core.backbones import get
 from umo_core.backbones.lora_formats import load_lora_file, lora_family, merge_lora_weights
@@ -70,6 +72,31 @@ def test_a_flux1_text_embedding_is_refused_in_one_line(trainer_inputs, flux2_tra
     error = capsys.readouterr().err
     assert "text embedding 'text/0.safetensors' was made for flux1, the model is flux2 (--backbone)" in error
     assert not (tmp_path / "out" / "log.jsonl").exists()
+
+
+@pytest.mark.parametrize("made_for", ["klein", "dev"])
+def test_klein_and_dev_text_embeddings_are_not_taken_for_each_other(flux2_trainer_inputs, tmp_path, capsys,
+                                                                    made_for):
+    """klein's embeddings (Qwen3, FLUX2_TEXT_DIM wide) for a dev transformer (guidance embedded, taking
+    FLUX2_DEV_TEXT_DIM), and the reverse: the width tells, the file's record names the encoder."""
+    from umo_core.backbones.flux2.text_encoders import MISTRAL3, QWEN3
+    from umo_core.backbones.text_embedding import embedding_file_metadata
+
+    root, klein_data, pack = flux2_trainer_inputs
+    models = tmp_path / "models"
+    shutil.copytree(root / "vae", models / "vae")
+    encoder, width, transformer_width = ((QWEN3, FLUX2_TEXT_DIM, FLUX2_DEV_TEXT_DIM) if made_for == "klein"
+                                         else (MISTRAL3, FLUX2_DEV_TEXT_DIM, FLUX2_TEXT_DIM))
+    tiny_flux2_transformer(guidance=made_for == "klein", text_dim=transformer_width).save_pretrained(
+        models / "transformer")
+    data = shutil.copytree(klein_data, tmp_path / "data")
+    save_file({"prompt_embeds": torch.randn(4, width)}, data / "text" / "0.safetensors",
+              metadata=embedding_file_metadata("flux2", encoder.made_with))
+    assert main(flux2_args(models, data, pack, tmp_path / "out", 1)) == 2
+    error = capsys.readouterr().err
+    assert (f"text embedding 'text/0.safetensors' has prompt_embeds of width {width}, made with {encoder.made_with}; "
+            f"the transformer takes {transformer_width} (another model's text encoder)") in error, error
+    assert "Traceback" not in error and not (tmp_path / "out" / "log.jsonl").exists()
 
 
 def test_reward_gradient_reaches_the_lora_through_the_flux2_decoder(assets, photos, pack_dir):

@@ -162,21 +162,25 @@ def save_t5_text_encoder(folder: Path) -> None:
 
 
 # FLUX.2: the text width the tiny Flux2Transformer2DModel takes (three stacked hidden states of a width-8 encoder,
-# as klein stacks Qwen3's), and its size.
+# as klein stacks Qwen3's), that of the tiny [dev] text encoder (three of width 12, as dev stacks Mistral-3's: the
+# widths differ, as the real ones do), and its size.
 FLUX2_TEXT_DIM = 24
+FLUX2_DEV_TEXT_DIM = 36
 FLUX2_HEADS, FLUX2_HEAD_DIM = 2, 16
 
 
-def tiny_flux2_transformer(guidance: bool = False, layers: int = 1, single_layers: int = 1):
+def tiny_flux2_transformer(guidance: bool = False, layers: int = 1, single_layers: int = 1,
+                           text_dim: int = FLUX2_TEXT_DIM):
     """FLUX.2's transformer (klein without guidance embedding, dev with it) with 128 input channels (the real
-    latent), `layers` double and `single_layers` single blocks of two heads of 16. diffusers' initialisation, then
-    every weight random (its output layers start at zero, which would hide a wrong velocity)."""
+    latent), `layers` double and `single_layers` single blocks of two heads of 16, taking text `text_dim` wide.
+    diffusers' initialisation, then every weight random (its output layers start at zero, which would hide a wrong
+    velocity)."""
     from diffusers import Flux2Transformer2DModel
 
     torch.manual_seed(3)
     model = Flux2Transformer2DModel(patch_size=1, in_channels=128, num_layers=layers, num_single_layers=single_layers,
                                     attention_head_dim=FLUX2_HEAD_DIM, num_attention_heads=FLUX2_HEADS,
-                                    joint_attention_dim=FLUX2_TEXT_DIM, timestep_guidance_channels=32,
+                                    joint_attention_dim=text_dim, timestep_guidance_channels=32,
                                     axes_dims_rope=(4, 4, 4, 4), guidance_embeds=guidance)
     return randomized(model)
 
@@ -237,3 +241,54 @@ def save_qwen3_text_encoder(folder: Path) -> None:
     config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=8, intermediate_size=16, num_hidden_layers=27,
                          num_attention_heads=2, num_key_value_heads=1, head_dim=4, max_position_embeddings=1024)
     Qwen3ForCausalLM(config).save_pretrained(folder / "text_encoder")
+
+
+# Mistral Small 3's chat turns as its template writes them (a message's content is text or a list of text parts).
+MISTRAL3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message.content is string %}{% set text = message.content %}"
+    "{% else %}{% set text = message.content | selectattr('type', 'equalto', 'text') | map(attribute='text') "
+    "| join('') %}{% endif %}"
+    "{% if message.role == 'system' %}[SYSTEM_PROMPT]{{ text }}[/SYSTEM_PROMPT]"
+    "{% elif message.role == 'user' %}[INST]{{ text }}[/INST]{% else %}{{ text }}{{ eos_token }}{% endif %}"
+    "{% endfor %}")
+
+
+def save_mistral3_text_encoder(folder: Path) -> None:
+    """FLUX.2 [dev]'s tokenizer/ and text_encoder/: a Pixtral processor (Pixtral's image processor, a byte-level BPE
+    tokenizer with Mistral's special tokens, a chat template) and a Mistral3ForConditionalGeneration (a one-layer
+    Pixtral vision tower, a Mistral language model of width 12 with 30 layers: dev stacks layers 10, 20 and 30,
+    3 x 12 = FLUX2_DEV_TEXT_DIM), as a diffusers FLUX.2 [dev] download holds them."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import (
+        Mistral3Config,
+        Mistral3ForConditionalGeneration,
+        MistralConfig,
+        PixtralImageProcessor,
+        PixtralProcessor,
+        PixtralVisionConfig,
+        PreTrainedTokenizerFast,
+    )
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[IMG]",
+                "[IMG_BREAK]", "[IMG_END]"]
+    tokens = specials + sorted(ByteLevel.alphabet()) + ["tw", "two", "Ġp"]
+    backend = Tokenizer(models.BPE(vocab={token: i for i, token in enumerate(tokens)},
+                                   merges=[("t", "w"), ("tw", "o"), ("Ġ", "p")]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(specials)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                        pad_token="<pad>", unk_token="<unk>")
+    PixtralProcessor(image_processor=PixtralImageProcessor(), tokenizer=tokenizer, patch_size=16, spatial_merge_size=2,
+                     chat_template=MISTRAL3_CHAT_TEMPLATE).save_pretrained(folder / "tokenizer")
+    torch.manual_seed(7)
+    config = Mistral3Config(
+        text_config=MistralConfig(vocab_size=len(tokenizer), hidden_size=12, intermediate_size=16,
+                                  num_hidden_layers=30, num_attention_heads=2, num_key_value_heads=1, head_dim=4,
+                                  max_position_embeddings=1024),
+        vision_config=PixtralVisionConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                          num_attention_heads=2, head_dim=4, image_size=32, patch_size=16),
+        image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"), spatial_merge_size=2)
+    Mistral3ForConditionalGeneration(config).save_pretrained(folder / "text_encoder")

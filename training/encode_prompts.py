@@ -2,6 +2,7 @@
 
     python -m training.encode_prompts --data DATA --text-encoders FLUX.1-dev
     python -m training.encode_prompts --backbone flux2 --data DATA --text-encoders FLUX.2-klein-base-4B
+    python -m training.encode_prompts --backbone flux2 --data DATA --text-encoders FLUX.2-dev
 
 Each manifest.jsonl row's embedding file is its `text_embedding`, or text/<sha256 of the prompt>.safetensors
 when the row has none (the field is then filled in). Files that exist are kept, so the same prompt is
@@ -47,10 +48,11 @@ def parse_args(argv: list[str] | None = None) -> EncodeSettings:
                                      formatter_class=HelpFormatter)
     parser.add_argument("--data", type=Path, required=True, help="folder with manifest.jsonl (see README)")
     parser.add_argument("--backbone", choices=TRAINABLE, default=DEFAULT,
-                        help="whose text encoders: flux1 (CLIP-L and T5) or flux2 (klein's Qwen3); the files record it")
+                        help="whose text encoders: flux1 (CLIP-L and T5) or flux2 ([klein]'s Qwen3 or [dev]'s "
+                             "Mistral-3, read from the folder); the files record it")
     parser.add_argument("--text-encoders", type=Path, required=True,
                         help="the backbone's diffusers folder: FLUX.1 with text_encoder/, tokenizer/, text_encoder_2/, "
-                             "tokenizer_2/; FLUX.2 [klein] with text_encoder/, tokenizer/")
+                             "tokenizer_2/; FLUX.2 [klein] or [dev] with text_encoder/, tokenizer/")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where the encoders run")
     parser.add_argument("--dtype", choices=DTYPES, help="default bfloat16 on a GPU, float32 on the CPU")
@@ -111,7 +113,8 @@ def encode_data_folder(settings: EncodeSettings) -> Plan:
             text = backbone.encode_prompts(encoders, [prompt for _, prompt in chunk])
             for i, (path, _) in enumerate(chunk):
                 # An interrupted run leaves no partial file that the next run would take as done.
-                save_tensors(data / path, embedding_file_tensors(text, i), embedding_file_metadata(backbone.name))
+                save_tensors(data / path, embedding_file_tensors(text, i),
+                             embedding_file_metadata(backbone.name, text.made_with))
             bar.update(len(chunk))
         bar.close()
     if plan.filled:

@@ -4,8 +4,10 @@ In memory a batch is a `TextEmbedding`. On disk one prompt is one .safetensors f
 [L, width] and, for backbones that have one, `pooled_prompt_embeds` [width] (FLUX.1: T5-XXL's last hidden state
 4096 wide, L = 512, and CLIP-L's pooled output 768 wide; FLUX.2: the stacked hidden states of its language model,
 no pooled vector). The file's metadata names the backbone it was made for (BACKBONE_METADATA_KEY); files
-without it are FLUX.1's, the only kind made before. `python -m training.encode_prompts` writes them; the trainer
-and `generate --text-embedding` read them.
+without it are FLUX.1's, the only kind made before. Where a backbone has several text encoders (FLUX.2: [klein]'s
+Qwen3, [dev]'s Mistral-3, told apart by their widths) the metadata also names the one used (MADE_WITH_METADATA_KEY),
+and a file of the wrong width names it. `python -m training.encode_prompts` writes them; the trainer and
+`generate --text-embedding` read them.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from ..errors import UMOError
 PROMPT_KEY = "prompt_embeds"
 POOLED_KEY = "pooled_prompt_embeds"
 BACKBONE_METADATA_KEY = "umo_backbone"  # also the key of the LoRA files' backbone
+MADE_WITH_METADATA_KEY = "umo_text_encoder"
 UNMARKED_BACKBONE = "flux1"  # files without the metadata key: the only kind written before it existed
 
 
@@ -29,6 +32,7 @@ UNMARKED_BACKBONE = "flux1"  # files without the metadata key: the only kind wri
 class TextEmbedding:
     prompt_embeds: torch.Tensor  # [B, L, width]
     pooled_prompt_embeds: torch.Tensor | None = None  # [B, width], FLUX.1's CLIP vector
+    made_with: str | None = None  # the text encoder, where the backbone has several ("FLUX.2 [dev]'s Mistral-3")
 
 
 def embedding_file_tensors(text: TextEmbedding, index: int) -> dict[str, torch.Tensor]:
@@ -39,9 +43,9 @@ def embedding_file_tensors(text: TextEmbedding, index: int) -> dict[str, torch.T
     return tensors
 
 
-def embedding_file_metadata(backbone: str) -> dict[str, str]:
-    """The metadata of a text-embedding file made for `backbone`."""
-    return {BACKBONE_METADATA_KEY: backbone}
+def embedding_file_metadata(backbone: str, made_with: str | None = None) -> dict[str, str]:
+    """The metadata of a text-embedding file made for `backbone` (with the text encoder `made_with`)."""
+    return {BACKBONE_METADATA_KEY: backbone} | ({MADE_WITH_METADATA_KEY: made_with} if made_with else {})
 
 
 def load_text_embeddings(paths: list[Path], device: str | torch.device = "cpu") -> TextEmbedding:
@@ -55,8 +59,17 @@ def load_text_embeddings(paths: list[Path], device: str | torch.device = "cpu") 
 
 def text_embedding_backbone(path: Path) -> str:
     """The backbone a text-embedding file was made for, from its metadata (safetensors errors pass through)."""
+    return _metadata(path).get(BACKBONE_METADATA_KEY, UNMARKED_BACKBONE)
+
+
+def text_embedding_made_with(path: Path) -> str | None:
+    """The text encoder a text-embedding file was made with, where its metadata names one."""
+    return _metadata(path).get(MADE_WITH_METADATA_KEY)
+
+
+def _metadata(path: Path) -> dict[str, str]:
     with safe_open(path, "pt") as embedding:
-        return (embedding.metadata() or {}).get(BACKBONE_METADATA_KEY, UNMARKED_BACKBONE)
+        return embedding.metadata() or {}
 
 
 def text_embedding_shapes(path: Path) -> tuple[list[int], list[int]] | None:
@@ -83,7 +96,7 @@ def checked_text_embedding_widths(path: Path, name: str, hint: str, backbone,
     [width]), or other widths than `widths` (the transformer's, where known)."""
     try:
         shapes = text_embedding_shapes(path)
-        made_for = text_embedding_backbone(path)
+        made_for, made_with = text_embedding_backbone(path), text_embedding_made_with(path)
     except (SafetensorError, OSError) as error:
         raise UMOError(f"{name} is not a readable .safetensors file ({error}); {hint}") from None
     pooled_wanted = POOLED_KEY in backbone.text_keys
@@ -103,6 +116,9 @@ def checked_text_embedding_widths(path: Path, name: str, hint: str, backbone,
                            f"dimension); {hint}")
         found = (prompt[1],)
     if widths is not None and found != tuple(widths):
-        raise UMOError(f"{name} has {widths_text(found)}; the transformer takes {' and '.join(map(str, widths))} "
-                       f"(made with other text encoders?); {hint}")
+        takes = f"the transformer takes {' and '.join(map(str, widths))}"
+        if made_with:  # FLUX.2 [klein]'s embeddings for [dev], or the reverse
+            raise UMOError(f"{name} has {widths_text(found)}, made with {made_with}; {takes} (another model's text "
+                           f"encoder); {hint}")
+        raise UMOError(f"{name} has {widths_text(found)}; {takes} (made with other text encoders?); {hint}")
     return found

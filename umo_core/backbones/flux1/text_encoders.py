@@ -8,16 +8,15 @@ the embedding; the encoders are called exactly as the pipeline calls them.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from ...errors import UMOError
 from ..text_embedding import TextEmbedding
+from ..text_encoder_files import check_weights, json_object, load_pretrained
 
 if TYPE_CHECKING:
     from transformers import CLIPTextModel, PreTrainedTokenizerBase, T5EncoderModel
@@ -26,7 +25,6 @@ if TYPE_CHECKING:
 REQUIRED_FILES = ("text_encoder/config.json", "tokenizer/tokenizer_config.json",
                   "text_encoder_2/config.json", "tokenizer_2/tokenizer_config.json")
 ENCODER_FOLDERS = ("text_encoder", "text_encoder_2")
-WEIGHT_INDEX = "model.safetensors.index.json"  # a sharded download (T5-XXL): the index names the shard files
 T5_MAX_LENGTH = 512  # FLUX.1-dev's max_sequence_length, diffusers' default
 
 
@@ -47,20 +45,12 @@ def load_text_encoders(folder: str | Path, dtype: torch.dtype = torch.bfloat16,
     folder = Path(folder)
     check_text_encoders(folder)
     # The tokenizers first: a damaged tokenizer file is named before any weights are read.
-    clip_tokenizer = _load(folder / "tokenizer", AutoTokenizer, local_files_only=True)
-    t5_tokenizer = _load(folder / "tokenizer_2", AutoTokenizer, local_files_only=True)
-    clip = _load(folder / "text_encoder", CLIPTextModel, dtype=dtype, local_files_only=True)
-    t5 = _load(folder / "text_encoder_2", T5EncoderModel, dtype=dtype, local_files_only=True)
+    clip_tokenizer = load_pretrained(folder / "tokenizer", AutoTokenizer, local_files_only=True)
+    t5_tokenizer = load_pretrained(folder / "tokenizer_2", AutoTokenizer, local_files_only=True)
+    clip = load_pretrained(folder / "text_encoder", CLIPTextModel, dtype=dtype, local_files_only=True)
+    t5 = load_pretrained(folder / "text_encoder_2", T5EncoderModel, dtype=dtype, local_files_only=True)
     return TextEncoders(clip.to(device), clip_tokenizer, t5.to(device), t5_tokenizer)
 
-
-def _load(folder: Path, loader, **options):
-    """loader.from_pretrained(folder); what check_text_encoders cannot see (a tokenizer's files, weights that do not
-    fit the config) is a UMOError naming the folder."""
-    try:
-        return loader.from_pretrained(folder, **options)
-    except (OSError, ValueError, SafetensorError) as error:
-        raise UMOError(f"text encoders: '{folder}' could not be loaded ({error}); fetch that folder again") from None
 
 def check_text_encoders(folder: Path) -> None:
     """A UMOError naming the file unless `folder` holds FLUX's text encoder files, their configs are JSON objects
@@ -71,43 +61,9 @@ def check_text_encoders(folder: Path) -> None:
                        "Give the top folder of a diffusers FLUX.1-dev download, the one that holds text_encoder/ "
                        "(CLIP-L), tokenizer/, text_encoder_2/ (T5-XXL) and tokenizer_2/")
     for name in REQUIRED_FILES:
-        _json_object(folder / name, "file")
+        json_object(folder / name)
     for encoder in ENCODER_FOLDERS:
-        for weights in _weight_files(folder / encoder):
-            try:
-                with safe_open(weights, "pt"):
-                    pass
-            except (SafetensorError, OSError) as error:
-                raise UMOError(f"text encoders: '{weights}' is not a readable .safetensors file ({error}); the "
-                               "download was cut short or damaged: fetch that file again") from None
-
-
-def _json_object(path: Path, what: str) -> dict:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UMOError(f"text encoders: '{path}' is not readable JSON ({error}); fetch that {what} again") from None
-    if not isinstance(value, dict):
-        raise UMOError(f"text encoders: '{path}' is not a JSON object; fetch that {what} again")
-    return value
-
-
-def _weight_files(encoder: Path) -> list[Path]:
-    """The .safetensors files of a text encoder folder: model.safetensors, or the shards its index names."""
-    if (encoder / "model.safetensors").is_file():
-        return [encoder / "model.safetensors"]
-    if (encoder / WEIGHT_INDEX).is_file():
-        weight_map = _json_object(encoder / WEIGHT_INDEX, "file").get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise UMOError(f"text encoders: '{encoder / WEIGHT_INDEX}' has no weight_map; fetch that file again")
-        shards = [encoder / name for name in sorted(set(weight_map.values()))]
-        absent = [shard.name for shard in shards if not shard.is_file()]
-        if absent:
-            raise UMOError(f"text encoders: '{encoder}' lacks {', '.join(absent)} (named by {WEIGHT_INDEX}); "
-                           "the download is incomplete: fetch those files")
-        return shards
-    raise UMOError(f"text encoders: '{encoder}' has no weights (model.safetensors or {WEIGHT_INDEX} with its "
-                   "shards); the download is incomplete: fetch them")
+        check_weights(folder / encoder)
 
 
 @torch.no_grad()

@@ -24,7 +24,8 @@ class Flux2:
     lora_target_modules = FLUX2_TARGET_MODULES
     transformer_files = loading.TRANSFORMER_FILES
     vae_files = loading.VAE_FILES
-    text_encoder_files = "a diffusers FLUX.2 [klein] folder with text_encoder/ (Qwen3) and tokenizer/"
+    text_encoder_files = ("a diffusers FLUX.2 [klein] or [dev] folder with text_encoder/ (Qwen3 or Mistral-3) and "
+                          "tokenizer/")
 
     @staticmethod
     def sampling_defaults(transformer_path: Path) -> tuple[int, float]:
