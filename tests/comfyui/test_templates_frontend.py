@@ -142,11 +142,21 @@ class Frontend:
 
     def load(self, workflow: dict, name: str) -> tuple[list[dict], list[str]]:
         """Open `workflow` as a template: what the frontend made of each node, and every error and dialog the load
-        caused."""
+        caused. The dialogs are closed afterwards, as a user closes them before opening the next template."""
         self.errors.clear()
         nodes = self.page.evaluate(LOAD_AND_READ, [workflow, name])
         self.wait_quiet()
-        return nodes, self.errors + [f"dialog: {text}" for text in self.page.evaluate(OPEN_DIALOGS)]
+        dialogs = self.page.evaluate(OPEN_DIALOGS)
+        self.close_dialogs()
+        return nodes, self.errors + [f"dialog: {text}" for text in dialogs]
+
+    def close_dialogs(self, tries: int = 5) -> None:
+        for _ in range(tries):
+            if not self.page.evaluate(OPEN_DIALOGS):
+                return
+            self.page.keyboard.press("Escape")
+            self.page.wait_for_timeout(200)
+        raise RuntimeError(f"Escape does not close the frontend's dialogs: {self.page.evaluate(OPEN_DIALOGS)}")
 
     def close(self) -> None:
         self.page.close()
