@@ -3,8 +3,8 @@ headless Chromium, the way its templates browser opens one: the template's JSON 
 from the repository: 0.12.1's fork lists the pack's templates but does not serve them). The load must be clean:
 every node type known (no missing-nodes warning), no node marked with errors, no dialog, no console or page error
 while it loads, widget values saved back unchanged and valid for their widgets (combo choices, number ranges), and
-every node at least as large as LiteGraph computes for its content (`node.computeSize()`), so no widget shows
-half-hidden.
+every node at least as large as LiteGraph computes for its content (`node.computeSize()`) and no node over another
+(the frontend grows a node smaller than its content over its neighbour: a widget shows half-hidden).
 
 Needs the `playwright` package and a Chromium (`chromium` on PATH, Debian's /usr/bin/chromium); skipped, saying
 which is missing, without them. The page gets no network: requests off the server are refused.
@@ -13,6 +13,7 @@ which is missing, without them. The page gets no network: requests off the serve
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import shutil
 import time
@@ -46,6 +47,10 @@ async ([workflow, name]) => {
         known: node.type in LiteGraph.registered_node_types,
         has_errors: Boolean(node.has_errors),
         min_size: Array.from(node.computeSize()),
+        // title bar included (LiteGraph draws it above pos); not getBounding(): older frontends update it only
+        // when they draw the node
+        bounds: [node.pos[0], node.pos[1] - LiteGraph.NODE_TITLE_HEIGHT,
+                 node.size[0], node.size[1] + LiteGraph.NODE_TITLE_HEIGHT],
         saved_values: node.serialize().widgets_values ?? [],
         widgets: (node.widgets ?? []).map((widget) => ({
             name: widget.name, type: widget.type, value: widget.value,
@@ -216,7 +221,17 @@ def load_problems(workflow: dict, nodes: list[dict], errors: list[str]) -> list[
                 low, high = widget["min"], widget["max"]
                 if (low is not None and value < low) or (high is not None and value > high):
                     problems.append(f"{name}: {widget['name']} {value} is outside {low}..{high}")
+    for first, second in itertools.combinations(nodes, 2):
+        if _overlap(first["bounds"], second["bounds"]):
+            problems.append(f"node {first['id']} {first['type']} and node {second['id']} {second['type']} overlap "
+                            "(one covers the other's widgets)")
     return problems
+
+
+def _overlap(first: list[float], second: list[float]) -> bool:
+    """Whether two LiteGraph bounding boxes [x, y, width, height] (title bar included) overlap."""
+    (x1, y1, w1, h1), (x2, y2, w2, h2) = first, second
+    return x1 < x2 + w2 and x2 < x1 + w1 and y1 < y2 + h2 and y2 < y1 + h1
 
 
 def _unknown_host_nodes(nodes: list[dict]) -> list[str]:
@@ -238,13 +253,15 @@ def test_template_loads_clean_in_the_frontend(frontend, path: Path):
 
 
 def test_a_broken_template_is_caught(open_frontend):
-    """The checks can fail: an unknown node type, a node shrunk below its content and a combo value that is not one
-    of its choices each give their problem line."""
+    """The checks can fail: an unknown node type, a node shrunk below its content, a combo value that is not one of
+    its choices and a node moved over another each give their problem line."""
     workflow = json.loads((ROOT / "example_workflows" / "umo_uno_two_identities.json").read_text())
     nodes_by_type = {node["type"]: node for node in workflow["nodes"]}
     nodes_by_type["UMOReferenceConditioning"]["size"] = [200, 120]
     nodes_by_type["UMOFaceModelLoader"]["type"] = "UMONoSuchNode"
     nodes_by_type["KSampler"]["widgets_values"][4] = "no_such_sampler"
+    conditioning = nodes_by_type["UMOReferenceConditioning"]
+    nodes_by_type["FluxGuidance"]["pos"] = [conditioning["pos"][0] + 20, conditioning["pos"][1] + 100]
     frontend = open_frontend()
     try:
         nodes, errors = frontend.load(workflow, "broken")
@@ -252,5 +269,6 @@ def test_a_broken_template_is_caught(open_frontend):
         frontend.close()
     problems = "\n".join(load_problems(workflow, nodes, errors))
     for problem in ("UMONoSuchNode: unknown node type", "UMOReferenceConditioning: size 200x120 is smaller",
-                    "KSampler: sampler_name 'no_such_sampler' is not one of its choices"):
+                    "KSampler: sampler_name 'no_such_sampler' is not one of its choices",
+                    "UMOReferenceConditioning and node 9 FluxGuidance overlap"):
         assert problem in problems, problems
