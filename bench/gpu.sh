@@ -6,7 +6,8 @@
 #      bf16), so that the guidance's share of a 25-step sampling is a ratio;
 #   3. one full-architecture ReReFL step at 512 px, two references, LoRA rank 512 (bench/train_step.py: the
 #      trainer's own step; peak memory, seconds, share of the reward);
-#   4. the same FLUX.2 step (--backbone flux2): klein-4B at 512 and 1024 px, klein-9B at 512 px, rank 128.
+#   4. the same FLUX.2 step (--backbone flux2): klein-4B at 512 and 1024 px, klein-9B at 512 px, rank 128, and
+#      klein-4B at 1024 px with the frozen base in int8 (--base-dtype int8: needs the int8 extra, torchao).
 #
 #   bench/gpu.sh [--cpu-smoke] [--output FILE]
 #
@@ -32,11 +33,11 @@ output="${output:-bench/gpu-results-$mode-$(date +%Y%m%d-%H%M%S).md}"
 if [ "$mode" = gpu ]; then
     provider=cuda device=cuda dtype=bfloat16 size=1024 transformer=full train=full repeats=9 train_repeats=2
     face_limit=90 guidance_limit=210 train_limit=180 flux2_limit=120
-    flux2_runs="klein-4b:512 klein-4b:1024 klein-9b:512"
+    flux2_runs="klein-4b:512:auto klein-4b:1024:auto klein-9b:512:auto klein-4b:1024:int8"
 else
     provider=cpu device=cpu dtype=float32 size=128 transformer=tiny train=tiny repeats=1 train_repeats=1
     face_limit=900 guidance_limit=1800 train_limit=900 flux2_limit=900
-    flux2_runs="tiny:128"
+    flux2_runs="tiny:128:auto"
 fi
 
 section() {  # section TITLE LIMIT_SECONDS COMMAND...: the command's output under a heading, with its time
@@ -86,9 +87,10 @@ section "Guidance step at $size px next to a FLUX.1 transformer step ($transform
 section "ReReFL step ($train architecture, two references)" "$train_limit" \
     "$python" bench/train_step.py --config "$train" --device "$device" --repeats "$train_repeats"
 for run in $flux2_runs; do
-    section "FLUX.2 ReReFL step (${run%%:*} at ${run##*:} px, two references)" "$flux2_limit" \
-        "$python" bench/train_step.py --backbone flux2 --config "${run%%:*}" --resolution "${run##*:}" \
-        --device "$device" --repeats 1
+    IFS=: read -r config resolution base <<< "$run"
+    section "FLUX.2 ReReFL step ($config at $resolution px, two references, base $base)" "$flux2_limit" \
+        "$python" bench/train_step.py --backbone flux2 --config "$config" --resolution "$resolution" \
+        --base-dtype "$base" --device "$device" --repeats 1
 done
 
 echo "results: $output"

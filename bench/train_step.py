@@ -118,6 +118,7 @@ def seconds(work, device: torch.device) -> tuple[float, float]:
 def main() -> None:
     from accelerate import Accelerator
 
+    from training.base_weights import BASE_DTYPES, check_int8_support, quantize_linear_layers
     from training.batches import load_batch
     from training.buckets import shape_key
     from training.data import check_dataset
@@ -133,6 +134,9 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, help="target side (default: the config's)")
     parser.add_argument("--sampling-steps", type=int, default=StepSettings.sampling_steps,
                         help="rollout steps (the gradient step is drawn from the last 10 or fewer)")
+    parser.add_argument("--base-dtype", choices=BASE_DTYPES, default="auto",
+                        help="the frozen transformer: auto (bf16 on CUDA, else fp32) or int8 (torchao, as the "
+                             "trainer's --base-dtype int8)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps after one warm-up step")
     parser.add_argument("--detect-faces", action="store_true",
@@ -147,6 +151,9 @@ def main() -> None:
 
     backbone = get(args.backbone)
     transformer, vae = random_models(args.backbone, config, device, dtype)
+    if args.base_dtype == "int8":
+        check_int8_support()
+        quantize_linear_layers(transformer)
     lora = attach_lora(transformer, lora_adapter(config["rank"], backbone.lora_target_modules),
                        gradient_checkpointing=True)
     optimizer = torch.optim.AdamW(lora, lr=5e-6, weight_decay=0.01)  # the trainer's defaults
@@ -196,7 +203,8 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     print(f"# {platform.node()} {platform.machine()}, torch {torch.__version__}, {args.backbone} {args.config} "
           f"config on {device}, load average {os.getloadavg()[0]:.2f}")
-    print(f"bucket {bucket[0]}x{bucket[1]}, rank {config['rank']}, {len(samples[0].references)} references, "
+    print(f"bucket {bucket[0]}x{bucket[1]}, rank {config['rank']}, base {args.base_dtype}, "
+          f"{len(samples[0].references)} references, "
           f"{'faces detected on the estimate' if args.detect_faces else f'{len(faces[0])} given faces'}, "
           f"gradient steps drawn {reward_steps[1:]} of {settings.sampling_steps}")
     print(f"step {step:.2f} s (mean of {args.repeats}; {min(walls):.2f}-{max(walls):.2f}), reward {reward:.2f} s "

@@ -16,6 +16,8 @@ import torch
 from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
 from safetensors.torch import save_file
 
+from tests.flux_layout import blocks_to_bfl, vae_to_bfl
+
 KLEIN_4B_TEXT_WIDTH = 7680  # Qwen3-4B's hidden states of three layers, stacked (2560 x 3)
 FLUX2_HEAD_DIM = 128
 
@@ -40,11 +42,6 @@ _DOUBLE_BLOCK = {
     "ff_context.linear_out": "txt_mlp.2",
 }
 _SINGLE_BLOCK = {"attn.to_qkv_mlp_proj": "linear1", "attn.to_out": "linear2"}
-_DOUBLE_NORMS = {"attn.norm_q": "img_attn.norm.query_norm", "attn.norm_k": "img_attn.norm.key_norm",
-                 "attn.norm_added_q": "txt_attn.norm.query_norm", "attn.norm_added_k": "txt_attn.norm.key_norm"}
-_SINGLE_NORMS = {"attn.norm_q": "norm.query_norm", "attn.norm_k": "norm.key_norm"}
-_DOUBLE_FUSED = {"img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
-                 "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")}
 
 
 def flux2_transformer(double_blocks: int = 1, single_blocks: int = 1, heads: int = 2,
@@ -64,33 +61,7 @@ def flux2_transformer(double_blocks: int = 1, single_blocks: int = 1, heads: int
 
 def transformer_to_bfl(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Flux2Transformer2DModel's state dict as BFL's FLUX.2 files keep it (`double_blocks.0.img_attn.qkv.weight`)."""
-    unused = set(state_dict)
-
-    def take(key: str) -> torch.Tensor:
-        unused.remove(key)
-        return state_dict[key]
-
-    bfl = {}
-    for diffusers_name, bfl_name in _TOP_LEVEL.items():
-        if f"{diffusers_name}.weight" in state_dict:
-            bfl[f"{bfl_name}.weight"] = take(f"{diffusers_name}.weight")
-    # diffusers' AdaLayerNormContinuous projects to (scale, shift), BFL's last layer to (shift, scale).
-    scale, shift = take("norm_out.linear.weight").chunk(2)
-    bfl["final_layer.adaLN_modulation.1.weight"] = torch.cat([shift, scale])
-    for diffusers_block, bfl_block, renames, norms, fused in (
-            ("transformer_blocks", "double_blocks", _DOUBLE_BLOCK, _DOUBLE_NORMS, _DOUBLE_FUSED),
-            ("single_transformer_blocks", "single_blocks", _SINGLE_BLOCK, _SINGLE_NORMS, {})):
-        indices = {key.split(".")[1] for key in state_dict if key.startswith(f"{diffusers_block}.")}
-        for index in indices:
-            source, target = f"{diffusers_block}.{index}.", f"{bfl_block}.{index}."
-            for diffusers_name, bfl_name in renames.items():
-                bfl[f"{target}{bfl_name}.weight"] = take(f"{source}{diffusers_name}.weight")
-            for diffusers_name, bfl_name in norms.items():
-                bfl[f"{target}{bfl_name}.scale"] = take(f"{source}{diffusers_name}.weight")
-            for bfl_name, parts in fused.items():
-                bfl[f"{target}{bfl_name}.weight"] = torch.cat([take(f"{source}{part}.weight") for part in parts])
-    assert not unused, f"no BFL name for {sorted(unused)}"
-    return bfl
+    return blocks_to_bfl(state_dict, _TOP_LEVEL, _DOUBLE_BLOCK, _SINGLE_BLOCK, {})
 
 
 def flux2_file_shapes(double_blocks: int = 1, single_blocks: int = 1, heads: int = 2) -> dict[str, torch.Tensor]:
@@ -140,4 +111,12 @@ def save_flux2_peft_lora(path: Path) -> Path:
     """flux2_peft_lora() as diffusers/peft users share it: 'transformer.' keys, the alpha in diffusers' metadata."""
     save_file({f"transformer.{key}": tensor for key, tensor in flux2_peft_lora().items()}, path,
               metadata={"lora_adapter_metadata": json.dumps({"r": FLUX2_LORA_RANK, "lora_alpha": FLUX2_LORA_ALPHA})})
+    return path
+
+
+def save_flux2_bfl_file(model: Flux2Transformer2DModel | AutoencoderKLFlux2, path: Path, prefix: str = "") -> Path:
+    """A Flux2Transformer2DModel or AutoencoderKLFlux2 as the single file Black Forest Labs publish (BFL's names);
+    `prefix` on every key ("model.diffusion_model.": a ComfyUI checkpoint's transformer)."""
+    to_bfl = vae_to_bfl if isinstance(model, AutoencoderKLFlux2) else transformer_to_bfl
+    save_file({prefix + key: tensor.contiguous() for key, tensor in to_bfl(model.state_dict()).items()}, path)
     return path

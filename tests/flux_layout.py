@@ -2,7 +2,7 @@
 and ae.safetensors are (the layout ComfyUI loads) from tiny diffusers models.
 
 Written as the inverse of the layouts on its own, not from umo_core.backbones.flux1, so that tests comparing
-the two can fail.
+the two can fail. `blocks_to_bfl` is the FLUX family's converter; tests/flux2_layout.py gives it FLUX.2's tables.
 """
 
 from __future__ import annotations
@@ -50,8 +50,11 @@ _DOUBLE_FUSED = {"img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
 _SINGLE_FUSED = {"linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")}
 
 
-def transformer_to_bfl(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """FluxTransformer2DModel's state dict as flux1-dev.safetensors keeps it (`double_blocks.0.img_attn.qkv.weight`)."""
+def blocks_to_bfl(state_dict: dict[str, torch.Tensor], top_level: dict[str, str], double_block: dict[str, str],
+                  single_block: dict[str, str], single_fused: dict[str, tuple[str, ...]]) -> dict[str, torch.Tensor]:
+    """A FLUX-family transformer's diffusers state dict in BFL's names, from the tables of renamed modules (top level,
+    double and single blocks) and fused ones; biases where the model has them (FLUX.2 has none). Every weight must
+    find a place."""
     unused = set(state_dict)
 
     def take(key: str) -> torch.Tensor:
@@ -59,31 +62,39 @@ def transformer_to_bfl(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.T
         return state_dict[key]
 
     bfl = {}
-    for diffusers_name, bfl_name in _TOP_LEVEL.items():
+    for diffusers_name, bfl_name in top_level.items():
         for parameter in ("weight", "bias"):
             if f"{diffusers_name}.{parameter}" in state_dict:
                 bfl[f"{bfl_name}.{parameter}"] = take(f"{diffusers_name}.{parameter}")
     for parameter in ("weight", "bias"):
-        # diffusers' AdaLayerNormContinuous projects to (scale, shift), BFL's last layer to (shift, scale).
-        scale, shift = take(f"norm_out.linear.{parameter}").chunk(2)
-        bfl[f"final_layer.adaLN_modulation.1.{parameter}"] = torch.cat([shift, scale])
+        if f"norm_out.linear.{parameter}" in state_dict:
+            # diffusers' AdaLayerNormContinuous projects to (scale, shift), BFL's last layer to (shift, scale).
+            scale, shift = take(f"norm_out.linear.{parameter}").chunk(2)
+            bfl[f"final_layer.adaLN_modulation.1.{parameter}"] = torch.cat([shift, scale])
     for diffusers_block, bfl_block, renames, norms, fused in (
-            ("transformer_blocks", "double_blocks", _DOUBLE_BLOCK, _DOUBLE_NORMS, _DOUBLE_FUSED),
-            ("single_transformer_blocks", "single_blocks", _SINGLE_BLOCK, _SINGLE_NORMS, _SINGLE_FUSED)):
+            ("transformer_blocks", "double_blocks", double_block, _DOUBLE_NORMS, _DOUBLE_FUSED),
+            ("single_transformer_blocks", "single_blocks", single_block, _SINGLE_NORMS, single_fused)):
         indices = {key.split(".")[1] for key in state_dict if key.startswith(f"{diffusers_block}.")}
         for index in indices:
             source, target = f"{diffusers_block}.{index}.", f"{bfl_block}.{index}."
             for diffusers_name, bfl_name in renames.items():
                 for parameter in ("weight", "bias"):
-                    bfl[f"{target}{bfl_name}.{parameter}"] = take(f"{source}{diffusers_name}.{parameter}")
+                    if f"{source}{diffusers_name}.{parameter}" in state_dict:
+                        bfl[f"{target}{bfl_name}.{parameter}"] = take(f"{source}{diffusers_name}.{parameter}")
             for diffusers_name, bfl_name in norms.items():
                 bfl[f"{target}{bfl_name}.scale"] = take(f"{source}{diffusers_name}.weight")
             for bfl_name, parts in fused.items():
                 for parameter in ("weight", "bias"):
-                    bfl[f"{target}{bfl_name}.{parameter}"] = torch.cat(
-                        [take(f"{source}{part}.{parameter}") for part in parts])
+                    if f"{source}{parts[0]}.{parameter}" in state_dict:
+                        bfl[f"{target}{bfl_name}.{parameter}"] = torch.cat(
+                            [take(f"{source}{part}.{parameter}") for part in parts])
     assert not unused, f"no BFL name for {sorted(unused)}"
     return bfl
+
+
+def transformer_to_bfl(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """FluxTransformer2DModel's state dict as flux1-dev.safetensors keeps it (`double_blocks.0.img_attn.qkv.weight`)."""
+    return blocks_to_bfl(state_dict, _TOP_LEVEL, _DOUBLE_BLOCK, _SINGLE_BLOCK, _SINGLE_FUSED)
 
 
 # diffusers AutoencoderKL -> the LDM layout of ae.safetensors, as (pattern, replacement) on key names.
@@ -138,71 +149,5 @@ def save_bfl_file(model: FluxTransformer2DModel | AutoencoderKL, path: Path, pre
     """`model` as a single file in BFL's layout (flux1-dev.safetensors, ae.safetensors); `prefix` on every key
     ("model.diffusion_model.": a ComfyUI checkpoint's transformer)."""
     to_bfl = transformer_to_bfl if isinstance(model, FluxTransformer2DModel) else vae_to_bfl
-    save_file({prefix + key: tensor.contiguous() for key, tensor in to_bfl(model.state_dict()).items()}, path)
-    return path
-
-
-# FLUX.2 (Flux2Transformer2DModel): diffusers module -> BFL module for weights that only change name, written from
-# Black Forest Labs' FLUX.2 layout (flux-2-klein-4b.safetensors), not from umo_core or diffusers' converter.
-_FLUX2_TOP_LEVEL = {
-    "x_embedder": "img_in",
-    "context_embedder": "txt_in",
-    "time_guidance_embed.timestep_embedder.linear_1": "time_in.in_layer",
-    "time_guidance_embed.timestep_embedder.linear_2": "time_in.out_layer",
-    "time_guidance_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
-    "time_guidance_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
-    "double_stream_modulation_img.linear": "double_stream_modulation_img.lin",
-    "double_stream_modulation_txt.linear": "double_stream_modulation_txt.lin",
-    "single_stream_modulation.linear": "single_stream_modulation.lin",
-    "proj_out": "final_layer.linear",
-}
-_FLUX2_DOUBLE_BLOCK = {
-    "attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj",
-    "ff.linear_in": "img_mlp.0", "ff.linear_out": "img_mlp.2",
-    "ff_context.linear_in": "txt_mlp.0", "ff_context.linear_out": "txt_mlp.2",
-}
-_FLUX2_SINGLE_BLOCK = {"attn.to_qkv_mlp_proj": "linear1", "attn.to_out": "linear2"}
-_FLUX2_SINGLE_NORMS = {"attn.norm_q": "norm.query_norm", "attn.norm_k": "norm.key_norm"}
-_FLUX2_DOUBLE_FUSED = {"img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
-                       "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")}
-
-
-def flux2_transformer_to_bfl(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Flux2Transformer2DModel's state dict as flux-2-klein-4b.safetensors keeps it (no biases in FLUX.2)."""
-    unused = set(state_dict)
-
-    def take(key: str) -> torch.Tensor:
-        unused.remove(key)
-        return state_dict[key]
-
-    bfl = {f"{bfl_name}.weight": take(f"{name}.weight") for name, bfl_name in _FLUX2_TOP_LEVEL.items()
-           if f"{name}.weight" in state_dict}
-    shift_scale = take("norm_out.linear.weight").chunk(2)  # diffusers: (scale, shift); BFL: (shift, scale)
-    bfl["final_layer.adaLN_modulation.1.weight"] = torch.cat(shift_scale[::-1])
-    doubles = {int(key.split(".")[1]) for key in state_dict if key.startswith("transformer_blocks.")}
-    singles = {int(key.split(".")[1]) for key in state_dict if key.startswith("single_transformer_blocks.")}
-    for i in sorted(doubles):
-        block = f"transformer_blocks.{i}"
-        for name, bfl_name in _FLUX2_DOUBLE_BLOCK.items():
-            bfl[f"double_blocks.{i}.{bfl_name}.weight"] = take(f"{block}.{name}.weight")
-        for bfl_name, parts in _FLUX2_DOUBLE_FUSED.items():
-            bfl[f"double_blocks.{i}.{bfl_name}.weight"] = torch.cat([take(f"{block}.{p}.weight") for p in parts])
-        for name, bfl_name in (("attn.norm_q", "img_attn.norm.query_norm"), ("attn.norm_k", "img_attn.norm.key_norm"),
-                               ("attn.norm_added_q", "txt_attn.norm.query_norm"),
-                               ("attn.norm_added_k", "txt_attn.norm.key_norm")):
-            bfl[f"double_blocks.{i}.{bfl_name}.scale"] = take(f"{block}.{name}.weight")
-    for i in sorted(singles):
-        block = f"single_transformer_blocks.{i}"
-        for name, bfl_name in _FLUX2_SINGLE_BLOCK.items():
-            bfl[f"single_blocks.{i}.{bfl_name}.weight"] = take(f"{block}.{name}.weight")
-        for name, bfl_name in _FLUX2_SINGLE_NORMS.items():
-            bfl[f"single_blocks.{i}.{bfl_name}.scale"] = take(f"{block}.{name}.weight")
-    assert not unused, f"weights without a place in the FLUX.2 file layout: {sorted(unused)[:3]}"
-    return bfl
-
-
-def save_flux2_bfl_file(model, path: Path, prefix: str = "") -> Path:
-    """A Flux2Transformer2DModel or AutoencoderKLFlux2 as the single file Black Forest Labs publish (BFL's names)."""
-    to_bfl = vae_to_bfl if hasattr(model, "bn") else flux2_transformer_to_bfl
     save_file({prefix + key: tensor.contiguous() for key, tensor in to_bfl(model.state_dict()).items()}, path)
     return path

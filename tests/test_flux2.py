@@ -21,7 +21,8 @@ from peft.utils import get_peft_model_state_dict
 from PIL import Image
 from safetensors.torch import save_file
 
-from tests.flux_layout import flux2_transformer_to_bfl, save_flux2_bfl_file
+from tests.damaged_downloads import text_encoder_damages
+from tests.flux2_layout import save_flux2_bfl_file, transformer_to_bfl
 from tests.tiny_models import (
     FLUX2_DEV_TEXT_DIM,
     FLUX2_TEXT_DIM,
@@ -223,7 +224,7 @@ def test_comfy_file_changes_the_weights_as_peft_merges_them(tmp_path):
     save_lora_file(tmp_path / "lora_comfy.safetensors", tensors, metadata)
     comfy, metadata = load_lora_file(tmp_path / "lora_comfy.safetensors")
     assert lora_family(comfy, metadata) == "flux2" and all(k.startswith("diffusion_model.") for k in comfy)
-    bfl = flux2_transformer_to_bfl(base)
+    bfl = transformer_to_bfl(base)
     for key in [k for k in comfy if k.endswith(".lora_down.weight")]:
         module = key.removeprefix("diffusion_model.").removesuffix(".lora_down.weight")
         bfl[f"{module}.weight"] = bfl[f"{module}.weight"] + comfy[key.replace("lora_down", "lora_up")] @ comfy[key]
@@ -347,21 +348,10 @@ def test_a_text_encoder_flux2_does_not_have_is_named(tmp_path):
         FLUX2.load_text_encoders(tmp_path, torch.float32, "cpu")
 
 
-def _truncate(path):
-    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
-
-
 @pytest.mark.parametrize("variant", ["klein", "dev"])
 @pytest.mark.parametrize(("damage", "message"), [
-    (lambda folder: (folder / "text_encoder" / "config.json").write_text("{not json"),
-     "text_encoder/config.json' is not readable JSON"),
-    (lambda folder: (folder / "tokenizer" / "tokenizer_config.json").write_text("[]"),
-     "tokenizer/tokenizer_config.json' is not a JSON object"),
-    (lambda folder: (folder / "text_encoder" / "model.safetensors").unlink(),
-     "text_encoder' has no weights (model.safetensors or model.safetensors.index.json with its shards)"),
-    (lambda folder: _truncate(folder / "text_encoder" / "model.safetensors"),
-     "text_encoder/model.safetensors' is not a readable .safetensors file"),
-    (lambda folder: (folder / "tokenizer" / "tokenizer.json").write_text("{broken"), "could not be loaded"),
+    *text_encoder_damages("text_encoder/config.json", "tokenizer/tokenizer_config.json", "text_encoder",
+                          "text_encoder", "tokenizer"),
     (lambda folder: (folder / "tokenizer" / "tokenizer_config.json").unlink(),
      "is not a diffusers FLUX.2 folder, it lacks tokenizer/tokenizer_config.json"),
 ])

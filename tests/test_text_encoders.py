@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from tests.damaged_downloads import text_encoder_damages
 from tests.tiny_models import POOLED_DIM, TEXT_DIM, save_clip_text_encoder, save_flux_folder, save_t5_text_encoder
 from training.encode_prompts import main as encode_main
 from training.manifest import text_embedding_path
@@ -184,10 +185,6 @@ def test_a_manifest_with_a_byte_order_mark_and_crlf_line_ends_is_read(flux_folde
     assert not [path for path in data.rglob("*") if path.name.startswith(".")]  # no temporary file left
 
 
-def _truncate(path):
-    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
-
-
 def _shard(folder):
     """text_encoder_2's weights as a sharded download whose index names a shard that is not there."""
     (folder / "text_encoder_2" / "model.safetensors").rename(folder / "text_encoder_2" / "model-1-of-2.safetensors")
@@ -196,16 +193,9 @@ def _shard(folder):
 
 
 @pytest.mark.parametrize(("damage", "message"), [
-    (lambda folder: (folder / "text_encoder" / "config.json").write_text("{not json"),
-     "text_encoder/config.json' is not readable JSON"),
-    (lambda folder: (folder / "text_encoder_2" / "config.json").write_text("[]"),
-     "text_encoder_2/config.json' is not a JSON object"),
-    (lambda folder: (folder / "text_encoder_2" / "model.safetensors").unlink(),
-     "text_encoder_2' has no weights (model.safetensors or model.safetensors.index.json with its shards)"),
-    (lambda folder: _truncate(folder / "text_encoder" / "model.safetensors"),
-     "text_encoder/model.safetensors' is not a readable .safetensors file"),
+    *text_encoder_damages("text_encoder/config.json", "text_encoder_2/config.json", "text_encoder_2", "text_encoder",
+                          "tokenizer_2"),
     (_shard, "text_encoder_2' lacks model-2-of-2.safetensors (named by model.safetensors.index.json)"),
-    (lambda folder: (folder / "tokenizer_2" / "tokenizer.json").write_text("{broken"), "could not be loaded"),
 ])
 def test_damaged_text_encoders_are_one_error_line(flux_folder, photos, tmp_path, capsys, damage, message):
     encoders = tmp_path / "flux"

@@ -18,6 +18,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from tests.conftest import trainer_args, usual_mode
+from tests.reward_path import check_reward_gradient_reaches_only_the_lora
 from tests.tiny_models import POOLED_DIM, TEXT_DIM, TEXT_LEN, add_lora, tiny_flux_transformer, tiny_vae
 from training.rerefl import main
 from umo_core import backbones
@@ -87,37 +88,18 @@ def test_bad_rows_are_named_before_training(trainer_inputs, tmp_path, capsys, ro
 
 
 def test_reward_gradient_reaches_the_lora_through_vae_and_face_network(assets, photos, pack_dir):
-    """The trainer's reward path on one step: LoRA transformer -> one-step clean estimate -> VAE
-    decoder -> face network -> MIMR. Random weights decode no faces, so the decoded image is a real
-    photo plus the decoder's output (scaled down): detection finds the real face, and the only way
-    the reward depends on the LoRA is through the decoder and the face network."""
-    from umo_core import identity_reward, load_face_model
-    from umo_core.backbones.flux1.runtime import decode_latents, predict_velocity
+    """The trainer's reward path on one step through FLUX.1's VAE decoder (tests/reward_path.py)."""
+    from umo_core.backbones import get
     from umo_core.backbones.text_embedding import TextEmbedding
 
-    face_model = load_face_model(pack_dir, provider="cpu", backend="torch")
-    identities = face_model.identities([photos / "Rob_Lowe_0001.jpg"])
     transformer = add_lora(tiny_flux_transformer().requires_grad_(False), rank=4, alpha=4)
-    vae = tiny_vae().requires_grad_(False)
-    photo = Image.open(photos / "Rob_Lowe_0002.jpg").convert("RGB").resize((256, 256))
-    photo = torch.tensor(list(photo.getdata()), dtype=torch.float32).reshape(1, 256, 256, 3) / 255
-
     generator = torch.Generator().manual_seed(0)
     text = TextEmbedding(torch.randn(1, TEXT_LEN, TEXT_DIM, generator=generator),
                          torch.randn(1, POOLED_DIM, generator=generator))
     latent = torch.randn(1, 16, 32, 32, generator=generator)
     references = [torch.randn(1, 16, 8, 8, generator=generator)]
-    sigma = 0.3
-    estimate = latent - sigma * predict_velocity(transformer, latent, sigma, text, references, guidance=1.0)
-    image = (photo + 0.05 * (decode_latents(vae, estimate) - 0.5)).clamp(0, 1)
-    reward = identity_reward(image, identities, face_model).values.sum()
-    assert len(face_model.detect(image.detach())[0]) == 1
-    reward.backward()
-    lora_grads = [p.grad for n, p in transformer.named_parameters() if "lora_B" in n]
-    assert lora_grads and all(g is not None and torch.isfinite(g).all() for g in lora_grads)
-    assert sum(g.abs().sum() for g in lora_grads) > 0
-    assert all(p.grad is None for n, p in transformer.named_parameters() if "lora" not in n)
-    assert all(p.grad is None for p in vae.parameters())
+    check_reward_gradient_reaches_only_the_lora(get("flux1"), transformer, tiny_vae().requires_grad_(False), photos,
+                                                pack_dir, text, latent, references)
 
 
 def test_generate_command_with_and_without_a_uno_lora(trainer_inputs, photos, tmp_path):

@@ -12,6 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from tests.conftest import trainer_args
+from tests.reward_path import check_reward_gradient_reaches_only_the_lora
 from tests.tiny_models import FLUX2_DEV_TEXT_DIM, FLUX2_TEXT_DIM, add_lora, tiny_flux2_transformer, tiny_flux2_vae
 from training.rerefl import main
 from umo_core.backbones import get
@@ -100,37 +101,18 @@ def test_klein_and_dev_text_embeddings_are_not_taken_for_each_other(flux2_traine
 
 
 def test_reward_gradient_reaches_the_lora_through_the_flux2_decoder(assets, photos, pack_dir):
-    """As the FLUX.1 test: LoRA transformer -> one-step clean estimate -> FLUX.2 VAE decoder (un-normalise,
-    unpatchify, decode) -> face network -> MIMR; the decoded image is a real photo plus the decoder's output, so the
-    reward depends on the LoRA only through the decoder and the face network."""
-    from umo_core import identity_reward, load_face_model
-    from umo_core.backbones.flow import clean_estimate
+    """As the FLUX.1 test, through FLUX.2's VAE decoder (un-normalise, unpatchify, decode): tests/reward_path.py."""
     from umo_core.backbones.flux2.lora import FLUX2_TARGET_MODULES
     from umo_core.backbones.text_embedding import TextEmbedding
 
-    face_model = load_face_model(pack_dir, provider="cpu", backend="torch")
-    identities = face_model.identities([photos / "Rob_Lowe_0001.jpg"])
     transformer = add_lora(tiny_flux2_transformer().requires_grad_(False), rank=4, alpha=4,
                            target_modules=FLUX2_TARGET_MODULES)
-    vae = tiny_flux2_vae().requires_grad_(False)
-    photo = Image.open(photos / "Rob_Lowe_0002.jpg").convert("RGB").resize((256, 256))
-    photo = torch.tensor(list(photo.getdata()), dtype=torch.float32).reshape(1, 256, 256, 3) / 255
-
     generator = torch.Generator().manual_seed(0)
     text = TextEmbedding(torch.randn(1, 4, FLUX2_TEXT_DIM, generator=generator))
     latent = torch.randn(1, 128, 16, 16, generator=generator)
     references = [torch.randn(1, 128, 4, 4, generator=generator)]
-    sigma = 0.3
-    velocity = FLUX2.predict_velocity(transformer, latent, sigma, text, references, guidance=1.0)
-    image = (photo + 0.05 * (FLUX2.decode_latents(vae, clean_estimate(latent, velocity, sigma)) - 0.5)).clamp(0, 1)
-    reward = identity_reward(image, identities, face_model).values.sum()
-    assert len(face_model.detect(image.detach())[0]) == 1
-    reward.backward()
-    lora_grads = [p.grad for n, p in transformer.named_parameters() if "lora_B" in n]
-    assert lora_grads and all(g is not None and torch.isfinite(g).all() for g in lora_grads)
-    assert sum(g.abs().sum() for g in lora_grads) > 0
-    assert all(p.grad is None for n, p in transformer.named_parameters() if "lora" not in n)
-    assert all(p.grad is None for p in vae.parameters())
+    check_reward_gradient_reaches_only_the_lora(FLUX2, transformer, tiny_flux2_vae().requires_grad_(False), photos,
+                                                pack_dir, text, latent, references)
 
 
 def test_generate_command_with_flux2(flux2_trainer_inputs, trainer_inputs, photos, tmp_path, capsys):
@@ -163,3 +145,102 @@ def test_generate_command_with_flux2(flux2_trainer_inputs, trainer_inputs, photo
     capsys.readouterr()
     assert generate("c", trainer_inputs[1] / "text" / "0.safetensors") == 2
     assert "was made for flux1, the model is flux2 (--backbone)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("variant", "extra", "expected"), [
+    ("distilled", [], (4, 4, 1.0)),  # the window cut to the steps
+    ("base", [], (50, 10, 4.0)),
+    ("dev", [], (50, 10, 4.0)),
+    ("distilled", ["--sampling-steps", "8", "--window", "3", "--eval-guidance", "2"], (8, 3, 2.0)),
+    ("base", ["--sampling-steps", "6"], (6, 6, 4.0)),
+    ("flux1", [], (25, 10, 4.0)),
+])
+def test_the_variant_decides_the_sampling_defaults(tmp_path, variant, extra, expected):
+    """--sampling-steps, --window and --eval-guidance default to the pipelines' for the transformer's variant (read
+    from the download's model_index.json, a single file's name, the guidance embedding); given flags override."""
+    from tests.flux2_layout import save_flux2_bfl_file
+    from tests.tiny_models import save_flux_folder
+    from training.config import parse_config
+
+    if variant == "flux1":
+        transformer, backbone = save_flux_folder(tmp_path) / "transformer", "flux1"
+    elif variant == "dev":
+        transformer, backbone = tmp_path / "flux-2-dev.safetensors", "flux2"
+        save_flux2_bfl_file(tiny_flux2_transformer(guidance=True), transformer)
+    else:
+        tiny_flux2_transformer().save_pretrained(tmp_path / "transformer")
+        (tmp_path / "model_index.json").write_text(json.dumps({"is_distilled": variant == "distilled"}))
+        transformer, backbone = tmp_path / "transformer", "flux2"
+    config = parse_config(["--data", str(tmp_path), "--backbone", backbone, "--transformer", str(transformer),
+                           "--vae", str(tmp_path), "--output", str(tmp_path / "out"), *extra])
+    assert (config.step.sampling_steps, config.step.window, config.eval_guidance) == expected
+
+
+def test_a_window_beyond_the_variants_steps_is_refused(tmp_path, capsys):
+    from tests.flux2_layout import save_flux2_bfl_file
+
+    transformer = save_flux2_bfl_file(tiny_flux2_transformer(), tmp_path / "flux-2-klein-4b.safetensors")
+    assert main(["--data", str(tmp_path), "--backbone", "flux2", "--transformer", str(transformer), "--vae",
+                 str(tmp_path), "--output", str(tmp_path / "out"), "--window", "10"]) == 2
+    assert capsys.readouterr().err == "error: --window 10 must be between 1 and --sampling-steps (4)\n"
+
+
+def test_help_tells_the_variants_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "25 for FLUX.1/UNO; FLUX.2 4 for distilled klein, 50 for klein base and dev" in help_text
+    assert "(default 10, or --sampling-steps where fewer)" in help_text
+
+
+def test_int8_base_trains_only_the_fp32_lora(flux2_trainer_inputs, tmp_path):
+    """--base-dtype int8: every Linear weight of the frozen base in torchao's int8, the LoRA on top in fp32 and the
+    only thing with gradients; a step changes the LoRA and leaves the int8 base as it was; the run writes fp32
+    LoRA files."""
+    pytest.importorskip("torchao", reason="--base-dtype int8 needs the int8 extra: pip install '.[int8]'")
+    from torchao.quantization import Int8Tensor
+
+    from training.config import parse_config
+    from training.rerefl import load_models, lora_adapter
+    from umo_core.backbones.text_embedding import TextEmbedding
+
+    root, data, pack = flux2_trainer_inputs
+    config = parse_config(flux2_args(root, data, pack, tmp_path / "run", 2, "--base-dtype", "int8"))
+    transformer, _, lora = load_models(config, lora_adapter(4, FLUX2.lora_target_modules), None, torch.device("cpu"))
+    base = {name: p for name, p in transformer.named_parameters() if "lora_" not in name}
+    linear_weights = [f"{name}.weight" for name, module in transformer.named_modules()
+                      if isinstance(module, torch.nn.Linear) and "lora_" not in name]  # with the LoRA's base_layer
+    assert any(".base_layer." in name for name in linear_weights)
+    assert all(isinstance(base[name], Int8Tensor) for name in linear_weights)
+    assert lora and all(p.dtype == torch.float32 for p in lora)
+    assert {id(p) for p in transformer.parameters() if p.requires_grad} == {id(p) for p in lora}
+    int8_before = {name: base[name].qdata.clone() for name in linear_weights}
+
+    generator = torch.Generator().manual_seed(0)
+    text = TextEmbedding(torch.randn(1, 4, FLUX2_TEXT_DIM, generator=generator))
+    latent = torch.randn(1, 128, 4, 4, generator=generator)
+    references = [torch.randn(1, 128, 2, 2, generator=generator)]
+    lora_before = [p.detach().clone() for p in lora]
+    FLUX2.predict_velocity(transformer, latent, 0.5, text, references, 1.0).square().mean().backward()
+    assert all(p.grad is None for p in base.values()) and all(p.grad is not None for p in lora)
+    torch.optim.AdamW(lora, lr=1e-2).step()
+    assert any(not torch.equal(p, before) for p, before in zip(lora, lora_before))
+    assert all(p.dtype == torch.float32 for p in lora)
+    assert all(torch.equal(base[name].qdata, before) for name, before in int8_before.items())
+
+    assert main(flux2_args(root, data, pack, tmp_path / "run", 2, "--base-dtype", "int8")) == 0
+    trained = load_file(tmp_path / "run" / "lora_diffusers.safetensors")
+    assert trained and all(t.dtype == torch.float32 for t in trained.values())
+    assert any(t.abs().sum() > 0 for k, t in trained.items() if ".lora_B." in k)
+
+
+def test_int8_base_without_torchao_is_one_error_line(flux2_trainer_inputs, tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torchao.quantization", None)  # as if torchao were not installed
+    root, data, pack = flux2_trainer_inputs
+    assert main(flux2_args(root, data, pack, tmp_path / "run", 1, "--base-dtype", "int8")) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: --base-dtype int8 needs torchao, which is not installed: pip install "
+                            "\"umo-identity[int8]\"") and len(error.splitlines()) == 1, error
+    assert not (tmp_path / "run").exists()

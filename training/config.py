@@ -2,7 +2,9 @@
 
 Every value's range is checked when the config is made, before any file or model is opened; the trainer's
 helpers take the config (and the step its `StepSettings`), and `training_config.json` beside the LoRA is
-`config_json` of it. The field defaults are the command line's defaults.
+`config_json` of it. The field defaults are the command line's defaults, except that the sampling steps (and the
+window they bound) and the evaluation's guidance default to the model's (`Backbone.sampling_defaults` of
+--transformer: FLUX.2's variant decides them).
 """
 
 from __future__ import annotations
@@ -14,12 +16,13 @@ from pathlib import Path
 
 from umo_core.arguments import MAX_SEED, above, at_least, check_seed
 from umo_core.backbones import DEFAULT as DEFAULT_BACKBONE
-from umo_core.backbones import TRAINABLE
+from umo_core.backbones import TRAINABLE, get
 from umo_core.console import HelpFormatter
 from umo_core.errors import UMOError
 from umo_core.faces.face_pack import PROVIDER_CHOICES
 from umo_core.faces.matching import REWARDS
 
+from .base_weights import BASE_DTYPES
 from .step import DEFAULT_SETTINGS, StepSettings
 
 DEFAULT_RANK = 512
@@ -56,6 +59,7 @@ class TrainConfig:
     resume: bool = False
     seed: int = 0
     mixed_precision: str = "bf16"
+    base_dtype: str = "auto"  # a name in base_weights.BASE_DTYPES: int8 stores the frozen base's Linear weights in int8
     gradient_checkpointing: bool = False
     on_bad_rows: str = "error"
 
@@ -80,6 +84,7 @@ class TrainConfig:
         check_seed("--seed", self.seed)
         for flag, value, choices in (("--backbone", self.backbone, TRAINABLE),
                                      ("--mixed-precision", self.mixed_precision, MIXED_PRECISION),
+                                     ("--base-dtype", self.base_dtype, BASE_DTYPES),
                                      ("--on-bad-rows", self.on_bad_rows, ON_BAD_ROWS),
                                      ("--provider", self.provider.lower(), PROVIDER_CHOICES)):
             if value not in choices:
@@ -148,10 +153,13 @@ def _parser() -> argparse.ArgumentParser:
                         help="targets train at about RESOLUTION^2 pixels in their aspect-ratio bucket "
                              "(a multiple of 16)")
     parser.add_argument("--batch-size", type=int, default=default("batch_size"), help="samples per process and step")
-    parser.add_argument("--sampling-steps", type=int, default=step.sampling_steps,
-                        help="steps of the rollout's (and the evaluation's) sampling schedule")
-    parser.add_argument("--window", type=int, default=step.window,
-                        help="gradient step drawn from the last N sampling steps")
+    parser.add_argument("--sampling-steps", type=int,
+                        help="steps of the rollout's (and the evaluation's) sampling schedule (default: the model's, "
+                             "as its pipeline samples it: 25 for FLUX.1/UNO; FLUX.2 4 for distilled klein, 50 for "
+                             "klein base and dev)")
+    parser.add_argument("--window", type=int,
+                        help=f"gradient step drawn from the last N sampling steps (default {step.window}, or "
+                             "--sampling-steps where fewer)")
     parser.add_argument("--reward", choices=list(REWARDS), default=step.reward, help="the identity reward R")
     parser.add_argument("--diffusion-weight", type=float, default=step.diffusion_weight,
                         help="lambda in L = lambda * L_diff - R")
@@ -166,14 +174,20 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-data", type=Path, help="folder with manifest.jsonl for evaluation (default: --data)")
     parser.add_argument("--eval-count", type=int, default=default("eval_count"),
                         help="evaluate the first N rows of the evaluation data")
-    parser.add_argument("--eval-guidance", type=float, default=default("eval_guidance"),
-                        help="FLUX guidance of the evaluation images")
+    parser.add_argument("--eval-guidance", type=float,
+                        help="guidance of the evaluation images (default: the model's: 4 for FLUX.1 and FLUX.2 [dev], "
+                             "whose transformers embed it; klein takes none: 1 distilled, 4 base, where it has no "
+                             "effect)")
     parser.add_argument("--checkpoint-every", type=int, default=default("checkpoint_every"),
                         help="write OUTPUT/checkpoint every N steps (and at the end, and when stopped)")
     parser.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint")
     parser.add_argument("--seed", type=int, default=default("seed"), help=f"seed of every random draw (0..{MAX_SEED})")
     parser.add_argument("--mixed-precision", choices=MIXED_PRECISION, default=default("mixed_precision"),
                         help="bf16: the models in bfloat16, the LoRA in float32; no: everything in float32")
+    parser.add_argument("--base-dtype", choices=BASE_DTYPES, default=default("base_dtype"),
+                        help="the frozen transformer's weights: auto: the --mixed-precision dtype; int8: its Linear "
+                             "layers in int8 through torchao (about half of bf16's memory; the LoRA stays fp32; "
+                             "pip install \"umo-identity[int8]\")")
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="recompute activations in the backward pass (less memory, slower)")
     parser.add_argument("--on-bad-rows", choices=ON_BAD_ROWS, default=default("on_bad_rows"),
@@ -189,5 +203,22 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     if missing and not args.check_data:
         parser.error(f"the following arguments are required: {', '.join(missing)} (or give --check-data)")
     values = vars(args)
-    step = StepSettings(**{field.name: values.pop(field.name) for field in fields(StepSettings)})
-    return TrainConfig(**values, step=step)
+    # Every value is checked with the FLUX.1 defaults first; then the model's, read from the transformer's file.
+    config = _config(values, DEFAULT_SETTINGS.sampling_steps, default("eval_guidance"))
+    if config.transformer and None in (values["sampling_steps"], values["window"], values["eval_guidance"]):
+        config = _config(values, *get(config.backbone).sampling_defaults(config.transformer))
+    return config
+
+
+def _config(values: dict, sampling_steps: int, eval_guidance: float) -> TrainConfig:
+    """The config of the parsed values; --sampling-steps and --eval-guidance, where not given, from these (the
+    model's steps and guidance), --window from its default or the sampling steps where fewer."""
+    values = dict(values)
+    step = {field.name: values.pop(field.name) for field in fields(StepSettings)}
+    if step["sampling_steps"] is None:
+        step["sampling_steps"] = sampling_steps
+    if step["window"] is None:
+        step["window"] = min(DEFAULT_SETTINGS.window, step["sampling_steps"])
+    if values["eval_guidance"] is None:
+        values["eval_guidance"] = eval_guidance
+    return TrainConfig(**values, step=StepSettings(**step))

@@ -23,6 +23,7 @@ import json
 import os
 import signal
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,7 @@ from umo_core.faces.metrics import average_metrics, match_metrics
 from umo_core.faces.withanyone import ReferenceBank, reference_bank
 from umo_core.files import atomic_path
 
+from .base_weights import check_int8_support, quantize_linear_layers
 from .batches import Batch, load_batch
 from .buckets import BatchOrder, shape_key
 from .checkpoint import (
@@ -77,6 +79,8 @@ def check_paths(config: TrainConfig) -> tuple[FacePack, tuple[int, int] | None, 
                        "or diffusers FLUX LoRA .safetensors")
     backbone = get(config.backbone)
     text_widths = backbone.transformer_text_widths(config.transformer) if config.transformer else None
+    if config.base_dtype == "int8" and not config.check_data:
+        check_int8_support()
     if config.vae:
         backbone.check_vae(config.vae)
     pack = find_face_pack(config.faces)
@@ -224,7 +228,11 @@ def lora_adapter(rank: int, target_modules: str) -> LoraConfig:
 def attach_lora(transformer, adapter: LoraConfig, gradient_checkpointing: bool) -> list[torch.nn.Parameter]:
     """The trainable LoRA on the frozen transformer; its parameters, in fp32 (LoRA weights train in fp32)."""
     transformer.requires_grad_(False)
-    transformer.add_adapter(adapter)
+    with warnings.catch_warnings():
+        # peft warns, once per int8 layer (--base-dtype int8), that it cannot merge the LoRA into the int8 weights;
+        # the trainer never merges (its files hold the LoRA alone).
+        warnings.filterwarnings("ignore", message="TorchaoLoraLinear was instantiated without")
+        transformer.add_adapter(adapter)
     if gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     parameters = [p for p in transformer.parameters() if p.requires_grad]
@@ -239,7 +247,10 @@ def load_models(config: TrainConfig, adapter: LoraConfig, initial_lora: dict[str
     and the LoRA's parameters."""
     dtype = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float32
     backbone = get(config.backbone)
-    transformer = backbone.load_transformer(config.transformer, dtype).to(device)
+    transformer = backbone.load_transformer(config.transformer, dtype)
+    if config.base_dtype == "int8":  # on the CPU, before the move: the device never holds the unquantized weights
+        quantize_linear_layers(transformer)
+    transformer = transformer.to(device)
     vae = backbone.load_vae(config.vae, dtype).to(device)
     vae.requires_grad_(False)
     lora_parameters = attach_lora(transformer, adapter, config.gradient_checkpointing)
