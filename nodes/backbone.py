@@ -93,10 +93,25 @@ def conditioning_family(positive: list, backbone: str, vae=None) -> str:
     if from_text is not None and from_text != family:
         raise UMOError(f"UMO Reference Conditioning: backbone is '{backbone}' but the positive conditioning comes "
                        f"from {_title(from_text)}'s text encoder (width {width}); set backbone to 'auto'")
-    if channels is not None and channels != VAE_LATENT_CHANNELS[family]:
-        raise UMOError(f"UMO Reference Conditioning: the VAE makes {channels}-channel latents, but "
-                       f"{_title(family)} needs {VAE_FILES[family]}; connect the VAE that goes with the model")
+    if vae is not None:
+        check_vae(vae, family, "UMO Reference Conditioning")
     return family
+
+
+def check_vae(vae, family: str, node: str) -> None:
+    """The VAE must be the backbone's own (FLUX.2's makes 128-channel latents, FLUX.1's and OmniGen2's 16); `node`
+    names the node in the error."""
+    channels = vae_latent_channels(vae)
+    if channels != VAE_LATENT_CHANNELS[family]:
+        raise UMOError(f"{node}: the VAE makes {channels}-channel latents, but {_title(family)} needs "
+                       f"{VAE_FILES[family]}; connect the VAE that goes with the model")
+
+
+def check_long_side(long_side: int, family: str, node: str) -> None:
+    """`long_side` > 0 sets UNO's reference rule: FLUX.1 only; `node` names the node in the error."""
+    if long_side and family != "flux":
+        raise UMOError(f"{node}: long_side ({long_side}) sets UNO's rule for FLUX.1; {_title(family)} references "
+                       f"follow {_title(family)}'s own rule, as its LoRAs were trained: set long_side to 0")
 
 
 def _with_references(conditioning: list, latents: list[torch.Tensor], family: str) -> list:
@@ -130,12 +145,9 @@ def attach_references(positive: list, negative: list | None, vae, references: li
     (reference i at time 10 (i + 1), as diffusers' FLUX.2 pipelines place them), none for 'omnigen2'.
 
     UMO Reference Conditioning's work, shared with the face fix (one reference per face). `long_side` > 0
-    overrides UNO's long side (FLUX.1 only); `on_encoded(n)` is called after the n-th reference is encoded.
+    overrides UNO's long side (FLUX.1 only: the callers check_long_side before any long work); `on_encoded(n)` is
+    called after the n-th reference is encoded.
     """
-    if long_side and family != "flux":
-        raise UMOError(f"UMO Reference Conditioning: long_side ({long_side}) sets UNO's rule for FLUX.1; "
-                       f"{_title(family)} references follow {_title(family)}'s own rule, as its LoRAs were trained: "
-                       "set long_side to 0")
     latents = []
     for reference in references:
         latents.append(vae.encode(prepare_reference(reference[..., :3], family, len(references), long_side)[None]))
@@ -175,6 +187,7 @@ class ReferenceConditioning(io.ComfyNode):
         if not references:
             raise UMOError("UMO Reference Conditioning: connect at least one reference image")
         family = conditioning_family(positive, backbone, vae)
+        check_long_side(long_side, family, "UMO Reference Conditioning")
         bar = ProgressBar(len(references))
         return io.NodeOutput(*attach_references(positive, negative, vae, references, family, long_side,
                                                 on_encoded=bar.update_absolute))

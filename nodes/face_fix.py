@@ -13,7 +13,7 @@ from umo_core.errors import UMOError
 from umo_core.faces.face_fix import FaceFix, fix_faces, fix_report, plan_fixes
 from umo_core.images import float_image
 
-from .backbone import BACKBONES, attach_references
+from .backbone import BACKBONES, attach_references, check_long_side, check_vae
 from .comfy_compat import model_family
 from .guidance import IdentityGuidance
 from .node_api import io, ui
@@ -21,6 +21,7 @@ from .sockets import FaceModelSocket, IdentitiesSocket
 
 REFERENCE_KEYS = ("reference_latents", "reference_latents_method")
 REFERENCE_FAMILIES = {family for family in BACKBONES.values() if family}  # those attach_references conditions
+NODE = "UMO Identity Face Fix"
 
 
 def without_references(conditioning: list) -> list:
@@ -38,14 +39,16 @@ class IdentityFaceFix(io.ComfyNode):
             category="UMO",
             description="Re-samples each face toward the reference person the identity match assigned it to: the face "
                         "with context is cropped, sampled at guide_size conditioned on THAT person's reference photo "
-                        "only (as UMO Reference Conditioning does it), and pasted back with a feathered mask. "
+                        "only (as UMO Reference Conditioning does it: FLUX.1, FLUX.2 or OmniGen2), and pasted back "
+                        "with a feathered mask. "
                         "Connect positive/negative WITHOUT references (any reference latents on them are dropped; "
                         "the node attaches the matched person's). Unmatched faces and all pixels outside the masks "
                         "stay as they are.",
             inputs=[
                 io.Image.Input("images"),
-                io.Model.Input("model", tooltip="FLUX.1 (with UMO_UNO) or OmniGen2 (with UMO_OmniGen2)"),
-                io.Vae.Input("vae"),
+                io.Model.Input("model",
+                               tooltip="FLUX.1 (with UMO_UNO), FLUX.2 [klein]/[dev], or OmniGen2 (with UMO_OmniGen2)"),
+                io.Vae.Input("vae", tooltip="the model's own: FLUX.2's for FLUX.2, ae.safetensors otherwise"),
                 io.Conditioning.Input("positive", tooltip="the prompt, best without references"),
                 io.Conditioning.Input("negative"),
                 FaceModelSocket.Input("face_model"),
@@ -67,7 +70,8 @@ class IdentityFaceFix(io.ComfyNode):
                 io.Float.Input("only_below", default=0.0, min=0.0, max=1.0, step=0.01,
                                tooltip="fix only faces whose matched similarity is below this; 0 = every matched face"),
                 io.Int.Input("long_side", default=0, min=0, max=2048, step=16, optional=True,
-                             tooltip="FLUX: the reference's long side; 0 = UNO's rule for one reference (512)"),
+                             tooltip="FLUX.1 only: the reference's long side; 0 = UNO's rule for one reference "
+                                     "(512). FLUX.2 and OmniGen2 need 0 (their own rules)"),
                 io.Float.Input("guidance_strength", default=0.0, min=0.0, max=10.0, step=0.005, optional=True,
                                tooltip="UMO Identity Guidance toward the face's reference while sampling; 0 = off"),
             ],
@@ -80,9 +84,11 @@ class IdentityFaceFix(io.ComfyNode):
                 scheduler, denoise, guide_size, context, feather, only_below, long_side=0,
                 guidance_strength=0.0) -> io.NodeOutput:
         family = model_family(model)
-        if family not in REFERENCE_FAMILIES:  # FLUX.2 too, until attach_references has its reference rule
-            raise UMOError(f"UMO Identity Face Fix: the model is {type(model.model).__name__}, which the face fix "
-                           "cannot condition on a reference photo; connect FLUX.1 (UMO_UNO) or OmniGen2 (UMO_OmniGen2)")
+        if family not in REFERENCE_FAMILIES:
+            raise UMOError(f"{NODE}: the model is {type(model.model).__name__}, which the face fix cannot condition "
+                           "on a reference photo; connect FLUX.1 (UMO_UNO), FLUX.2 or OmniGen2 (UMO_OmniGen2)")
+        check_vae(vae, family, NODE)
+        check_long_side(long_side, family, NODE)
         positive, negative = without_references(positive), without_references(negative)
         plans = plan_fixes(face_model, identities, images, context, only_below)  # checks the photos, finds the faces
         bar = ProgressBar(max(1, sum(face.fixed for plan in plans for face in plan.faces)) * steps)

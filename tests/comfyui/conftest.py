@@ -381,19 +381,27 @@ def flux2_vae_state_dict() -> dict[str, torch.Tensor]:
     return vae_to_bfl(flux2_vae().state_dict())
 
 
-@pytest.fixture(scope="session")
-def flux2_files(comfy, flux2_support) -> tuple[str, str]:
-    """A 2-head FLUX.2 [klein]-style transformer (Qwen3-4B's text width) and FLUX.2's autoencoder with random
-    weights, in the server's diffusion_models and vae folders: (transformer file, VAE file); and a peft LoRA of the
-    transformer, tiny_flux2_peft.safetensors, in its loras folder."""
-    models = comfy.base / "models"
-    save_file({key: tensor.to(torch.bfloat16).contiguous()
-               for key, tensor in transformer_to_bfl(flux2_transformer().state_dict()).items()},
-              models / "diffusion_models" / "tiny_flux2.safetensors")
-    # Small random weights (as the FLUX.1 autoencoder's file): diffusers' own initialisation decodes to saturated
-    # pixels, where a LoRA's change would not show.
+def tiny_flux2_state_dict() -> dict[str, torch.Tensor]:
+    """A 2-head FLUX.2 [klein]-style transformer (Qwen3-4B's text width, random weights) as its file holds it."""
+    return {key: tensor.to(torch.bfloat16).contiguous()
+            for key, tensor in transformer_to_bfl(flux2_transformer().state_dict()).items()}
+
+
+def tiny_flux2_vae_state_dict() -> dict[str, torch.Tensor]:
+    """FLUX.2's autoencoder as its file holds it, with small random weights (as the FLUX.1 autoencoder's file):
+    diffusers' own initialisation decodes to saturated pixels, where a change would not show."""
     vae = random_state_dict(flux2_vae_state_dict(), dtype=torch.float32)
     vae["bn.running_var"], vae["bn.num_batches_tracked"] = torch.ones_like(vae["bn.running_var"]), torch.tensor(0)
-    save_file(vae, models / "vae" / "tiny_flux2_ae.safetensors")
+    return vae
+
+
+@pytest.fixture(scope="session")
+def flux2_files(comfy, flux2_support) -> tuple[str, str]:
+    """tiny_flux2_state_dict() and tiny_flux2_vae_state_dict() in the server's diffusion_models and vae folders:
+    (transformer file, VAE file); and a peft LoRA of the transformer, tiny_flux2_peft.safetensors, in its loras
+    folder."""
+    models = comfy.base / "models"
+    save_file(tiny_flux2_state_dict(), models / "diffusion_models" / "tiny_flux2.safetensors")
+    save_file(tiny_flux2_vae_state_dict(), models / "vae" / "tiny_flux2_ae.safetensors")
     save_flux2_peft_lora(models / "loras" / "tiny_flux2_peft.safetensors")
     return "tiny_flux2.safetensors", "tiny_flux2_ae.safetensors"

@@ -1,5 +1,7 @@
 """UMO Identity Face Fix with ComfyUI's own classes: a tiny FLUX (one double and one single block, random weights)
-loaded by ComfyUI's loader, ComfyUI's VAE and sampler, the real face model and real photos.
+loaded by ComfyUI's loader, ComfyUI's VAE and sampler, the real face model and real photos; and a tiny FLUX.2
+[klein]-style model with FLUX.2's autoencoder where ComfyUI builds it as its file says (0.12.1; skipped, with the
+reason, elsewhere).
 
 The conditioning is instrumented where the model reads it (a model function wrapper records the reference latents
 of every model call) and where the VAE encodes (the crops): each face's crop is recognised by the face model, and the
@@ -21,10 +23,18 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.comfyui.conftest import flux_vae, import_pack, random_state_dict
+from tests.comfyui.conftest import (
+    flux_vae,
+    import_pack,
+    random_state_dict,
+    tiny_flux2_state_dict,
+    tiny_flux2_vae_state_dict,
+)
+from tests.flux2_layout import KLEIN_4B_TEXT_WIDTH
 from tests.flux_layout import flux1_file_shapes
 from tests.group_photos import group_photo, lfw_face
 from umo_core import UMOError
+from umo_core.backbones import get
 from umo_core.backbones.flux1.references import resize_reference
 from umo_core.faces.face_model import Identities
 from umo_core.images import float_image
@@ -70,17 +80,28 @@ def _conditioning() -> tuple[list, list]:
     return positive, [[torch.zeros(1, 8, 4096), {"pooled_output": torch.zeros(1, 768)}]]
 
 
+def _klein_conditioning() -> tuple[list, list]:
+    """FLUX.2 [klein] 4B's text embedding (Qwen3-4B's three layers stacked) as CLIPTextEncode gives it: no pooled
+    output (ComfyUI sets the key), no guidance (klein is distilled)."""
+    positive = [[torch.randn(1, 8, KLEIN_4B_TEXT_WIDTH, generator=torch.Generator().manual_seed(0)),
+                 {"pooled_output": None}]]
+    return positive, [[torch.zeros(1, 8, KLEIN_4B_TEXT_WIDTH), {"pooled_output": None}]]
+
+
 class Recorder:
-    """The model with a function wrapper recording each call's reference latents, and the VAE's encodes."""
+    """The model with a function wrapper recording each call's reference latents and reference method, and the
+    VAE's encodes."""
 
     def __init__(self, flux, vae, monkeypatch, on_call=None):
         self.references: list[list[torch.Tensor]] = []
+        self.methods: list[str | None] = []
         self.encoded: list[torch.Tensor] = []
         self.model = flux.clone()
         encode = vae.encode
 
         def wrapper(apply_model, args):
             self.references.append([latent.clone() for latent in args["c"].get("ref_latents", [])])
+            self.methods.append(args["c"].get("ref_latents_method"))
             if on_call is not None:
                 on_call(len(self.references))
             return apply_model(args["input"], args["timestep"], **args["c"])
@@ -93,11 +114,12 @@ class Recorder:
         monkeypatch.setattr(vae, "encode", recorded_encode)
 
 
-def _face_fix(recorder: Recorder, vae, face_model, people, images, only_below=0.0, guidance_strength=0.0):
-    positive, negative = _conditioning()
+def _face_fix(recorder: Recorder, vae, face_model, people, images, only_below=0.0, guidance_strength=0.0,
+              long_side=LONG_SIDE, conditioning=_conditioning):
+    positive, negative = conditioning()
     node = import_pack().nodes.face_fix.IdentityFaceFix
     return node.execute(images, recorder.model, vae, positive, negative, face_model, people, 7, STEPS, 1.0, "euler",
-                        "simple", 0.4, GUIDE, 0.5, 8, only_below, LONG_SIDE, guidance_strength)
+                        "simple", 0.4, GUIDE, 0.5, 8, only_below, long_side, guidance_strength)
 
 
 def _person(face_model, people, crop: torch.Tensor) -> int:
@@ -198,7 +220,8 @@ def test_identity_guidance_steers_toward_the_one_reference(flux, vae, torch_face
 
 @pytest.mark.parametrize(("case", "message"), [
     ("SDXL", "UMO Identity Face Fix: the model is SDXL, which the face fix cannot condition on a reference photo"),
-    ("Flux2", "the model is Flux2, which the face fix cannot condition"),  # no FLUX.2 reference rule yet
+    ("Flux2", "UMO Identity Face Fix: the VAE makes 16-channel latents, but FLUX.2 needs FLUX.2's autoencoder "
+              r"\(flux2-vae.safetensors\)"),  # FLUX.1's VAE with a FLUX.2 model
     ("no photos", "the identities carry no reference photos"),
     ("no face", r"no face was found in the 1 image\(s\)"),
 ])
@@ -218,6 +241,70 @@ def test_bad_input_is_one_clear_error_before_sampling(flux, vae, face_model, peo
         images = float_image(np.asarray(Image.open(photos / "no_face_view.jpg").convert("RGB")))[None]
     with pytest.raises(UMOError, match=message):
         _face_fix(recorder, vae, face_model, people, images)
+    assert not recorder.references and not recorder.encoded
+
+
+# FLUX.2 [klein]: ComfyUI's own FLUX.2 built from a 2-head file by its model detection, FLUX.2's autoencoder.
+
+@pytest.fixture(scope="module")
+def flux2(flux2_support):
+    import_pack()
+    import comfy.sd
+
+    return comfy.sd.load_diffusion_model_state_dict(tiny_flux2_state_dict())
+
+
+@pytest.fixture(scope="module")
+def flux2_ae(flux2_support):
+    import_pack()
+    import comfy.sd
+
+    return comfy.sd.VAE(sd=tiny_flux2_vae_state_dict())
+
+
+def test_flux2_each_face_is_sampled_with_its_own_persons_reference(flux2, flux2_ae, face_model, people, monkeypatch):
+    """Anders left and Angela right (the references' order swapped). Each crop the VAE encodes is recognised; every
+    model call while sampling it reads one reference latent, that person's, encoded by FLUX.2's rule (the photo at
+    its own size, sides cut to multiples of 16) and placed by ComfyUI's `index` method. Pixels outside the masks
+    are unchanged."""
+    expected = [flux2.model.process_latent_in(flux2_ae.encode(get("flux2").resize_reference(float_image(p), 1)[None]))
+                for p in reference_photos()]
+    assert expected[0].shape != expected[1].shape  # a mix-up would show in the shape as well
+    recorder = Recorder(flux2, flux2_ae, monkeypatch)
+    image = photo(f"{ANDERS}_1", f"{ANGELA}_1")
+    fixed, masks, report = _face_fix(recorder, flux2_ae, face_model, people, image[None], long_side=0,
+                                     conditioning=_klein_conditioning)[:3]
+    crops = recorder.encoded[1::2]  # per face: its reference is encoded, then its crop
+    assert len(crops) == 2 and len(recorder.references) == 2 * STEPS
+    shown = [_person(face_model, people, crop[0]) for crop in crops]
+    assert sorted(shown) == [0, 1]
+    assert set(recorder.methods) == {"index"}
+    for face, person in enumerate(shown):
+        for call in recorder.references[face * STEPS:(face + 1) * STEPS]:
+            assert len(call) == 1  # that person's reference only
+            assert call[0].shape == expected[person].shape
+            assert torch.allclose(call[0].float(), expected[person].float(), atol=1e-3)
+    untouched = masks[0] == 0
+    assert untouched.any() and (~untouched).any()
+    assert torch.equal(fixed[0][untouched], image[untouched])
+    assert not torch.equal(fixed[0][~untouched], image[~untouched])
+    rows = report.splitlines()[1:3]
+    assert sorted(row.split()[2] for row in rows) == ["R1", "R2"]
+
+
+def test_flux2_bad_input_is_one_clear_error_before_sampling(flux, flux2, flux2_ae, face_model, people, monkeypatch):
+    """A long_side on FLUX.2 (its references follow FLUX.2's own rule) and FLUX.2's VAE with FLUX.1: one error each,
+    before any face is encoded or sampled."""
+    image = photo(f"{ANGELA}_1")[None]
+    recorder = Recorder(flux2, flux2_ae, monkeypatch)
+    with pytest.raises(UMOError, match=r"UMO Identity Face Fix: long_side \(64\) sets UNO's rule for FLUX.1; "
+                                       "FLUX.2 references follow FLUX.2's own rule"):
+        _face_fix(recorder, flux2_ae, face_model, people, image, conditioning=_klein_conditioning)
+    assert not recorder.references and not recorder.encoded
+    recorder = Recorder(flux, flux2_ae, monkeypatch)
+    with pytest.raises(UMOError, match=r"UMO Identity Face Fix: the VAE makes 128-channel latents, but FLUX.1 "
+                                       r"\(UNO\) needs FLUX.1's autoencoder \(ae.safetensors\)"):
+        _face_fix(recorder, flux2_ae, face_model, people, image)
     assert not recorder.references and not recorder.encoded
 
 
