@@ -8,6 +8,7 @@ block's linear2 / proj_out takes attention + MLP = H + 4H (15360 for FLUX.1's H 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -15,10 +16,22 @@ from peft.tuners.lora import Linear as LoraLinear
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import save_file
 
+from tests.flux2_layout import transformer_to_bfl as flux2_transformer_to_bfl
+from tests.flux_layout import transformer_to_bfl as flux1_transformer_to_bfl
 from tests.lora_layouts import UNO_TO_COMFY, UNO_TO_DIFFUSERS, assert_same_deltas
-from tests.tiny_models import HIDDEN, LORA_RANK, add_lora, omnigen2_peft_lora, tiny_flux_transformer, uno_lora
+from tests.tiny_models import (
+    HIDDEN,
+    LORA_RANK,
+    add_lora,
+    omnigen2_peft_lora,
+    tiny_flux2_transformer,
+    tiny_flux_transformer,
+    uno_lora,
+)
 from umo_core import UMOError
+from umo_core.backbones import get
 from umo_core.backbones.flux1.lora import UNO_TARGET_MODULES, diffusers_to_uno, uno_to_diffusers
+from umo_core.backbones.flux2.lora import FLUX2_TARGET_MODULES
 from umo_core.backbones.lora_formats import (
     check_family,
     detect_lora_format,
@@ -250,3 +263,85 @@ def test_a_failed_save_leaves_the_old_file(tmp_path):
         save_lora_file(path, {"a": torch.zeros(1), "b": "not a tensor"})
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["lora.safetensors"]
+
+
+# FLUX.1 or FLUX.2: ComfyUI-format LoRAs of the real modules (Black Forest Labs' names, as ComfyUI's models have them)
+# of the tiny FluxTransformer2DModel and Flux2Transformer2DModel.
+
+def comfy_lora(bfl: dict[str, torch.Tensor], modules: str, names: tuple[str, str] = ("lora_down", "lora_up"),
+               alpha: bool = False) -> dict[str, torch.Tensor]:
+    """A ComfyUI-format LoRA (rank 2) of every matrix of a Black Forest Labs state dict whose module fully matches
+    `modules`: down [2, inputs] and up [outputs, 2] under `names`, and an `.alpha` per module where asked."""
+    generator = torch.Generator().manual_seed(0)
+    lora = {}
+    for key, weight in bfl.items():
+        module = key.removesuffix(".weight")
+        if weight.ndim == 2 and re.fullmatch(modules, module):
+            lora[f"diffusion_model.{module}.{names[0]}.weight"] = torch.randn(2, weight.shape[1], generator=generator)
+            lora[f"diffusion_model.{module}.{names[1]}.weight"] = torch.randn(weight.shape[0], 2, generator=generator)
+            if alpha:
+                lora[f"diffusion_model.{module}.alpha"] = torch.tensor(2.0)
+    assert lora, modules
+    return lora
+
+
+def flux1_bfl() -> dict[str, torch.Tensor]:
+    return flux1_transformer_to_bfl(tiny_flux_transformer().state_dict())
+
+
+def flux2_bfl() -> dict[str, torch.Tensor]:
+    return flux2_transformer_to_bfl(tiny_flux2_transformer().state_dict())
+
+
+BLOCK_MODULES = r"(?:double|single)_blocks\.\d+\..*"
+ATTENTION = r"double_blocks\.\d+\.(?:img|txt)_attn\.(?:qkv|proj)"
+
+
+@pytest.mark.parametrize(("model", "modules", "family"), [
+    pytest.param(flux1_bfl, BLOCK_MODULES, "flux", id="flux1-blocks"),  # per-block img_mod, txt_mod, modulation
+    pytest.param(flux1_bfl, r"single_blocks\.\d+\.linear[12]", "flux", id="flux1-single"),  # q, k, v + MLP of 4 widths
+    pytest.param(flux1_bfl, rf"{ATTENTION}|double_blocks\.\d+\.img_mlp\.[02]", "flux", id="flux1-attention-mlp"),
+    pytest.param(flux2_bfl, rf"{BLOCK_MODULES}|(?:double_stream_modulation_(?:img|txt)|single_stream_modulation)\.lin",
+                 "flux2", id="flux2-blocks-modulation"),
+    pytest.param(flux2_bfl, r"single_blocks\.\d+\.linear1", "flux2", id="flux2-linear1"),  # + gated MLP 2 x 3 widths
+    pytest.param(flux2_bfl, r"single_blocks\.\d+\.linear2", "flux2", id="flux2-linear2"),
+    pytest.param(flux2_bfl, rf"{ATTENTION}|double_blocks\.\d+\.txt_mlp\.[02]", "flux2", id="flux2-attention-mlp"),
+    pytest.param(flux2_bfl, r"double_stream_modulation_img\.lin", "flux2", id="flux2-shared-modulation"),
+    pytest.param(flux1_bfl, ATTENTION, None, id="flux1-attention"),  # the same names and shapes in both
+    pytest.param(flux2_bfl, ATTENTION, None, id="flux2-attention"),
+])
+def test_comfy_format_flux1_and_flux2_are_told_by_what_only_one_has(model, modules, family):
+    for names, alpha in ((("lora_down", "lora_up"), False), (("lora_A", "lora_B"), True)):
+        lora = comfy_lora(model(), modules, names, alpha)
+        assert detect_lora_format(lora) == "comfy"
+        assert lora_family(lora) == family, names
+
+
+def test_attention_only_comfy_loras_take_the_backbone_from_the_metadata():
+    for model in (flux1_bfl, flux2_bfl):
+        lora = comfy_lora(model(), ATTENTION)
+        assert lora_family(lora, {"umo_backbone": "flux2"}) == "flux2"
+        assert lora_family(lora, {"umo_backbone": "flux1"}) == "flux"
+
+
+def test_every_flux2_layout_is_a_flux2_lora(tmp_path):
+    """The trainer's two files (with and without the backbone in their metadata), the diffusers/peft file people share
+    ('transformer.' keys, the alpha in diffusers' metadata) and the ComfyUI-format file they convert it to."""
+    model = add_lora(tiny_flux2_transformer(), rank=2, alpha=2, target_modules=FLUX2_TARGET_MODULES, lora_b_std=0.5)
+    peft_lora = get_peft_model_state_dict(model)
+    files = get("flux2").lora_files(peft_lora)
+    shared = {f"transformer.{key}": value for key, value in peft_lora.items()}
+    shared_metadata = {"lora_adapter_metadata": json.dumps({"r": 2, "lora_alpha": 4})}
+    layouts = {"ours, peft": files["lora_diffusers.safetensors"], "ours, ComfyUI": files["lora_comfy.safetensors"],
+               "diffusers/peft": (shared, shared_metadata), "ComfyUI": (to_comfy_lora(shared, shared_metadata), {})}
+    for name, (tensors, metadata) in layouts.items():
+        path = tmp_path / f"{name}.safetensors"
+        save_lora_file(path, tensors, metadata)
+        tensors, metadata = load_lora_file(path)
+        for with_metadata in (metadata, {}):
+            assert lora_family(tensors, with_metadata) == "flux2", (name, with_metadata)
+    assert detect_lora_format(shared) == "flux2_diffusers_peft"
+    assert {detect_lora_format(layouts[name][0]) for name in ("ours, ComfyUI", "ComfyUI")} == {"comfy"}
+    with pytest.raises(UMOError, match="'klein_lora.safetensors' is a flux2 LoRA but the model is flux; load it on a "
+                                       r"FLUX.2 model \(klein or dev\)"):
+        check_family("klein_lora.safetensors", lora_family(layouts["ComfyUI"][0]), "flux")

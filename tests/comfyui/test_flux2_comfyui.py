@@ -35,6 +35,7 @@ from tests.flux2_layout import (
 )
 from umo_core import UMOError
 from umo_core.backbones import get
+from umo_core.backbones.lora_formats import load_lora_file, to_comfy_lora
 
 pytestmark = pytest.mark.usefixtures("flux2_support")
 
@@ -157,14 +158,16 @@ def test_guidance_decoder_through_flux2_vae(vae, flux2_model):
 
 @pytest.fixture(scope="module")
 def flux2_loras(tmp_path_factory):
-    """The FLUX.2 LoRA as diffusers/peft users share it ('transformer.' keys, alpha in diffusers' metadata), and a
-    UNO LoRA, in a loras folder registered with ComfyUI's folder_paths."""
+    """The FLUX.2 LoRA as diffusers/peft users share it ('transformer.' keys, alpha in diffusers' metadata) and in
+    ComfyUI's format without metadata, and a UNO LoRA, in a loras folder registered with ComfyUI's folder_paths."""
     import_pack()
     import folder_paths
     from safetensors.torch import save_file
 
     folder = tmp_path_factory.mktemp("flux2_loras")
     save_flux2_peft_lora(folder / "tiny_flux2_peft.safetensors")
+    save_file(to_comfy_lora(*load_lora_file(folder / "tiny_flux2_peft.safetensors")),
+              folder / "tiny_flux2_comfy.safetensors")
     save_file(uno_lora(), folder / "tiny_uno_for_flux2.safetensors")
     folder_paths.add_model_folder_path("loras", str(folder))
     return folder
@@ -198,5 +201,6 @@ def test_flux2_lora_changes_comfyui_weights_as_it_changes_the_diffusers_model(fl
 def test_flux2_lora_loader_refuses_cross_family_loads(flux2_model, flux2_loras):
     with pytest.raises(UMOError, match=r"'tiny_uno_for_flux2.safetensors' is a flux LoRA but the model is flux2"):
         _backbone_nodes().UMOLoraLoader.execute(flux2_model, "tiny_uno_for_flux2.safetensors", 1.0)
-    with pytest.raises(UMOError, match=r"'tiny_flux2_peft.safetensors' is a flux2 LoRA but the model is flux\b"):
-        _backbone_nodes().UMOLoraLoader.execute(tiny_flux_model(), "tiny_flux2_peft.safetensors", 1.0)
+    for name in ("tiny_flux2_peft.safetensors", "tiny_flux2_comfy.safetensors"):  # the latter: FLUX.2's MLP widths
+        with pytest.raises(UMOError, match=rf"'{name}' is a flux2 LoRA but the model is flux; load it on a FLUX.2 "):
+            _backbone_nodes().UMOLoraLoader.execute(tiny_flux_model(), name, 1.0)

@@ -5,9 +5,12 @@ ComfyUI's keys); `detect_lora_format` tries them in the order of `backbones.LORA
 - "uno", "flux_diffusers_peft" (FLUX.1, flux1/lora.py), "omnigen2_peft" (omnigen2/lora.py),
   "flux2_diffusers_peft" (FLUX.2, flux2/lora.py);
 - "comfy": keys already prefixed `diffusion_model.` (ComfyUI's own format), told apart by each backbone's
-  `COMFY_KEYS` and, for the files this project writes, by the backbone in their metadata.
+  `FAMILY` (its module names, and the layer shapes only its models have) and, for the files this project writes,
+  by the backbone in their metadata.
 A file's metadata `umo_backbone` (written by the trainer) decides between layouts whose keys look alike (FLUX.1's and
-FLUX.2's double blocks have the same module names).
+FLUX.2's double blocks have the same module names). Without it, FLUX.1 and FLUX.2 are told apart by what only one
+of them has: per-block modulation (FLUX.1) or shared modulation (FLUX.2), and the MLP's width in the layers that
+hold it (FLUX.1's is 4 times the width, FLUX.2's gated MLP 3 times). A LoRA of the attention alone fits both.
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ from .text_embedding import BACKBONE_METADATA_KEY
 # Metadata the project's trainer writes into its LoRA files (with BACKBONE_METADATA_KEY).
 FORMAT_METADATA_KEY = "umo_format"
 BASE_MODEL_METADATA_KEY = "umo_base_model"
+# A low-rank half in ComfyUI's format: `diffusion_model.<module>.lora_{down,up}.weight` (or peft's lora_A / lora_B).
+COMFY_LOW_RANK_KEY = re.compile(r"^diffusion_model\.(?P<module>.+)\.lora_(?P<half>down|up|A|B)\.weight$")
+COMFY_HALVES = {"A": "down", "B": "up"}  # peft's names -> ComfyUI's
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,20 @@ class Family:
     name: str
     model: str  # "a FLUX.1 model (flux1-dev)": what to load such a LoRA on
     comfy_keys: re.Pattern  # ComfyUI-format keys of the modules its LoRAs adapt
+    # Modules (ComfyUI's names, without `diffusion_model.`) that only this family's models have.
+    own_modules: re.Pattern | None = None
+    # (module pattern, outputs, inputs): layers whose outputs : inputs ratio only this family's models have.
+    own_shapes: tuple[tuple[re.Pattern, int, int], ...] = ()
+
+    def only_fits(self, state_dict: dict[str, torch.Tensor]) -> bool:
+        """Whether a ComfyUI-format LoRA adapts a module, or a layer of a shape, that only this family has."""
+        for module, (outputs, inputs) in comfy_layer_shapes(state_dict).items():
+            if self.own_modules is not None and self.own_modules.fullmatch(module):
+                return True
+            if any(pattern.fullmatch(module) and outputs * ratio_in == inputs * ratio_out
+                   for pattern, ratio_out, ratio_in in self.own_shapes):
+                return True
+        return False
 
 
 def _layouts() -> dict[str, Layout]:
@@ -110,21 +130,35 @@ def detect_lora_format(state_dict: dict[str, torch.Tensor], metadata: dict[str, 
                    "keys")
 
 
+def comfy_layer_shapes(state_dict: dict[str, torch.Tensor]) -> dict[str, tuple[int, int]]:
+    """ComfyUI-format LoRA keys -> {module (without `diffusion_model.`): (outputs, inputs)} of each layer a low-rank
+    pair adapts (down/A [rank, inputs], up/B [outputs, rank])."""
+    halves: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state_dict.items():
+        match = COMFY_LOW_RANK_KEY.match(key)
+        if match is not None and tensor.ndim == 2:
+            half = COMFY_HALVES.get(match["half"], match["half"])
+            halves.setdefault(match["module"], {})[half] = tensor
+    return {module: (pair["up"].shape[0], pair["down"].shape[1]) for module, pair in halves.items()
+            if len(pair) == 2}
+
+
 def lora_family(state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str | None:
-    """The family ('flux', 'flux2', 'omnigen2') of a LoRA; None for ComfyUI-format keys of other modules (the LoRA
-    may be for any model). The backbone in the metadata of the project's files decides first."""
+    """The family ('flux', 'flux2', 'omnigen2') of a LoRA; None for ComfyUI-format keys of other modules, or of
+    modules that several families have in the same shapes (FLUX.1's and FLUX.2's attention: the LoRA may be for
+    either). The backbone in the metadata of the project's files decides first."""
     layout = detect_lora_format(state_dict, metadata)
     if layout != "comfy":
         return _layouts()[layout].family
     marked = (metadata or {}).get(BACKBONE_METADATA_KEY)
-    families = _families()
     for layout_info in _layouts().values():
         if layout_info.backbone == marked:
             return layout_info.family
-    for family in families.values():
-        if all(family.comfy_keys.match(key) for key in state_dict):
-            return family.name
-    return None
+    fitting = [family for family in _families().values()
+               if all(family.comfy_keys.match(key) for key in state_dict)]
+    if len(fitting) > 1:
+        fitting = [family for family in fitting if family.only_fits(state_dict)]
+    return fitting[0].name if len(fitting) == 1 else None
 
 
 def check_family(lora_name: str, lora_family_name: str | None, model_family: str | None) -> None:

@@ -153,7 +153,15 @@ LAYOUTS = {
     "flux_diffusers_peft": Layout(FLUX_DIFFUSERS_KEY, BACKBONE, "flux", "diffusers/peft FluxTransformer2DModel keys "
                                   "('transformer.transformer_blocks.0.attn.to_q.lora_A.weight')", diffusers_to_comfy),
 }
-# ComfyUI-format keys of the modules UMO's FLUX.1 LoRAs adapt, to tell the family of an already converted file.
-FAMILY = Family("flux", "a FLUX.1 model (flux1-dev)", re.compile(
-    r"^diffusion_model\.(?:double_blocks\.\d+\.(?:img|txt)_attn\.(?:qkv|proj)"
-    r"|single_blocks\.\d+\.(?:linear1_qkv|linear1|linear2))\.(?:lora_(?:up|down|A|B)\.weight|alpha)$"))
+# ComfyUI-format keys of FLUX.1's block modules, to tell the family of an already converted file; FLUX.2's blocks
+# share most names, so what only FLUX.1 has decides between them: per-block modulation, and an MLP 4 times the width
+# (the single block's linear1 holds q, k, v and the MLP's input: 3 + 4 widths; linear2 takes attention + MLP: 1 + 4).
+FAMILY = Family(
+    "flux", "a FLUX.1 model (flux1-dev)",
+    re.compile(r"^diffusion_model\.(?:double_blocks\.\d+\.(?:img|txt)_(?:attn\.(?:qkv|proj)|mlp\.[02]|mod\.lin)"
+               r"|single_blocks\.\d+\.(?:linear1_qkv|linear1|linear2|modulation\.lin))"
+               r"\.(?:lora_(?:up|down|A|B)\.weight|alpha)$"),
+    own_modules=re.compile(r"double_blocks\.\d+\.(?:img|txt)_mod\.lin|single_blocks\.\d+\.modulation\.lin"),
+    own_shapes=((re.compile(r"single_blocks\.\d+\.linear1"), 7, 1), (re.compile(r"single_blocks\.\d+\.linear2"), 1, 5),
+                (re.compile(r"double_blocks\.\d+\.(?:img|txt)_mlp\.0"), 4, 1),
+                (re.compile(r"double_blocks\.\d+\.(?:img|txt)_mlp\.2"), 1, 4)))

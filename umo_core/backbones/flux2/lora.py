@@ -121,6 +121,17 @@ def comfy_to_diffusers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.T
 LAYOUTS = {"flux2_diffusers_peft": Layout(
     FLUX2_DIFFUSERS_KEY, BACKBONE, "flux2", "diffusers/peft Flux2Transformer2DModel keys "
     "('single_transformer_blocks.0.attn.to_qkv_mlp_proj.lora_A.weight')", diffusers_to_comfy)}
-# ComfyUI's keys of FLUX.2 LoRAs look like FLUX.1's: without the backbone in the metadata such a file counts as
-# FLUX.1's (lora_formats.lora_family tries the families in order, FLUX.1 first).
-FAMILY = Family("flux2", "a FLUX.2 model (klein or dev)", COMFY_KEY)
+# ComfyUI-format keys of FLUX.2's modules. Its blocks share FLUX.1's names, so what only FLUX.2 has decides between
+# them (without the backbone in the metadata): the modulation shared by all blocks, and a gated MLP 3 times the width
+# (the double block's mlp.0 gives gate and value, 2 x 3 widths; the single block's linear1 gives q, k, v and both,
+# 3 + 6 widths; linear2 takes attention + MLP, 1 + 3).
+FAMILY = Family(
+    "flux2", "a FLUX.2 model (klein or dev)",
+    re.compile(r"^diffusion_model\.(?:double_blocks\.\d+\.(?:img|txt)_(?:attn\.(?:qkv|proj)|mlp\.[02])"
+               r"|single_blocks\.\d+\.(?:linear1_qkv|linear1|linear2)"
+               r"|double_stream_modulation_(?:img|txt)\.lin|single_stream_modulation\.lin)"
+               r"\.(?:lora_(?:up|down|A|B)\.weight|alpha)$"),
+    own_modules=re.compile(r"double_stream_modulation_(?:img|txt)\.lin|single_stream_modulation\.lin"),
+    own_shapes=((re.compile(r"single_blocks\.\d+\.linear1"), 9, 1), (re.compile(r"single_blocks\.\d+\.linear2"), 1, 4),
+                (re.compile(r"double_blocks\.\d+\.(?:img|txt)_mlp\.0"), 6, 1),
+                (re.compile(r"double_blocks\.\d+\.(?:img|txt)_mlp\.2"), 1, 3)))
