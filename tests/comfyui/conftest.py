@@ -43,7 +43,9 @@ PACK_MODULE = "comfyui_umo_in_process"
 PLACEHOLDER_MODELS = [("diffusion_models", "flux1-dev.safetensors"), ("diffusion_models", "omnigen2_fp16.safetensors"),
                       ("loras", "UMO_UNO.safetensors"), ("loras", "UMO_OmniGen2.safetensors"),
                       ("vae", "ae.safetensors"), ("text_encoders", "clip_l.safetensors"),
-                      ("text_encoders", "t5xxl_fp16.safetensors"), ("text_encoders", "qwen_2.5_vl_fp16.safetensors")]
+                      ("text_encoders", "t5xxl_fp16.safetensors"), ("text_encoders", "qwen_2.5_vl_fp16.safetensors"),
+                      ("diffusion_models", "flux-2-klein-4b.safetensors"), ("text_encoders", "qwen_3_4b.safetensors"),
+                      ("vae", "flux2-vae.safetensors")]
 EXAMPLE_INPUTS = {"reference_1.jpg": "Rob_Lowe_0001.jpg", "reference_2.jpg": "Nathalie_Baye_0002.jpg",
                   "candidate.png": "Rob_Lowe_0002.jpg"}
 

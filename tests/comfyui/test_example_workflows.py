@@ -1,5 +1,6 @@
 """Every example workflow converts from the editor's UI format to API format against the live
-/object_info and passes ComfyUI's own /prompt validation; the identity report one also runs."""
+/object_info and passes ComfyUI's own /prompt validation; the identity report one also runs, and so do the FLUX.2
+[klein] ones where ComfyUI builds a small FLUX.2 file as it says (0.12.1), with tiny stand-ins for the model files."""
 
 from __future__ import annotations
 
@@ -7,9 +8,13 @@ import json
 
 import pytest
 
+from tests.comfyui.conftest import FLUX2_NEEDED
 from tests.conftest import ROOT
+from tests.flux2_layout import KLEIN_4B_TEXT_WIDTH
 
 WORKFLOWS = sorted((ROOT / "example_workflows").glob("*.json"))
+FLUX2_WORKFLOWS = [path for path in WORKFLOWS if path.stem.startswith("umo_flux2_")]
+FLUX2_NODES = ("EmptyFlux2LatentImage", "Flux2Scheduler")  # and CLIPLoader's type flux2
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 FRONTEND_ONLY = {"Note"}  # the editor's own nodes: not in /object_info, left out of the API format
 
@@ -44,9 +49,21 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
     return prompt
 
 
+def flux2_nodes_missing(object_info: dict) -> list[str]:
+    """The FLUX.2 nodes the [klein] workflows use that this ComfyUI lacks (0.3.64 has none)."""
+    missing = [name for name in FLUX2_NODES if name not in object_info]
+    spec = object_info["CLIPLoader"]["input"]["required"]["type"]  # [options] or ["COMBO", {"options": ...}]
+    if "flux2" not in (spec[0] if isinstance(spec[0], list) else spec[1]["options"]):
+        missing.append("CLIPLoader type flux2")
+    return missing
+
+
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
 def test_workflow_validates_in_comfyui(comfy, path):
-    prompt = ui_to_api(json.loads(path.read_text()), comfy.get("/object_info"))
+    object_info = comfy.get("/object_info")
+    if path in FLUX2_WORKFLOWS and flux2_nodes_missing(object_info):
+        pytest.skip(f"this ComfyUI has no {', '.join(flux2_nodes_missing(object_info))}; {FLUX2_NEEDED}")
+    prompt = ui_to_api(json.loads(path.read_text()), object_info)
     # run() fails unless /prompt accepts the graph, which ComfyUI only does after validating every input.
     # The generation graphs then stop at the empty placeholder model files.
     history = comfy.run(prompt)
@@ -54,6 +71,34 @@ def test_workflow_validates_in_comfyui(comfy, path):
         assert history["status"]["status_str"] == "success", history["status"]
         report = "".join(next(o["text"] for o in history["outputs"].values() if "text" in o))
         assert "R1->face 1" in report
+
+
+@pytest.mark.parametrize("path", FLUX2_WORKFLOWS, ids=lambda p: p.stem)
+def test_flux2_workflow_runs_with_tiny_stand_ins(comfy, flux2_files, path):
+    """The template's own graph, run: only the model files become the tiny FLUX.2 transformer and FLUX.2's autoencoder
+    (random weights), the text encoder (Qwen3-4B cannot run here) a fixed embedding of its width, and the image 64 x 64
+    in 2 steps. References, sampler chain, identity nodes and their settings are the template's."""
+    prompt = ui_to_api(json.loads(path.read_text()), comfy.get("/object_info"))
+    transformer, vae = flux2_files
+    for node_id, node in list(prompt.items()):
+        kind, inputs = node["class_type"], node["inputs"]
+        if kind == "UNETLoader":
+            inputs["unet_name"] = transformer
+        elif kind == "VAELoader":
+            inputs["vae_name"] = vae
+        elif kind == "CLIPLoader":
+            del prompt[node_id]
+        elif kind == "CLIPTextEncode":
+            prompt[node_id] = {"class_type": "UMOTestTextEmbedding",
+                               "inputs": {"seed": 0, "width": KLEIN_4B_TEXT_WIDTH}}
+        elif kind in ("EmptyFlux2LatentImage", "Flux2Scheduler"):
+            inputs.update(width=64, height=64)
+            if kind == "Flux2Scheduler":
+                inputs["steps"] = 2
+    history = comfy.run(prompt)
+    assert history["status"]["status_str"] == "success", history["status"]
+    saved = [output for output in history["outputs"].values() if "images" in output]
+    assert saved and all(image["filename"].endswith(".png") for output in saved for image in output["images"])
 
 
 def test_workflows_are_listed_under_browse_templates(comfy):
