@@ -1,5 +1,6 @@
 """Bad input to the trainer and to `generate` (issue #17): one `error:` line that names the input and says what
-to do, exit status 2, before any model loads, and nothing written or changed."""
+to do, exit status 2, before any model loads, and nothing written or changed. Also a `generate` stopped by Ctrl-C
+or SIGTERM: one line, the shell's status, only whole images left."""
 
 from __future__ import annotations
 
@@ -7,19 +8,25 @@ import hashlib
 import math
 import os
 import shutil
+import signal
+import socket
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from tests.conftest import trainer_args, usual_mode
+from tests.conftest import ROOT, trainer_args, usual_mode
 from tests.tiny_models import POOLED_DIM, TEXT_DIM, TEXT_LEN
-from training.config import TrainConfig
+from training.config import TrainConfig, parse_config
 from training.rerefl import main as train_main
 from umo_core.cli import main as umo_main
 from umo_core.errors import UMOError
+from umo_core.files import LOCK_NAME
 
 
 @pytest.fixture
@@ -160,6 +167,38 @@ def test_resume_takes_the_rank_of_the_checkpoint(trainer_inputs, checkpointed, t
     assert {tensor.shape[0] for key, tensor in lora.items() if ".lora_A." in key} == {4}
 
 
+def test_a_second_run_on_the_same_output_is_refused_before_any_model_loads(trainer_inputs, tmp_path, capsys,
+                                                                          no_models):
+    root, data, pack = trainer_inputs
+    output = tmp_path / "run"
+    output.mkdir()
+    other_run = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    lock = output / LOCK_NAME
+    try:
+        lock.write_text(f"{other_run.pid} {socket.gethostname()} training.rerefl\n")
+        assert train_main(trainer_args(root, data, pack, output, 1)) == 2
+        assert error_line(capsys) == (f"error: --output '{output}' is being written by another training.rerefl run "
+                                      f"(process {other_run.pid}, see '{lock}'); wait for it to end, or give another "
+                                      "--output. If no such run is going on, delete that file")
+        assert os.listdir(output) == [LOCK_NAME]
+        assert lock.read_text() == f"{other_run.pid} {socket.gethostname()} training.rerefl\n"
+    finally:
+        other_run.kill()
+        other_run.wait()
+
+
+def test_the_trainers_face_pack_is_umo_face_pack_where_set(trainer_inputs, tmp_path, capsys, monkeypatch,
+                                                           no_models):
+    root, data, pack = trainer_inputs
+    monkeypatch.setenv("UMO_FACE_PACK", str(tmp_path / "no_pack"))
+    args = trainer_args(root, data, pack, tmp_path / "out", 1)
+    del args[args.index("--faces"):args.index("--faces") + 2]
+    assert parse_config(args).faces == str(tmp_path / "no_pack")
+    assert train_main(args) == 2
+    assert f"'{tmp_path / 'no_pack'}'" in error_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
 # generate
 
 def _generate(root: Path, data: Path, photos: Path, out: Path, *extra: str) -> list[str]:
@@ -245,3 +284,29 @@ def test_generate_without_a_face_pack_says_the_references_are_unchecked(trainer_
     monkeypatch.setenv("UMO_FACE_PACK", str(tmp_path / "no_pack"))
     assert umo_main(_generate(root, data, photos, tmp_path / "out")) == 0
     assert "note: the references are not checked for faces (" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("stop", "reason"), [(signal.SIGINT, "Ctrl-C"), (signal.SIGTERM, "SIGTERM")])
+def test_generate_stopped_by_a_signal_is_one_line_and_leaves_only_whole_images(trainer_inputs, photos, tmp_path,
+                                                                               stop, reason):
+    """Before: Ctrl-C was a traceback and SIGTERM ended the process at once, either of them possibly in the middle
+    of writing an image."""
+    root, data, pack = trainer_inputs
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "umo_core", *_generate(root, data, photos, out, "--count", "1000", "--faces",
+                                                            str(pack))]
+    process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = process.stdout.readline().strip()  # the first image is written: the rest follow one by one
+    assert first == str(out / "umo_000000.png"), process.communicate()
+    process.send_signal(stop)
+    listed, error = process.communicate(timeout=300)
+    assert process.returncode == 128 + stop, error[-3000:]
+    assert "Traceback" not in error
+    assert error.splitlines()[-1] == (f"stopped by {reason}: the images listed above are whole; the one being made "
+                                      "is not written")
+    written = [first, *listed.split()]
+    assert len(written) < 1000 and sorted(os.listdir(out)) == sorted(Path(path).name for path in written)
+    for path in written:
+        with Image.open(path) as image:
+            image.load()  # a cut-short PNG fails here

@@ -103,7 +103,9 @@ def test_score_ranks_the_right_people_first_and_writes_json(pack_dir, case, caps
     assert "?" not in rows[str(images[1])] and rows[str(images[0])].count("?") == 2
     assert "? = doubtful match: cosine below 0.45" in printed
     assert "R1 missing" in rows[str(images[2])] and "R2 missing" in rows[str(images[2])]
-    assert "scoring" not in captured.err  # no progress bar when stderr is not a terminal
+    # stderr is not a terminal here, as in a log: no bar's redraws, a plain line at the end (console.progress)
+    assert "\r" not in captured.err and [line.rsplit(",", 1)[0] for line in captured.err.splitlines()
+                                         if line.startswith("scoring")] == ["scoring: 3/3 images"]
     annotated = sorted((folder / "annotated").iterdir())
     assert [p.name for p in annotated] == ["rank01_img02_right_people.png", "rank02_img01_others.png",
                                            "rank03_img03_no_face_view.png"]
@@ -465,3 +467,22 @@ def test_json_into_a_read_only_folder_fails_before_any_work(photos, tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert result.returncode == 2 and len(errors) == 1, result.stderr
     assert f"cannot create files in '{locked}' (Permission denied)" in errors[0], errors[0]
+
+
+def test_every_command_takes_its_default_face_pack_from_umo_face_pack(monkeypatch):
+    """One rule (face_pack.default_face_pack) for score, evaluate, prepare_data and the trainer (generate's
+    reference check: tests/test_bad_inputs_train.py)."""
+    from training.config import parse_config
+    from training.prepare_data import parse_args
+    from umo_core.cli import _parser
+
+    def defaults() -> list[str]:
+        return [_parser().parse_args(["score", "--ref", "a.jpg", "--image", "b.jpg"]).faces,
+                _parser().parse_args(["evaluate", "bench", "--out", "out"]).faces,
+                parse_args(["--photos", "photos", "--out", "out"]).faces,
+                parse_config(["--data", "data", "--check-data"]).faces]
+
+    monkeypatch.setenv("UMO_FACE_PACK", "/packs/team_pack")
+    assert defaults() == ["/packs/team_pack"] * 4
+    monkeypatch.delenv("UMO_FACE_PACK")
+    assert defaults() == ["antelopev2"] * 4

@@ -10,10 +10,12 @@ import stat
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from tests.conftest import usual_mode
 from umo_core.files import atomic_path, save_tensors
+from umo_core.images import save_image
 
 
 def _mode(path) -> int:
@@ -86,3 +88,22 @@ def test_the_face_cache_writes_with_the_usual_permissions(tmp_path, umask):
     cache.save("ab" * 32, faces)
     assert _mode(cache.path("ab" * 32)) == usual_mode(umask)
     assert cache.load("ab" * 32).width == 20
+
+
+def test_an_image_stopped_while_it_is_written_leaves_nothing(tmp_path, monkeypatch):
+    """save_image, the writer of generate's images, the annotated copies and the data folders' crops and sheets."""
+    def half_then_stopped(image, path, *_, **__):
+        with open(path, "wb") as file:
+            file.write(b"\x89PNG\r\n\x1a\n half of it")
+        raise KeyboardInterrupt
+
+    save_image(np.zeros((8, 8, 3), np.uint8), tmp_path / "old.png")
+    monkeypatch.setattr(Image.Image, "save", half_then_stopped)
+    with pytest.raises(KeyboardInterrupt):
+        save_image(np.full((8, 8, 3), 255, np.uint8), tmp_path / "umo_000000.png")
+    with pytest.raises(KeyboardInterrupt):
+        save_image(np.full((8, 8, 3), 255, np.uint8), tmp_path / "old.png")
+    assert os.listdir(tmp_path) == ["old.png"]
+    monkeypatch.undo()
+    with Image.open(tmp_path / "old.png") as old:
+        assert np.asarray(old).max() == 0

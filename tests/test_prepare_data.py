@@ -27,11 +27,12 @@ from safetensors.torch import save_file
 from tests.conftest import PHOTOS, ROOT
 from tests.group_photos import FACE_SIDE, group_photo, lfw_face
 from tests.tiny_models import random_text_embedding, save_flux_folder
-from training.dataset_builder import filters, rows, writer
+from training.dataset_builder import filters, rows
 from training.dataset_builder.faces import analyse_photos
 from training.manifest import text_embedding_path
 from training.prepare_data import main
 from training.rerefl import main as rerefl_main
+from umo_core.files import LOCK_NAME
 from umo_core.images import load_image
 
 SIDECAR_PROMPT = "three colleagues at the office"
@@ -426,20 +427,58 @@ def test_a_second_run_on_the_same_out_is_refused_and_a_dead_runs_lock_is_taken_o
     shutil.copytree(clustered, out)
     before = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
     other_run = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
-    lock = out / writer.LOCK_NAME
+    lock = out / LOCK_NAME
     try:
-        lock.write_text(f"{other_run.pid} {socket.gethostname()}\n")
+        lock.write_text(f"{other_run.pid} {socket.gethostname()} training.prepare_data\n")
         assert build(root, pack, out) == 2
         assert _error(capsys) == (f"error: --out '{out}' is being written by another training.prepare_data run "
                                   f"(process {other_run.pid}, see '{lock}'); wait for it to end, or give another "
                                   "--out. If no such run is going on, delete that file")
         assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file() and path != lock} == before
-        assert lock.read_text() == f"{other_run.pid} {socket.gethostname()}\n"
+        assert lock.read_text() == f"{other_run.pid} {socket.gethostname()} training.prepare_data\n"
     finally:
         other_run.kill()
         other_run.wait()
     assert build(root, pack, out) == 0  # the run is gone: its lock is stale
     assert not lock.exists()
+
+
+def test_a_run_whose_eval_out_another_run_writes_is_refused_and_writes_nothing(inputs, clustered, tmp_path, capsys):
+    root, pack = inputs
+    out, eval_out = tmp_path / "out", tmp_path / "shared-eval"
+    eval_out.mkdir()
+    other_run = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    lock = eval_out / LOCK_NAME
+    try:
+        lock.write_text(f"{other_run.pid} {socket.gethostname()} training.prepare_data\n")
+        assert build(root, pack, out, "--eval-fraction", "0.3", "--eval-out", str(eval_out)) == 2
+        assert _error(capsys) == (f"error: --eval-out '{eval_out}' is being written by another training.prepare_data "
+                                  f"run (process {other_run.pid}, see '{lock}'); wait for it to end, or give another "
+                                  "--eval-out. If no such run is going on, delete that file")
+        assert not out.exists() and os.listdir(eval_out) == [LOCK_NAME]
+    finally:
+        other_run.kill()
+        other_run.wait()
+
+
+def test_ctrl_c_while_python_loads_torch_is_one_line(inputs, tmp_path):
+    """The imports take seconds; a Ctrl-C then used to be a traceback from inside torch."""
+    root, pack = inputs
+    out = tmp_path / "out"
+    command = [sys.executable, "-X", "importtime", "-m", "training.prepare_data", "--photos", str(root / "photos"),
+               "--out", str(out), "--faces", str(pack), "--provider", "cpu"]
+    process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = []  # -X importtime writes a line as each module is imported: torch's come after the module's first lines
+    while not lines or "torch" not in lines[-1]:
+        lines.append(process.stderr.readline())
+        assert lines[-1], "".join(lines)[-2000:]
+    process.send_signal(signal.SIGINT)
+    _, error = process.communicate(timeout=120)
+    said = [line for line in error.splitlines() if not line.startswith("import time:")]
+    assert process.returncode == 130 and said == ["stopped by Ctrl-C while starting: nothing was read or written"], \
+        error[-3000:]
+    assert not out.exists()
 
 
 def test_a_person_folder_must_agree_with_itself(inputs, tmp_path, capsys):
@@ -534,7 +573,9 @@ def test_ctrl_c_while_the_folder_is_written_leaves_one_line_and_a_folder_a_rerun
     process.send_signal(signal.SIGINT)
     _, error = process.communicate(timeout=120)
     assert process.returncode == 130, error[-2000:]
-    assert error.splitlines()[-1].startswith("interrupted: ") and "Traceback" not in error
+    assert error.splitlines()[-1] == ("stopped by Ctrl-C: the photos analysed so far are kept in the embedding cache "
+                                      "(--cache); run the same command again to carry on")
+    assert "Traceback" not in error
     assert not [path for path in out.rglob("*") if path.name.startswith(".") and path.name != ".face-cache"]
     assert build(root, pack, out) == 0  # the folder is the builder's: a re-run writes it whole
     assert (out / "manifest.jsonl").read_text() == (clustered / "manifest.jsonl").read_text()
@@ -547,7 +588,8 @@ def test_ctrl_c_after_the_work_is_no_traceback_and_progress_in_a_log_is_plain_li
     assert "training rows in" in process.stdout.readline()  # the last thing the command does
     process.send_signal(signal.SIGINT)
     _, error = process.communicate(timeout=120)
-    assert process.returncode in (0, 130) and "Traceback" not in error, error[-2000:]
+    assert process.returncode == 0 and "Traceback" not in error, error[-2000:]  # the finished run is not stopped
     assert (out / "manifest.jsonl").read_text() == (clustered / "manifest.jsonl").read_text()
+    assert not (out / LOCK_NAME).exists()
     # stderr is a pipe here, as a log file would be: no bar redraws, a plain line per pass
     assert "\r" not in error and "photos: 14/14 photos, " in error

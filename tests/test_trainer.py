@@ -22,6 +22,7 @@ from tests.reward_path import check_reward_gradient_reaches_only_the_lora
 from tests.tiny_models import POOLED_DIM, TEXT_DIM, TEXT_LEN, add_lora, tiny_flux_transformer, tiny_vae
 from training.rerefl import main
 from umo_core import backbones
+from umo_core.files import LOCK_NAME
 
 
 def test_training_steps_change_only_the_lora(trainer_inputs, tmp_path):
@@ -221,9 +222,11 @@ def test_a_signal_checkpoints_the_finished_step_and_resume_goes_on(trainer_input
     while not (output / "log.jsonl").is_file() or not (output / "log.jsonl").read_text():
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()
         time.sleep(0.2)
+    assert (output / LOCK_NAME).read_text().split()[0] == str(process.pid)  # one run at a time writes --output
     process.send_signal(stop)
     _, err = process.communicate(timeout=300)
     assert process.returncode == 128 + stop, err
+    assert not (output / LOCK_NAME).exists()
     state = json.loads((output / "checkpoint" / "state.json").read_text())
     assert err.splitlines()[-1] == (f"stopped at step {state['step']} by {reason}: checkpoint written to "
                                     f"'{output / 'checkpoint'}'; continue with --resume")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from umo_core.arguments import MAX_SEED, above, at_least, check_seed
@@ -19,7 +19,7 @@ from umo_core.backbones import DEFAULT as DEFAULT_BACKBONE
 from umo_core.backbones import TRAINABLE, get
 from umo_core.console import HelpFormatter
 from umo_core.errors import UMOError
-from umo_core.faces.face_pack import PROVIDER_CHOICES
+from umo_core.faces.face_pack import FACE_PACK_ENV, PROVIDER_CHOICES, default_face_pack
 from umo_core.faces.matching import REWARDS
 
 from .base_weights import BASE_DTYPES
@@ -40,7 +40,7 @@ class TrainConfig:
     vae: Path | None = None
     output: Path | None = None
     check_data: bool = False
-    faces: str = "antelopev2"
+    faces: str = field(default_factory=default_face_pack)
     provider: str = "auto"
     steps: int = 1000
     rank: int | None = None  # None: DEFAULT_RANK, or the rank of --init-lora or of the checkpoint resumed
@@ -136,7 +136,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--vae", type=Path,
                         help="the backbone's autoencoder: diffusers folder or single .safetensors file "
                              "(ae.safetensors; flux2-vae.safetensors)")
-    parser.add_argument("--faces", default=default("faces"), help="face pack name or folder")
+    parser.add_argument("--faces", default=default_face_pack(),
+                        help=f"face pack name or folder (${FACE_PACK_ENV} where set)")
     parser.add_argument("--provider", default=default("provider"),
                         help=f"onnxruntime provider for face detection: {', '.join(PROVIDER_CHOICES)}")
     parser.add_argument("--output", type=Path, help="folder for the run: LoRA files, checkpoint, logs, evaluation")
@@ -214,7 +215,7 @@ def _config(values: dict, sampling_steps: int, eval_guidance: float) -> TrainCon
     """The config of the parsed values; --sampling-steps and --eval-guidance, where not given, from these (the
     model's steps and guidance), --window from its default or the sampling steps where fewer."""
     values = dict(values)
-    step = {field.name: values.pop(field.name) for field in fields(StepSettings)}
+    step = {setting.name: values.pop(setting.name) for setting in fields(StepSettings)}
     if step["sampling_steps"] is None:
         step["sampling_steps"] = sampling_steps
     if step["window"] is None:

@@ -14,13 +14,24 @@ identity's faces. Then: python -m training.encode_prompts --data DATA --text-enc
 
 from __future__ import annotations
 
+import signal
+import sys
+
+if __name__ == "__main__":
+    # Before the imports below, which load torch and onnxruntime for seconds: a Ctrl-C meanwhile is one line, not a
+    # traceback from inside an import. (console.command_status takes over in main; it cannot be imported yet.)
+    # ruff: noqa: E402 (the imports below come after this block on purpose)
+    def _stopped_while_starting(number: int, _frame) -> None:
+        print("stopped by Ctrl-C while starting: nothing was read or written", file=sys.stderr)
+        raise SystemExit(128 + number)
+
+    signal.signal(signal.SIGINT, _stopped_while_starting)
+
 import argparse
 import datetime
 import math
 import os
-import signal
-import sys
-from contextlib import nullcontext
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,9 +40,11 @@ import torch
 import torch.distributed as dist
 
 from umo_core import UMOError, load_face_model
-from umo_core.console import HelpFormatter, tell
+from umo_core.arguments import at_least, in_range
+from umo_core.console import HelpFormatter, command_status, exit_program, ignore_stop_signals, tell
 from umo_core.faces.embedding import BACKENDS
-from umo_core.faces.face_pack import PROVIDER_CHOICES
+from umo_core.faces.face_pack import FACE_PACK_ENV, PROVIDER_CHOICES, default_face_pack
+from umo_core.files import check_folder_lock, folder_lock
 from umo_core.images import MAX_PIXELS, MAX_PIXELS_ENV, pixel_limit
 
 from .dataset_builder import filters as quality
@@ -56,15 +69,10 @@ from .dataset_builder.rows import (
     select_rows,
     split_by_identity,
 )
-from .dataset_builder.writer import (
-    check_cache_folder,
-    check_output_folder,
-    check_output_lock,
-    output_lock,
-    write_data_folders,
-)
+from .dataset_builder.writer import check_cache_folder, check_output_folder, write_data_folders
 
 PEOPLE_PREFIX = "people:"  # names of --people photos: people:<person>/<file>, apart from the collection's
+COMMAND = "training.prepare_data"  # as the lock names the run
 DISTRIBUTED_TIMEOUT = datetime.timedelta(days=7)  # ranks wait for the slowest shard's embedding pass
 
 
@@ -115,8 +123,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--photos", type=Path, required=True, help="folder (tree) of photos: jpg, png, webp, ...")
     parser.add_argument("--people", type=Path, help="one sub-folder per person, named after them, with their photos")
     parser.add_argument("--out", type=Path, required=True, help="the data folder to write")
-    parser.add_argument("--faces", default=os.environ.get("UMO_FACE_PACK", "antelopev2"),
-                        help="face pack name or folder ($UMO_FACE_PACK when set)")
+    parser.add_argument("--faces", default=default_face_pack(),
+                        help=f"face pack name or folder (${FACE_PACK_ENV} where set)")
     parser.add_argument("--provider", default="auto", help=f"onnxruntime provider: {', '.join(PROVIDER_CHOICES)}")
     parser.add_argument("--backend", choices=BACKENDS, default="onnx", help="face embedder backend")
     parser.add_argument("--min-people", type=int, default=1, help="fewest people in a row's photo")
@@ -169,40 +177,29 @@ def parse_shard(text: str) -> tuple[int, int]:
     return index, count
 
 
-def _in_range(flag: str, value: float, low: float, high: float, meaning: str, *, low_open: bool = False,
-              high_open: bool = False) -> None:
-    """A UMOError naming the flag unless low <= value <= high (< where open)."""
-    above = value > low if low_open else value >= low
-    below = value < high if high_open else value <= high
-    if not (above and below):  # also catches NaN
-        bounds = f"{'above' if low_open else 'at least'} {low:g} and {'below' if high_open else 'at most'} {high:g}"
-        raise UMOError(f"{flag} {value:g} is out of range: give a value {bounds} ({meaning})")
-
-
 def settings_from(args: argparse.Namespace) -> PrepareSettings:
     """The command line as checked settings: every value's range, before any file or model is opened."""
     if not 1 <= args.min_people <= args.max_people:
         raise UMOError(f"--min-people {args.min_people} and --max-people {args.max_people}: need 1 <= min <= max")
-    _in_range("--match-threshold", args.match_threshold, 0, 1, "the least cosine similarity of a face to a person's "
-              f"photos; default {DEFAULT_MATCH_THRESHOLD:g}", low_open=True, high_open=True)
-    _in_range("--cluster-threshold", args.cluster_threshold, 0, 1, "a cosine distance, 1 - the least average "
-              f"similarity of one person's faces; above 1 different people merge; default "
-              f"{DEFAULT_CLUSTER_THRESHOLD:g}", low_open=True, high_open=True)
-    _in_range("--reference-margin", args.reference_margin, 0, MAX_REFERENCE_MARGIN,
-              f"margin around the face on each side, as a fraction of the face box; default {DEFAULT_MARGIN:g}")
-    _in_range("--min-face-size", args.min_face_size, 0, math.inf, "pixels of the face box's short side")
-    _in_range("--min-score", args.min_score, 0, 1, "the face detector's score")
-    _in_range("--min-sharpness", args.min_sharpness, 0, math.inf, "variance of the Laplacian of the face")
-    _in_range("--border-margin", args.border_margin, -math.inf, 1, "a fraction of the face size; negative: keep "
-              "faces cut by the border")
+    in_range("--match-threshold", args.match_threshold, 0, 1, "the least cosine similarity of a face to a person's "
+             f"photos; default {DEFAULT_MATCH_THRESHOLD:g}", low_open=True, high_open=True)
+    in_range("--cluster-threshold", args.cluster_threshold, 0, 1, "a cosine distance, 1 - the least average "
+             f"similarity of one person's faces; above 1 different people merge; default "
+             f"{DEFAULT_CLUSTER_THRESHOLD:g}", low_open=True, high_open=True)
+    in_range("--reference-margin", args.reference_margin, 0, MAX_REFERENCE_MARGIN,
+             f"margin around the face on each side, as a fraction of the face box; default {DEFAULT_MARGIN:g}")
+    in_range("--min-face-size", args.min_face_size, 0, math.inf, "pixels of the face box's short side")
+    in_range("--min-score", args.min_score, 0, 1, "the face detector's score")
+    in_range("--min-sharpness", args.min_sharpness, 0, math.inf, "variance of the Laplacian of the face")
+    in_range("--border-margin", args.border_margin, -math.inf, 1, "a fraction of the face size; negative: keep "
+             "faces cut by the border")
     if args.duplicate_bits > quality.MAX_DUPLICATE_BITS:
         raise UMOError(f"--duplicate-bits {args.duplicate_bits} is out of range: give at most "
                        f"{quality.MAX_DUPLICATE_BITS} (unrelated photos differ in about half of the 64 bits) or a "
                        "negative number to keep near-duplicates")
-    _in_range("--eval-fraction", args.eval_fraction, 0, 1, "the share of rows held out", high_open=True)
-    for flag, value in (("--batch-size", args.batch_size), ("--workers", args.workers)):
-        if value < 1:
-            raise UMOError(f"{flag} {value} must be at least 1")
+    in_range("--eval-fraction", args.eval_fraction, 0, 1, "the share of rows held out", high_open=True)
+    at_least("--batch-size", args.batch_size, 1)
+    at_least("--workers", args.workers, 1)
     try:
         args.prompt_template.format(n=2, people="two people")
     except (KeyError, IndexError, ValueError) as error:
@@ -222,17 +219,24 @@ def settings_from(args: argparse.Namespace) -> PrepareSettings:
         max_pixels=max_pixels)
 
 
+def written_folders(settings: PrepareSettings) -> list[tuple[str, Path]]:
+    """(flag, folder) of each data folder the run writes."""
+    return [("--out", settings.out), *([("--eval-out", settings.eval_out)] if settings.eval_fraction else [])]
+
+
 def check_paths(settings: PrepareSettings) -> None:
-    """The folders the run writes: outside --photos, and new, empty or the builder's own (no model loaded yet)."""
+    """The folders the run writes: outside --photos, new, empty or the builder's own, and not being written by another
+    run (no model loaded yet)."""
     photos = os.path.realpath(settings.photos)  # realpath, not resolve: a symlink loop is a name, not an error
     for flag, folder in (("--out", settings.out), ("--eval-out", settings.eval_out)):
         if Path(os.path.realpath(folder)).is_relative_to(photos):
             raise UMOError(f"{flag} '{folder}' is inside --photos '{settings.photos}'; write the data folder "
                            "elsewhere")
     check_cache_folder(settings.cache)
-    check_output_folder(settings.out, "--out", settings.cache)
-    if settings.eval_fraction:
-        check_output_folder(settings.eval_out, "--eval-out", settings.cache)
+    for flag, folder in written_folders(settings):
+        check_output_folder(folder, flag, settings.cache)
+        if not settings.shard:  # a shard only fills the cache
+            check_folder_lock(folder, flag)  # each folder before any lock is taken: none is made when one is held
 
 
 @dataclass
@@ -391,6 +395,7 @@ def run(settings: PrepareSettings, ranks: tuple[int, int] | None) -> int:
     if result is None:
         return 0
     report = build(settings, inputs, result, people_result, people_identities, people_left_out)
+    ignore_stop_signals()  # the folders are whole: a Ctrl-C from here would only make the finished run look stopped
     rows = report["rows"]
     print(f"{rows['written']} training rows in '{settings.out}'"
           + (f", {rows['evaluation']} evaluation rows in '{settings.eval_out}'" if rows["evaluation"] else "")
@@ -399,41 +404,37 @@ def run(settings: PrepareSettings, ranks: tuple[int, int] | None) -> int:
     return 0
 
 
+def prepare(settings: PrepareSettings, ranks: tuple[int, int] | None) -> int:
+    """The checked run, holding the lock of each folder it writes (rank 0's; not a shard, which fills the cache)."""
+    check_paths(settings)
+    if settings.shard and ranks:
+        raise UMOError("--shard and torchrun both split the work; use one of them")
+    if ranks:  # every process has looked at the locks (check_paths) before rank 0 takes them: all stop or none
+        dist.barrier()
+    with ExitStack() as locks:
+        if not settings.shard and (not ranks or ranks[0] == 0):  # a shard only fills the cache
+            for flag, folder in written_folders(settings):
+                locks.enter_context(folder_lock(folder, flag, COMMAND))
+        return run(settings, ranks)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
+
+    def work() -> int:
         settings = settings_from(args)
-    except UMOError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    ranks = distributed_rank()
-    if ranks:  # torchrun: the processes share out the embedding pass (gloo: CPU tensors only)
-        dist.init_process_group("gloo", timeout=DISTRIBUTED_TIMEOUT)
-    try:
-        check_paths(settings)
-        if settings.shard and ranks:
-            raise UMOError("--shard and torchrun both split the work; use one of them")
-        if ranks:  # every process looks before rank 0 takes the lock, so that all of them stop or none
-            check_output_lock(settings.out)
-            dist.barrier()
-        building = not settings.shard and (not ranks or ranks[0] == 0)  # a shard only fills the cache
-        with output_lock(settings.out) if building else nullcontext():
-            return run(settings, ranks)
-    except UMOError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"interrupted: the photos analysed so far are kept in '{settings.cache}'; run the same command again "
-              "to carry on", file=sys.stderr)
-        return 130
-    finally:
-        if ranks:
-            dist.destroy_process_group()
+        ranks = distributed_rank()
+        if ranks:  # torchrun: the processes share out the embedding pass (gloo: CPU tensors only)
+            dist.init_process_group("gloo", timeout=DISTRIBUTED_TIMEOUT)
+        try:
+            return prepare(settings, ranks)
+        finally:
+            if ranks:
+                dist.destroy_process_group()
+
+    return command_status(work, "the photos analysed so far are kept in the embedding cache (--cache); run the "
+                                "same command again to carry on")
 
 
 if __name__ == "__main__":
-    status = main()
-    # Done (or refused): a Ctrl-C while Python tears down torch and onnxruntime, which takes seconds, would print
-    # a traceback and turn the finished run into a kill by signal.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    raise SystemExit(status)
+    exit_program(main())

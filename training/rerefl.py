@@ -24,6 +24,7 @@ import os
 import signal
 import sys
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,11 +38,12 @@ from tqdm import tqdm
 from umo_core import UMOError
 from umo_core.backbones import get
 from umo_core.backbones.lora_formats import save_lora_file
+from umo_core.console import STOP_SIGNALS, command_status, exit_program, raise_stopped, signal_reason
 from umo_core.faces.face_model import FaceModel
 from umo_core.faces.face_pack import FacePack, find_face_pack
 from umo_core.faces.metrics import average_metrics, match_metrics
 from umo_core.faces.withanyone import ReferenceBank, reference_bank
-from umo_core.files import atomic_path
+from umo_core.files import atomic_path, check_folder_lock, folder_lock
 
 from .base_weights import check_int8_support, quantize_linear_layers
 from .batches import Batch, load_batch
@@ -63,6 +65,7 @@ from .data import Sample, check_dataset, load_dataset, manifest_file
 from .evaluation import EVAL_LOG_FILE, evaluate
 from .step import StepResult, StepSettings, apply_gradients, rerefl_step
 
+COMMAND = "training.rerefl"  # as the lock names the run
 LOG_FILE = "log.jsonl"  # one JSON record per step
 CONFIG_FILE = "training_config.json"  # the run's TrainConfig, beside the LoRA
 
@@ -87,6 +90,8 @@ def check_paths(config: TrainConfig) -> tuple[FacePack, tuple[int, int] | None, 
     saved = None
     if config.output:
         check_output_folder(config.output)
+        if not config.check_data:  # which writes nothing there
+            check_folder_lock(config.output, "--output")
         if config.resume:
             saved = read_checkpoint(config.output)
             if saved.step >= config.steps:
@@ -172,16 +177,18 @@ class TrainingData:
 
 class StopRequest:
     """Ctrl-C and SIGTERM (a scheduler's preemption) finish the current step, then checkpoint and stop with the
-    shell's status for the signal (130, 143): a scheduler must not take the stopped run for a finished one."""
+    shell's status for the signal (130, 143): a scheduler must not take the stopped run for a finished one.
+    (Outside the step loop they stop at once: console.command_status.)"""
 
     def __init__(self) -> None:
         self.signal: signal.Signals | None = None
-        signal.signal(signal.SIGTERM, self.request)
-        signal.signal(signal.SIGINT, self.request)
+        for number in STOP_SIGNALS:
+            signal.signal(number, self.request)
 
     def request(self, number: int, _frame) -> None:
         self.signal = signal.Signals(number)
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
+        for other in STOP_SIGNALS:  # a second Ctrl-C or SIGTERM stops at once
+            signal.signal(other, raise_stopped)
 
     def agreed(self, accelerator: Accelerator) -> bool:
         """Every process stops at the same step, when any of them was asked to."""
@@ -193,7 +200,7 @@ class StopRequest:
         return 128 + (self.signal or signal.SIGTERM)
 
     def reason(self) -> str:
-        return {None: "another process's signal", signal.SIGINT: "Ctrl-C"}.get(self.signal, "SIGTERM")
+        return "another process's signal" if self.signal is None else signal_reason(self.signal)
 
 
 def load_training_data(config: TrainConfig, face_model: FaceModel, text_widths: tuple[int, int] | None,
@@ -310,11 +317,20 @@ def train(config: TrainConfig) -> int:
     """The run; its exit status: 0 when it trained to --steps, 128 + the signal's number when stopped (after the
     checkpoint)."""
     # Paths and file headers first (seconds), then the data (minutes on a big set), then the models.
-    backbone = get(config.backbone)
     pack, text_widths, saved = check_paths(config)
     adapter, initial_lora = lora_config(config, saved)
     # Without a GPU, say so: accelerate would otherwise run N unconnected copies under torchrun.
     accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
+    # One run at a time writes --output: the main process holds its lock (every process looked in check_paths).
+    with folder_lock(config.output, "--output", COMMAND) if accelerator.is_main_process else nullcontext():
+        return run_training(config, accelerator, pack, text_widths, saved, adapter, initial_lora)
+
+
+def run_training(config: TrainConfig, accelerator: Accelerator, pack: FacePack, text_widths: tuple[int, int] | None,
+                 saved: SavedCheckpoint | None, adapter: LoraConfig,
+                 initial_lora: dict[str, torch.Tensor] | None) -> int:
+    """train's run, with --output's lock held: the data, the models, the step loop, the LoRA files."""
+    backbone = get(config.backbone)
     if saved:
         check_processes(saved, accelerator)
     seed_global_rngs(config.seed)
@@ -370,17 +386,14 @@ def train(config: TrainConfig) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
+    def work() -> int:
         config = parse_config(argv)
         return check_data(config) if config.check_data else train(config)
-    except UMOError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # before the step loop, or a second Ctrl-C within a step
-        print("stopped by Ctrl-C before a checkpoint of this step was written; the last checkpoint, if any, is "
-              "kept (continue with --resume)", file=sys.stderr)
-        return 128 + signal.SIGINT
+
+    # Before the step loop, or a second Ctrl-C within a step:
+    return command_status(work, "no checkpoint of this step was written; the last checkpoint, if any, is kept "
+                                "(continue with --resume)")
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_program(main())

@@ -1,3 +1,4 @@
 from .cli import main
+from .console import exit_program
 
-raise SystemExit(main())
+exit_program(main())

@@ -32,6 +32,16 @@ def above(flag: str, value: float, bound: float, hint: str = "", infinity: bool 
         raise UMOError(f"{flag} {_shown(value)} must be above {_shown(bound)}{hint}")
 
 
+def in_range(flag: str, value: float, low: float, high: float, meaning: str, *, low_open: bool = False,
+             high_open: bool = False) -> None:
+    """`value` is between `low` and `high` (excluded where open; NaN is refused); `meaning` says what the value is."""
+    over_low = value > low if low_open else value >= low
+    under_high = value < high if high_open else value <= high
+    if not (over_low and under_high):
+        bounds = f"{'above' if low_open else 'at least'} {low:g} and {'below' if high_open else 'at most'} {high:g}"
+        raise UMOError(f"{flag} {value:g} is out of range: give a value {bounds} ({meaning})")
+
+
 def finite(flag: str, value: float) -> None:
     if not math.isfinite(value):
         raise UMOError(f"{flag} {_shown(value)} must be a finite number")

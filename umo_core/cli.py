@@ -7,26 +7,24 @@ import argparse
 import hashlib
 import json
 import os
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from .arguments import at_least, check_device, check_seed, finite
 from .backbones import DEFAULT, TRAINABLE, get
 from .backbones.text_embedding import TextEmbedding, checked_text_embedding_widths, load_text_embeddings
-from .console import HelpFormatter
+from .console import HelpFormatter, command_status, progress, tell
 from .errors import UMOError
 from .evaluate import add_parser as add_evaluate_parser
 from .evaluate import evaluate_command
 from .faces.annotate import annotate
 from .faces.embedding import BACKENDS
 from .faces.face_model import load_face_model
-from .faces.face_pack import PROVIDER_CHOICES
+from .faces.face_pack import DEFAULT_PACK_HELP, PROVIDER_CHOICES, default_face_pack
 from .faces.scoring import (
     CRITERIA,
     DEFAULT_CRITERION,
@@ -39,7 +37,6 @@ from .faces.scoring import (
 from .files import atomic_path, is_symlink_loop
 from .images import MAX_PIXELS, MAX_PIXELS_ENV, check_image_file, load_image, pixel_limit, save_image
 
-DEFAULT_PACK = "antelopev2"
 SIZE_MULTIPLE = 16  # generate's sides: FLUX's 2x2 patches of the 8x downscaled latent
 
 
@@ -47,10 +44,10 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m umo_core", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     score = commands.add_parser("score", help="score and rank images against reference photos")
-    score.add_argument("--faces", default=os.environ.get("UMO_FACE_PACK", DEFAULT_PACK), metavar="PACK",
+    score.add_argument("--faces", default=default_face_pack(), metavar="PACK",
                        help="face pack: a name looked up in $COMFYUI_PATH/models/insightface/models, "
                             "$INSIGHTFACE_HOME/models and ~/.insightface/models, or a folder (default "
-                            f"$UMO_FACE_PACK, else {DEFAULT_PACK}; where to get one: the README's 'Face models')")
+                            f"{DEFAULT_PACK_HELP}; where to get one: the README's 'Face models')")
     score.add_argument("--ref", action="append", required=True, type=Path, metavar="PHOTO",
                        help="reference photo, one per person, in order (required; repeat for each person)")
     score.add_argument("--image", action="extend", nargs="+", required=True, type=Path,
@@ -74,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
                        help=f"refuse image files with more pixels than this (default ${MAX_PIXELS_ENV} or "
                             f"{MAX_PIXELS}; 0 = no limit)")
     _add_generate_parser(commands)
-    add_evaluate_parser(commands, os.environ.get("UMO_FACE_PACK", DEFAULT_PACK))
+    add_evaluate_parser(commands)
     return parser
 
 
@@ -95,7 +92,7 @@ class GenerateConfig:
     text_embedding: Path | None = None
     prompt: str | None = None
     text_encoders: Path | None = None
-    faces: str | None = None  # None: $UMO_FACE_PACK or DEFAULT_PACK, skipped with a note where not installed
+    faces: str | None = None  # None: default_face_pack(), skipped with a note where not installed
     lora: Path | None = None
     lora_strength: float = 1.0
     size: int = 768
@@ -154,8 +151,8 @@ def _add_generate_parser(commands) -> None:
                           "(FLUX.1: text_encoder/, tokenizer/, text_encoder_2/, tokenizer_2/; FLUX.2 [klein]: "
                           "text_encoder/, tokenizer/)")
     generate.add_argument("--ref", action="append", required=True, type=Path, help="reference photo, one per person")
-    generate.add_argument("--faces", help="face pack that checks each --ref shows a face (default $UMO_FACE_PACK or "
-                          f"{DEFAULT_PACK}; where that is not installed the check is skipped with a note)")
+    generate.add_argument("--faces", help=f"face pack that checks each --ref shows a face (default "
+                          f"{DEFAULT_PACK_HELP}; where that is not installed the check is skipped with a note)")
     generate.add_argument("--lora", type=Path, help="UMO_UNO.safetensors or a LoRA from the trainer (of --backbone)")
     generate.add_argument("--lora-strength", type=float, default=GenerateConfig.lora_strength,
                           help="the LoRA's weight delta is scaled by this")
@@ -204,7 +201,7 @@ def _check_generate_inputs(config: GenerateConfig) -> list[np.ndarray]:
     notes: list[str] = []
     photos = [load_image(path, label, notes) for path, label in zip(config.references, _reference_labels(config))]
     for note in notes:
-        _tell("note", note)
+        tell("note", note)
     return photos
 
 
@@ -215,18 +212,18 @@ def _reference_labels(config: GenerateConfig) -> list[str]:
 def _warn_faceless_references(config: GenerateConfig, photos: list[np.ndarray]) -> None:
     """A warning per reference without a face: UNO takes any picture as a reference, but UMO's LoRA is trained to
     keep faces (`score` refuses such a reference: it has no one to score against)."""
-    pack = config.faces or os.environ.get("UMO_FACE_PACK", DEFAULT_PACK)
+    pack = config.faces or default_face_pack()
     try:
         face_model = load_face_model(pack, provider="auto", backend="onnx")
     except UMOError as error:
         if config.faces:
             raise
-        _tell("note", f"the references are not checked for faces ({error}); give --faces to check them")
+        tell("note", f"the references are not checked for faces ({error}); give --faces to check them")
         return
     for photo, label in zip(photos, _reference_labels(config)):
         if len(face_model.detect(photo)[0]) == 0:
-            _tell("warning", f"{label}: no face found; UMO keeps the identity of the faces in the references, so "
-                             "use a photo where the person's face is clearly visible")
+            tell("warning", f"{label}: no face found; UMO keeps the identity of the faces in the references, so "
+                            "use a photo where the person's face is clearly visible")
 
 
 def generate_command(config: GenerateConfig) -> list[Path]:
@@ -261,11 +258,6 @@ def generate_command(config: GenerateConfig) -> list[Path]:
         written.append(path)
         print(path)
     return written
-
-
-def _tell(kind: str, text: str) -> None:
-    """A 'note:' or 'warning:' line on stderr that does not break the progress bar."""
-    tqdm.write(f"{kind}: {text}", file=sys.stderr)
 
 
 def _writable_folder(folder: Path, what: str) -> None:
@@ -370,7 +362,7 @@ def score_command(args: argparse.Namespace) -> dict:
     _check_outputs(args)
     pixel_limit(args.max_pixels)  # a bad --max-pixels or $UMO_MAX_PIXELS is named before the models load
     for warning in _same_reference_warnings(args.ref, reference_labels):
-        _tell("warning", warning)
+        tell("warning", warning)
 
     face_model = load_face_model(args.faces, provider=args.provider, backend=args.backend)
     notes = list(face_model.notes)
@@ -383,23 +375,22 @@ def score_command(args: argparse.Namespace) -> dict:
         notes.append(f"{gt_label} shows no face, so sim_gt and cp are null for every image; "
                      "give a photo where the people's faces are clearly visible")
     for note in notes:
-        _tell("note", note)
+        tell("note", note)
 
     def images():  # loaded one at a time, as the scoring reaches them
         for path, label in zip(args.image, image_labels):
             image_notes: list[str] = []
             image = load_image(path, label, image_notes, args.max_pixels)
             for note in image_notes:
-                _tell("note", note)
+                tell("note", note)
             notes.extend(image_notes)
             yield image
 
-    with tqdm(total=len(args.image), desc="scoring", unit="image", file=sys.stderr, disable=None,
-              leave=False) as bar:
+    with progress(len(args.image), "scoring", "image", leave=False) as bar:
         scores = score_images(face_model, identities, images(), gt_embeddings, progress=lambda _: bar.update())
     criterion, warning = _ranking_criterion(args.criterion, scores)
     if warning:
-        _tell("warning", warning)
+        tell("warning", warning)
         notes.append(warning)
     ranking = rank(scores, criterion)
 
@@ -431,23 +422,28 @@ def score_command(args: argparse.Namespace) -> dict:
             path = args.image[index]
             # Read again rather than kept: scoring many images holds one image in memory at a time.
             drawn = annotate(load_image(path, image_labels[index], max_pixels=args.max_pixels), scores[index])
-            with atomic_path(args.annotate / annotated_name(place, index, len(args.image), path),
-                             suffix=".tmp.png") as temporary:  # PIL picks the format by the suffix
-                save_image(drawn, temporary)
+            save_image(drawn, args.annotate / annotated_name(place, index, len(args.image), path))
     return report
+
+
+STOPPED = {  # what a command that is stopped keeps (console.command_status's line)
+    "score": "nothing more is written; a report or annotated copy already written is whole",
+    "evaluate": "the images scored so far, if any, are kept in --out's cache; the same command goes on from there",
+    "generate": "the images listed above are whole; the one being made is not written",
+}
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "score":
+        score_command(args)
+    elif args.command == "evaluate":
+        _writable_folder(args.out, f"--out '{args.out}'")
+        evaluate_command(args)
+    else:
+        generate_command(GenerateConfig.from_args(args))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        if args.command == "score":
-            score_command(args)
-        elif args.command == "evaluate":
-            _writable_folder(args.out, f"--out '{args.out}'")
-            evaluate_command(args)
-        else:
-            generate_command(GenerateConfig.from_args(args))
-    except UMOError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return command_status(lambda: _run(args), STOPPED[args.command])

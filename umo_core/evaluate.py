@@ -34,7 +34,14 @@ from .console import HelpFormatter, progress, tell
 from .errors import UMOError
 from .faces.embedding import BACKENDS
 from .faces.face_model import FaceModel, Identities
-from .faces.face_pack import PROVIDER_CHOICES, FacePack, find_face_pack, resolve_providers
+from .faces.face_pack import (
+    FACE_PACK_ENV,
+    PROVIDER_CHOICES,
+    FacePack,
+    default_face_pack,
+    find_face_pack,
+    resolve_providers,
+)
 from .faces.metrics import average_metrics
 from .faces.scoring import ImageScore, ground_truth_embeddings, score_images
 from .files import atomic_path, content_hash, is_symlink_loop
@@ -91,15 +98,15 @@ class Job:
         return f"case '{self.case.name}' method '{self.method}' image '{self.image}'"
 
 
-def add_parser(commands: argparse._SubParsersAction, default_pack: str) -> None:
+def add_parser(commands: argparse._SubParsersAction) -> None:
     """The `evaluate` sub-command's options (cli.py registers it)."""
     parser = commands.add_parser("evaluate", help="identity metrics of a benchmark folder, per image and per method",
                                  description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("benchmark", type=Path, help="the benchmark folder: one sub-folder per case")
     parser.add_argument("--out", type=Path, required=True,
                         help="output folder for the tables, plots and the cache (outside the benchmark folder)")
-    parser.add_argument("--faces", default=default_pack, metavar="PACK",
-                        help="face pack name or folder, as for score ($UMO_FACE_PACK sets the default)")
+    parser.add_argument("--faces", default=default_face_pack(), metavar="PACK",
+                        help=f"face pack name or folder, as for score (${FACE_PACK_ENV} where set)")
     parser.add_argument("--shard", help="i/n: score only the i-th of n equal parts of the images (1 <= i <= n) "
                         "into OUT's cache; then run with --merge once every shard is done")
     parser.add_argument("--merge", action="store_true",

@@ -1,11 +1,12 @@
 """Writing files so that an interruption never leaves a half-written one, with the user's usual permissions;
-paths that cannot be followed."""
+paths that cannot be followed; the lock that keeps two runs from writing one folder at once."""
 
 from __future__ import annotations
 
 import errno
 import hashlib
 import os
+import socket
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,7 +15,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from .errors import UMOError
+
 HASH_CHUNK = 1 << 20
+LOCK_NAME = ".umo.lock"  # in a folder a run writes: "<process id> <host> <command>"
 
 
 def usual_file_mode() -> int:
@@ -76,3 +80,58 @@ def content_hash(path: Path) -> str:
         for chunk in iter(lambda: file.read(HASH_CHUNK), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _lock_holder(lock: Path) -> tuple[str, str] | None:
+    """('<command> run', which process) holding the lock, when that run is still going (or on another host, where this
+    cannot be told); None for no lock, a torn one or a dead run's."""
+    try:
+        pid, host, *command = lock.read_text(encoding="utf-8").split(maxsplit=2)
+        pid = int(pid)
+    except (OSError, ValueError):
+        return None
+    command = f"{command[0].strip()} run" if command else "run"
+    if host != socket.gethostname():
+        return command, f"process {pid} on host {host}"
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None  # that run is gone: its lock is stale
+    except PermissionError:
+        pass  # another user's live process
+    return command, f"process {pid}"
+
+
+def check_folder_lock(folder: Path, flag: str) -> None:
+    """A UMOError naming `flag` when another run is writing `folder` (see folder_lock)."""
+    holder = _lock_holder(folder / LOCK_NAME)
+    if holder:
+        command, process = holder
+        raise UMOError(f"{flag} '{folder}' is being written by another {command} ({process}, see "
+                       f"'{folder / LOCK_NAME}'); wait for it to end, or give another {flag}. If no such run is "
+                       "going on, delete that file")
+
+
+@contextmanager
+def folder_lock(folder: Path, flag: str, command: str) -> Iterator[None]:
+    """Hold `folder`'s lock while the block runs, as `command` (e.g. 'training.rerefl'); another live run's lock is
+    a UMOError naming `flag`, a dead run's is taken over. A folder made for the lock is removed with it where the
+    run wrote nothing there (it stopped at an error): a refused run leaves nothing behind."""
+    check_folder_lock(folder, flag)
+    lock = folder / LOCK_NAME
+    made = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    lock.unlink(missing_ok=True)  # a stale lock
+    try:
+        descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+    except FileExistsError:
+        check_folder_lock(folder, flag)  # names the run that took it since the check
+        raise UMOError(f"{flag} '{folder}': another run took '{lock}' at the same moment; run again") from None
+    with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+        file.write(f"{os.getpid()} {socket.gethostname()} {command}\n")
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        if made and not any(folder.iterdir()):
+            folder.rmdir()

@@ -32,7 +32,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import UMOError
-from .files import is_symlink_loop
+from .files import atomic_path, is_symlink_loop
 
 ImageLike = str | Path | np.ndarray | torch.Tensor | Image.Image
 
@@ -215,12 +215,15 @@ def to_rgb_uint8(images: ImageLike | Sequence[ImageLike]) -> list[np.ndarray]:
     return result
 
 
-def save_image(image: torch.Tensor | np.ndarray, path: Path) -> None:
-    """Write one image (float [H,W,3] in 0..1, or RGB uint8 [H,W,3]) to `path`, in the format its suffix names.
+def save_image(image: torch.Tensor | np.ndarray | Image.Image, path: Path) -> None:
+    """Write one image (float [H,W,3] in 0..1, RGB uint8 [H,W,3], or a PIL image) to `path`, in the format its
+    suffix names, whole or not at all (atomic_path: an interruption leaves no half-written image).
 
     Floats are rounded to the nearest uint8 and clamped (`to_rgb_uint8`).
     """
-    Image.fromarray(to_rgb_uint8(image)[0]).save(path)
+    path = Path(path)
+    with atomic_path(path, suffix=f".tmp{path.suffix}") as temporary:  # PIL picks the format by the suffix
+        Image.fromarray(to_rgb_uint8(image)[0]).save(temporary)
 
 
 def float_image(image: np.ndarray | Image.Image) -> torch.Tensor:

@@ -8,16 +8,13 @@
 A re-run rewrites the manifest in one step and removes the images, references and sheets it no longer
 writes; text/ (training.encode_prompts' cache) is kept, and rows whose prompt is already encoded get
 their text_embedding back. Only a folder this builder made (it has report.json) or an empty one is written to,
-and by one run at a time: a run holds LOCK_NAME in the folder (its process id and host) while it works.
+and by one run at a time (umo_core.files.folder_lock).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import socket
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +22,8 @@ from PIL import Image
 
 from umo_core import UMOError
 from umo_core.console import progress
-from umo_core.files import atomic_path
-from umo_core.images import load_image
+from umo_core.files import LOCK_NAME
+from umo_core.images import load_image, save_image
 
 from ..manifest import row_line, text_embedding_path, write_lines
 from .faces import PhotoFaces
@@ -36,7 +33,6 @@ from .rows import Row, prompt_for
 from .sheets import Tile, draw_sheet, shown_faces, similarity_to_centre
 
 REPORT_NAME = "report.json"
-LOCK_NAME = ".prepare_data.lock"
 OWNED_FOLDERS = ("images", "references", "sheets")
 TILE_MARGIN = 0.15
 TILE_SIDE = 128  # px kept per contact-sheet face until the sheets are drawn
@@ -71,64 +67,10 @@ def check_cache_folder(cache: Path) -> None:
         raise UMOError(f"--cache '{cache}': '{existing}' is {what}; give a folder for the embedding cache")
 
 
-def _lock_holder(lock: Path) -> str | None:
-    """Who holds the lock, when that run is still going (or on another host, where this cannot be told)."""
-    try:
-        pid, host = lock.read_text(encoding="utf-8").split()
-        pid = int(pid)
-    except (OSError, ValueError):
-        return None  # no lock, or a torn one: nobody's
-    if host != socket.gethostname():
-        return f"process {pid} on host {host}"
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None  # that run is gone: its lock is stale
-    except PermissionError:
-        pass  # another user's live process
-    return f"process {pid}"
-
-
-def check_output_lock(folder: Path) -> None:
-    """A UMOError when another run is writing `folder` (see output_lock)."""
-    holder = _lock_holder(folder / LOCK_NAME)
-    if holder:
-        raise UMOError(f"--out '{folder}' is being written by another training.prepare_data run ({holder}, see "
-                       f"'{folder / LOCK_NAME}'); wait for it to end, or give another --out. If no such run is "
-                       "going on, delete that file")
-
-
-@contextmanager
-def output_lock(folder: Path) -> Iterator[None]:
-    """Hold `folder`'s lock while the block runs; another live run's lock is a UMOError, a dead run's is taken
-    over."""
-    check_output_lock(folder)
-    lock = folder / LOCK_NAME
-    mine = f"{os.getpid()} {socket.gethostname()}\n"
-    folder.mkdir(parents=True, exist_ok=True)
-    lock.unlink(missing_ok=True)  # a stale lock
-    try:
-        descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
-    except FileExistsError:
-        check_output_lock(folder)  # names the run that took it since the check
-        raise UMOError(f"--out '{folder}': another run took '{lock}' at the same moment; run again") from None
-    with os.fdopen(descriptor, "w", encoding="utf-8") as file:
-        file.write(mine)
-    try:
-        yield
-    finally:
-        lock.unlink(missing_ok=True)
-
-
 def reference_file(identity: str, face: FaceId) -> str:
     """references/<identity>/<source photo name, flattened>-<face>.png, relative to the data folder."""
     flat = Path(face[0]).with_suffix("").as_posix().replace("/", "__").replace(":", "_")
     return f"references/{identity}/{flat}-{face[1]}.png"
-
-
-def write_image(path: Path, image: Image.Image) -> None:
-    with atomic_path(path, suffix=".tmp.png") as temporary:  # PIL picks the format by the suffix
-        image.save(temporary)
 
 
 def link_target(source: Path, destination: Path) -> None:
@@ -164,7 +106,7 @@ def crop_faces(paths: dict[str, Path], photos: dict[str, PhotoFaces], references
             if is_reference:
                 crop = image.crop(crop_box(faces.boxes[index], faces.height, faces.width, margin))
                 for destination in references[(name, index)]:
-                    write_image(destination, crop)
+                    save_image(crop, destination)
             else:
                 tile = image.crop(crop_box(faces.boxes[index], faces.height, faces.width, TILE_MARGIN))
                 tile.thumbnail((TILE_SIDE, TILE_SIDE), Image.LANCZOS)
@@ -226,7 +168,7 @@ def write_data_folders(folders: list[tuple[Path, list[Row]]], paths: dict[str, P
         sheet = draw_sheet(f"{identity}: {len(similarity[identity])} faces", [
             Tile(tiles[face], face[0], similarity[identity][face], face in references) for face in chosen],
             hidden=len(similarity[identity]) - len(chosen))
-        write_image(main_folder / "sheets" / f"{identity}.png", sheet)
+        save_image(sheet, main_folder / "sheets" / f"{identity}.png")
         written.add(main_folder / "sheets" / f"{identity}.png")
     for folder, rows in folders:
         for row in rows:

@@ -61,19 +61,26 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarr
     `torchvision.ops.roi_align`, which imports torch._dynamo, about 2.5 s of every start.
     """
     order = np.argsort(-scores, kind="stable")  # torchvision sorts stably too: ties keep their order
-    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     keep = []
     while len(order):
         best, rest = order[0], order[1:]
         keep.append(best)
-        top_left = np.maximum(boxes[best, :2], boxes[rest, :2])
-        bottom_right = np.minimum(boxes[best, 2:], boxes[rest, 2:])
-        sides = np.maximum(bottom_right - top_left, 0)
-        inter = sides[:, 0] * sides[:, 1]
-        with np.errstate(invalid="ignore"):  # two empty boxes: 0/0 = NaN, not above the threshold, kept
-            iou = inter / (areas[best] + areas[rest] - inter)
-        order = rest[~(iou > np.float64(iou_threshold))]  # compared in double, as torchvision's kernel does
+        overlap = box_iou(boxes[best], boxes[rest])  # NaN (two empty boxes) is not above the threshold: kept
+        order = rest[~(overlap > np.float64(iou_threshold))]  # compared in double, as torchvision's kernel does
     return np.asarray(keep, dtype=np.int64)
+
+
+def box_iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """Intersection over union of one box [4] (x1 y1 x2 y2) with each of `boxes` [N,4], in their dtype; NaN where
+    both boxes are empty (0/0)."""
+    top_left = np.maximum(box[:2], boxes[:, :2])
+    bottom_right = np.minimum(box[2:], boxes[:, 2:])
+    sides = np.maximum(bottom_right - top_left, 0)
+    inter = sides[:, 0] * sides[:, 1]
+    area = (box[2] - box[0]) * (box[3] - box[1])
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    with np.errstate(invalid="ignore"):
+        return inter / (area + areas - inter)
 
 
 def resize_bilinear(image: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UMOError
+from .detection import box_iou
 from .face_model import FaceModel, Identities
 from .scoring import DOUBTFUL_MARK, ImageScore, score_image
 
@@ -199,14 +200,6 @@ def fix_image(image: torch.Tensor, plan: ImagePlan, resample: Resample, guide_si
     return fixed, mask
 
 
-def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    top_left, bottom_right = np.maximum(box[:2], boxes[:, :2]), np.minimum(box[2:], boxes[:, 2:])
-    inter = np.prod(np.clip(bottom_right - top_left, 0, None), axis=1)
-    area = np.prod(box[2:] - box[:2])
-    areas = np.prod(boxes[:, 2:] - boxes[:, :2], axis=1)
-    return inter / (area + areas - inter)
-
-
 def measure_after(face_model: FaceModel, identities: Identities, fixed: torch.Tensor, plan: ImagePlan) -> None:
     """Fill in each fixed face's cosine after the fix: the face re-detected on the fixed image [H,W,3] where
     the face was (the best box overlap), against the reference it was fixed toward."""
@@ -214,7 +207,7 @@ def measure_after(face_model: FaceModel, identities: Identities, fixed: torch.Te
     for face in plan.faces:
         if not face.fixed or len(analysed.faces) == 0:
             continue
-        overlap = _iou(plan.score.detections.boxes[face.face], analysed.faces.boxes)
+        overlap = box_iou(plan.score.detections.boxes[face.face], analysed.faces.boxes)
         found = int(np.argmax(overlap))
         if overlap[found] >= SAME_FACE_IOU:
             face.after = float(identities.embeddings[face.reference] @ analysed.embeddings[found])

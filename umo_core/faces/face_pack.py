@@ -44,6 +44,16 @@ WHERE_TO_GET_PACKS = ("the official packs (antelopev2, buffalo_l) are insightfac
                       "in the README, https://github.com/umo-identity/comfyui-umo#face-models")
 
 
+DEFAULT_PACK = "antelopev2"
+FACE_PACK_ENV = "UMO_FACE_PACK"
+DEFAULT_PACK_HELP = f"${FACE_PACK_ENV}, else {DEFAULT_PACK}"  # how help texts name the default
+
+
+def default_face_pack() -> str:
+    """The face pack of every command given no --faces: $UMO_FACE_PACK (a name or folder), else DEFAULT_PACK."""
+    return os.environ.get(FACE_PACK_ENV) or DEFAULT_PACK
+
+
 @dataclass(frozen=True)
 class FacePack:
     """The two ONNX files of a face pack that this project uses."""
