@@ -6,6 +6,7 @@ no faces, so the six face boxes of the group photo (scaled to the image) are giv
 runs in its own process so its peak memory (RSS, or CUDA peak on a GPU) is its own.
 
     python bench/guidance.py [--sizes 768 1024] [--device cpu|cuda] [--dtype float32|bfloat16] [--mimr]
+    python bench/guidance.py --duplicates
 
 Modes: `decode` = one full decode without gradient (what every generation does at the end);
 `guided` = a guidance step that detects (preview decode + windowed decodes with gradient + reward +
@@ -17,6 +18,9 @@ that with `guided` and `reused` the guidance's share of a 25-step sampling is pr
 `--mimr`: the guided images' MIMR with faces reused (detection every 3 steps) against detecting at
 every step, on the test cases of tests/test_guidance.py (the blurred head-shot and the blurred group
 photo as their own latent, `MIMR_STEPS` guided steps of strength 0.002).
+
+`--duplicates` (alone): guidance's reward with a term against duplicates (a second confident match of a
+present reference) at several weights, on those cases and one with a duplicate (issue #18).
 """
 
 from __future__ import annotations
@@ -135,15 +139,19 @@ def run_mode(mode: str, size: int, device: str, dtype: torch.dtype, architecture
 
 
 MIMR_STEPS = 6
+DUPLICATE_STEPS = 12  # --duplicates: guided steps per run
+DUPLICATE_WEIGHTS = (0.0, 1.0, 4.0)  # --duplicates: weights of the duplicate term (0: plain MIMR)
 
 
-def mimr_of_reuse() -> None:
-    """MIMR after MIMR_STEPS guided steps, faces detected at every step versus every 3 steps."""
+def _guidance_cases() -> tuple:
+    """(face model, identities, cases {name: blurred image as a latent [1,3,H,W]}, decode, metrics of a latent):
+    the test cases of tests/test_guidance.py (the latent is the image itself), and two with a duplicate for the
+    references Rob Lowe and Nathalie Baye: Rob Lowe's other photo next to its mirror image (two confident Robs),
+    and the same with a stranger (Teresa Williams) beside them."""
     import numpy as np
-    from PIL import Image, ImageFilter
+    from PIL import Image, ImageFilter, ImageOps
 
     from umo_core import identity_metrics, load_face_model
-    from umo_core.faces.guidance import FaceReuse, guide
 
     pack = Path(tempfile.mkdtemp()) / "pack"
     pack.mkdir()
@@ -152,28 +160,86 @@ def mimr_of_reuse() -> None:
     face_model = load_face_model(pack, provider="cpu", backend="torch")
     photos = ASSETS / "images" / "photos"
     identities = face_model.identities([photos / "Rob_Lowe_0001.jpg", photos / "Nathalie_Baye_0002.jpg"])
-    cases = {"head-shot": (Image.open(photos / "Rob_Lowe_0002.jpg"), 2.5),
-             "group": (Image.open(photos / "t1_six_people.jpg").resize((640, 443)), 1.5)}
+    rob = Image.open(photos / "Rob_Lowe_0002.jpg").convert("RGB")
+    stranger = Image.open(photos / "Teresa_Williams_0001_1k.jpg").convert("RGB").resize(rob.size)
+    side_by_side = {"two Robs": [rob, ImageOps.mirror(rob)], "Robs+other": [rob, ImageOps.mirror(rob), stranger]}
+    cases = {"head-shot": (rob, 2.5), "group": (Image.open(photos / "t1_six_people.jpg").resize((640, 443)), 1.5)}
+    for name, tiles in side_by_side.items():
+        row = Image.new("RGB", (len(tiles) * rob.width, rob.height))
+        for i, tile in enumerate(tiles):
+            row.paste(tile, (i * rob.width, 0))
+        cases[name] = (row, 1.5)
+    latents = {}
+    for name, (photo, blur) in cases.items():
+        pixels = np.asarray(photo.convert("RGB").filter(ImageFilter.GaussianBlur(blur)), np.float32) / 255
+        latents[name] = torch.from_numpy(pixels).permute(2, 0, 1)[None]
 
     def decode(latent):  # the latent is the image itself
         return latent.permute(0, 2, 3, 1).clamp(0, 1)
 
-    def mimr(latent) -> float:
+    def metrics(latent) -> dict:
         analysed = face_model.analyse(decode(latent))[0]
         return identity_metrics(identities.embeddings, analysed.embeddings,
-                                face_model.same_person_threshold)["metrics"]["mimr"]
+                                face_model.same_person_threshold)["metrics"]
 
-    print(f"{'case':>9} {'before':>7} {'every step':>10} {'every 3':>8} {'difference':>10}")
-    for name, (photo, blur) in cases.items():
-        pixels = np.asarray(photo.convert("RGB").filter(ImageFilter.GaussianBlur(blur)), np.float32) / 255
-        start = torch.from_numpy(pixels).permute(2, 0, 1)[None]
-        results = []
+    return face_model, identities, latents, decode, metrics
+
+
+def mimr_of_reuse() -> None:
+    """MIMR after MIMR_STEPS guided steps, faces detected at every step versus every 3 steps."""
+    from umo_core.faces.guidance import FaceReuse, guide
+
+    face_model, identities, latents, decode, metrics = _guidance_cases()
+    print(f"{'case':>10} {'before':>7} {'every step':>10} {'every 3':>8} {'difference':>10}")
+    for name in ("head-shot", "group"):
+        start, results = latents[name], []
         for every in (1, 3):
             latent, reuse = start, FaceReuse(every)
             for _ in range(MIMR_STEPS):
                 latent, _ = guide(latent, decode, identities, face_model, 0.002, reuse=reuse)
-            results.append(mimr(latent))
-        print(f"{name:>9} {mimr(start):>7.4f} {results[0]:>10.4f} {results[1]:>8.4f} {results[1] - results[0]:>+10.4f}")
+            results.append(metrics(latent)["mimr"])
+        before = metrics(start)["mimr"]
+        print(f"{name:>10} {before:>7.4f} {results[0]:>10.4f} {results[1]:>8.4f} {results[1] - results[0]:>+10.4f}")
+
+
+def duplicates_of_guidance() -> None:
+    """Issue #18: does a term that penalises a second confident match of a matched reference help guidance?
+    Per case and weight w of the term R = MIMR - w/(M*N) * sum over duplicate faces of (cosine - threshold), the
+    step (of DUPLICATE_STEPS, strength 0.002, detecting at every step) after which the image is complete (every
+    reference present, none repeated), and after the last step: duplicates, coverage and MIMR (without the term).
+    """
+    from umo_core.faces import matching
+    from umo_core.faces.guidance import guide
+    from umo_core.faces.matching import IdentityMatch, mimr
+
+    face_model, identities, latents, decode, metrics = _guidance_cases()
+    threshold = face_model.same_person_threshold
+
+    def reward(weight: float):
+        def with_duplicate_term(similarity: torch.Tensor, assignment: list[int | None]) -> torch.Tensor:
+            repeated = IdentityMatch(None, None, similarity, assignment, threshold).duplicates  # {face: reference}
+            penalty = sum((similarity[k, j] - threshold for j, k in repeated.items()), similarity.new_zeros(()))
+            return mimr(similarity, assignment) - weight * penalty / similarity.numel()
+        return with_duplicate_term
+
+    print(f"{'case':>10} {'w':>4} {'complete after':>14} {'duplicates':>10} {'coverage':>8} {'mimr':>7}  "
+          "duplicates per step")
+    for name, start in latents.items():
+        before = metrics(start)
+        print(f"{name:>10} {'-':>4} {'-':>14} {before['duplicates']:>10} {before['coverage']:>8.2f} "
+              f"{before['mimr'] or 0:>7.4f}  (before guidance)")
+        for weight in DUPLICATE_WEIGHTS:
+            matching.REWARDS["bench"] = reward(weight)  # the guidance's reward, by its name
+            latent, complete_after, per_step = start, None, []
+            for step in range(1, DUPLICATE_STEPS + 1):
+                latent, _ = guide(latent, decode, identities, face_model, 0.002, kind="bench")
+                after = metrics(latent)
+                per_step.append(after["duplicates"])
+                if complete_after is None and after["duplicates"] == 0 and after["coverage"] == 1:
+                    complete_after = step
+            print(f"{name:>10} {weight:>4g} {complete_after or 'never':>14} {after['duplicates']:>10} "
+                  f"{after['coverage']:>8.2f} {after['mimr'] or 0:>7.4f}  {per_step}")
+    del matching.REWARDS["bench"]
 
 
 def main() -> None:
@@ -186,9 +252,14 @@ def main() -> None:
     parser.add_argument("--transformer", default="full", choices=("full", "tiny"),
                         help="architecture of the transformer mode: FLUX.1-dev, or bench/train_step.py's tiny one")
     parser.add_argument("--mimr", action="store_true", help="also compare the MIMR of reused and per-step faces")
+    parser.add_argument("--duplicates", action="store_true",
+                        help="only: guidance with and without a duplicate-penalising term on the test cases")
     parser.add_argument("--child", nargs=2, metavar=("MODE", "SIZE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
+    if args.duplicates:
+        duplicates_of_guidance()
+        return
     if args.child:
         print(json.dumps(run_mode(args.child[0], int(args.child[1]), args.device, dtype, args.transformer)))
         return

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import folder_paths
 
+from umo_core.faces.face_pack import DEFAULT_PACK
+
 INSIGHTFACE = "insightface"
 
 
@@ -29,4 +31,4 @@ def face_pack_names() -> list[str]:
     """Pack folders found under every `<insightface>/models/`."""
     names = {p.name for root in insightface_roots() if (root / "models").is_dir()
              for p in (root / "models").iterdir() if p.is_dir()}
-    return sorted(names) or ["antelopev2"]
+    return sorted(names) or [DEFAULT_PACK]  # the name a missing-pack error then explains
