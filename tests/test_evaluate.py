@@ -8,6 +8,7 @@ import csv
 import json
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from PIL import Image
 from tests.benchmark_folder import CASES, build_benchmark
 from umo_core import evaluate
 from umo_core.cli import main
-from umo_core.console import ProgressLines
+from umo_core.console import ProgressLines, Stopped
 
 TABLES = ("results.json", "images.csv", "summary.csv", "summary.md")
 
@@ -133,20 +134,22 @@ def test_a_cached_run_loads_no_model(evaluated, benchmark, pack_dir, tmp_path, c
     assert captured.err == ""  # all cached: nothing scored, the face model not even loaded
 
 
-def test_interrupted_run_resumes(benchmark, evaluated, pack_dir, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize(("stop", "status"), [(KeyboardInterrupt(), 130), (Stopped(signal.SIGTERM), 143)])
+def test_interrupted_run_resumes(benchmark, evaluated, pack_dir, tmp_path, monkeypatch, capsys, stop, status):
+    """Ctrl-C (Python's KeyboardInterrupt), or SIGTERM as console.stop_signals raises it."""
     out = tmp_path / "out"
 
     class Interrupted(ProgressLines):
         def update(self, n: int = 1) -> None:
             super().update(n)
             if self.done >= 4:
-                raise KeyboardInterrupt
+                raise stop
 
     monkeypatch.setattr(evaluate, "progress", Interrupted)
-    with pytest.raises(SystemExit) as exit_status:  # Ctrl-C: a note and status 130, no traceback
+    with pytest.raises(SystemExit) as exit_status:  # a note and the shell's status for the signal, no traceback
         _evaluate(benchmark, out, pack_dir)
     monkeypatch.undo()
-    assert exit_status.value.code == 130
+    assert exit_status.value.code == status
     assert "note: interrupted: the 4 scored image(s) are kept in" in capsys.readouterr().err
     cached = _files(out)  # no table, no temporary file: only the finished images' results
     assert len(cached) == 4 and all(name.startswith("cache/") and name.endswith(".json") for name in cached)

@@ -106,6 +106,11 @@ class Stopped(KeyboardInterrupt):
         super().__init__(signal_reason(number))
 
 
+def stop_signal(interrupt: KeyboardInterrupt) -> signal.Signals:
+    """The signal behind `interrupt`: Stopped's, else SIGINT (Python's own KeyboardInterrupt is Ctrl-C)."""
+    return interrupt.signal if isinstance(interrupt, Stopped) else signal.SIGINT
+
+
 def raise_stopped(number: int, _frame) -> NoReturn:
     """The signal handler that raises Stopped."""
     raise Stopped(number)
@@ -134,7 +139,7 @@ def command_status(work: Callable[[], int], stopped: str) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as stop:  # Stopped, or Ctrl-C caught by a default handler outside stop_signals
-        number = stop.signal if isinstance(stop, Stopped) else signal.SIGINT
+        number = stop_signal(stop)
         print(f"stopped by {signal_reason(number)}: {stopped}", file=sys.stderr)
         return 128 + number
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from .arguments import at_least
-from .console import HelpFormatter, progress, tell
+from .console import HelpFormatter, progress, stop_signal, tell
 from .errors import UMOError
 from .faces.embedding import BACKENDS
 from .faces.face_model import FaceModel, Identities
@@ -53,7 +53,6 @@ CACHE_FOLDER = "cache"
 RECORD_VERSION = 1  # part of every cache key: bump it when a record's content or its computation changes
 DEFAULT_BATCH = 8
 LOAD_THREADS = 2  # image files decoded ahead of the face model
-INTERRUPTED_STATUS = 130  # the shell's status for Ctrl-C
 
 # The summary's columns: metric key, header, decimals. The per-image values are averaged over the images
 # where they are defined (metrics.average_metrics); `duplicates` and `face_count_accuracy` are shares of images.
@@ -513,11 +512,11 @@ def evaluate_command(args: argparse.Namespace) -> dict | None:
 
         try:
             score_jobs(face_model, pending, keys, cache, args.batch, args.max_pixels, finished)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM (console.Stopped): the shell's status for it
             bar.close()
             tell("note", f"interrupted: the {len(mine) - len(pending) + scored} scored image(s) are kept in "
                  f"'{cache.folder}'; the same command goes on from there")
-            raise SystemExit(INTERRUPTED_STATUS) from None
+            raise SystemExit(128 + stop_signal(stop)) from None
         bar.close()
     if shard:
         print(f"shard {shard[0]}/{shard[1]} done; once every shard is, write the tables with --merge")
