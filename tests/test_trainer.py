@@ -243,21 +243,25 @@ def _torchrun(root, data, pack, output, steps, *extra):
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-def test_two_processes_share_the_data_and_resume_exactly(trainer_inputs, tmp_path):
-    """The same command on two processes (torchrun, gloo on the CPU): each step takes one batch per
-    process, the checkpoint holds every process's RNG, and a resume continues exactly."""
-    root, data, pack = trainer_inputs
-    _torchrun(root, data, pack, tmp_path / "straight", 2)
+@pytest.mark.parametrize(("backbone", "inputs"), [("flux1", "trainer_inputs"), ("flux2", "flux2_trainer_inputs")],
+                         ids=["flux1", "flux2"])
+def test_two_processes_share_the_data_and_resume_exactly(request, tmp_path, backbone, inputs):
+    """The same command on two processes (torchrun, gloo on the CPU), for each backbone: each step takes one
+    batch per process, the checkpoint holds every process's RNG, and a resume continues exactly."""
+    root, data, pack = request.getfixturevalue(inputs)
+    chosen = ("--backbone", backbone)
+    _torchrun(root, data, pack, tmp_path / "straight", 2, *chosen)
     log = _log(tmp_path / "straight")
     assert [len(r["rows"]) for r in log] == [2, 2]
     assert {p.name for p in (tmp_path / "straight" / "checkpoint").iterdir()} >= {"rng_0.pt", "rng_1.pt"}
-    _torchrun(root, data, pack, tmp_path / "resumed", 1)
-    _torchrun(root, data, pack, tmp_path / "resumed", 2, "--resume")
+    _torchrun(root, data, pack, tmp_path / "resumed", 1, *chosen)
+    _torchrun(root, data, pack, tmp_path / "resumed", 2, "--resume", *chosen)
     straight = load_file(tmp_path / "straight" / "lora_diffusers.safetensors")
     resumed = load_file(tmp_path / "resumed" / "lora_diffusers.safetensors")
+    assert straight.keys() == resumed.keys()
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
     # One process cannot resume it.
-    assert main(trainer_args(root, data, pack, tmp_path / "resumed", 3, "--resume")) == 2
+    assert main(trainer_args(root, data, pack, tmp_path / "resumed", 3, "--resume", *chosen)) == 2
 
 
 @pytest.mark.parametrize(("extra", "message"), [
