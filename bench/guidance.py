@@ -1,7 +1,7 @@
 """Cost of one identity-guidance step versus a plain VAE decode (768 and 1024 px), and the MIMR cost of reusing faces.
 
-The FLUX autoencoder at its real architecture (diffusers AutoencoderKL with FLUX's ae config,
-random weights) and the fixture face networks (SCRFD-500MF, MobileFaceNet). Random weights draw
+The FLUX autoencoder at its real architecture (diffusers AutoencoderKL as FLUX.1's ae.safetensors has it,
+bench/train_step.py's, random weights) and the fixture face networks (SCRFD-500MF, MobileFaceNet). Random weights draw
 no faces, so the six face boxes of the group photo (scaled to the image) are given; each mode
 runs in its own process so its peak memory (RSS, or CUDA peak on a GPU) is its own.
 
@@ -40,11 +40,12 @@ from pathlib import Path
 
 import torch
 
-from umo_core.backbones.flux1.runtime import LATENT_CHANNELS
+from umo_core.backbones import get
 from umo_core.faces.guidance import REDETECT_EVERY
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT.parent / "shared" / "face-assets"
+FLUX1 = get("flux1")
 
 
 def peak_bytes(device: str) -> int:
@@ -58,36 +59,34 @@ def transformer_step(size: int, device: str, dtype: torch.dtype, architecture: s
     at `architecture` 'full' (FLUX.1-dev) or 'tiny' (bench/train_step.py's), random weights."""
     from train_step import CONFIGS, random_models
 
-    from umo_core.backbones.flux1.runtime import predict_velocity
     from umo_core.backbones.text_embedding import TextEmbedding
 
-    config = CONFIGS[architecture]
-    transformer = random_models(config, torch.device(device), dtype)[0].eval().requires_grad_(False)
+    config = CONFIGS["flux1"][architecture]
+    transformer = random_models("flux1", config, torch.device(device), dtype)[0].eval().requires_grad_(False)
     widths = (config["transformer"]["joint_attention_dim"], config["transformer"]["pooled_projection_dim"])
     text = TextEmbedding(torch.randn(1, 512, widths[0], device=device), torch.randn(1, widths[1], device=device))
-    latent = torch.randn(1, LATENT_CHANNELS, size // 8, size // 8, device=device)
+    latent = torch.randn(1, FLUX1.latent_channels, size // FLUX1.latent_scale, size // FLUX1.latent_scale,
+                         device=device)
 
     @torch.no_grad()
     def step():
-        return predict_velocity(transformer, latent, 0.5, text, [], guidance=3.5)
+        return FLUX1.predict_velocity(transformer, latent, 0.5, text, [], guidance=3.5)
 
     return step
 
 
 def guidance_work(mode: str, size: int, device: str, dtype: torch.dtype) -> Callable[[], object]:
     """The work of a decode / guidance mode: the FLUX autoencoder (random weights), the fixture face networks."""
-    from diffusers import AutoencoderKL
+    from train_step import CONFIGS, random_vae
 
     from umo_core import load_face_model
-    from umo_core.backbones.flux1.loading import VAE_CONFIG
     from umo_core.faces.detection import Faces
     from umo_core.faces.guidance import reward_gradient
     from umo_core.faces.reward import identity_reward
     from umo_core.images import load_image
 
     torch.manual_seed(0)
-    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(VAE_CONFIG)).to(device, dtype)
-    vae = vae.eval().requires_grad_(False)
+    vae = random_vae("flux1", CONFIGS["flux1"]["full"]["vae"], torch.device(device), dtype).eval()
     pack = Path(tempfile.mkdtemp()) / "pack"
     pack.mkdir()
     for name in ("det_500m.onnx", "mobilefacenet_128d.onnx"):
@@ -102,7 +101,8 @@ def guidance_work(mode: str, size: int, device: str, dtype: torch.dtype) -> Call
     def decode(latent):
         return ((vae.decode(latent.to(dtype)).sample.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
 
-    latent = torch.randn(1, LATENT_CHANNELS, size // 8, size // 8, device=device)
+    latent = torch.randn(1, FLUX1.latent_channels, size // FLUX1.latent_scale, size // FLUX1.latent_scale,
+                         device=device)
 
     def work():
         if mode == "decode":

@@ -66,22 +66,33 @@ CONFIGS = {
 
 def random_models(backbone: str, config: dict, device: torch.device, dtype: torch.dtype):
     """The backbone's transformer and autoencoder architectures at `config`'s sizes, random weights."""
-    from diffusers import AutoencoderKL, AutoencoderKLFlux2, Flux2Transformer2DModel, FluxTransformer2DModel
+    from diffusers import Flux2Transformer2DModel, FluxTransformer2DModel
 
     torch.manual_seed(0)
     with device:  # initialised where they run: a full transformer's billions of weights, fast on a GPU
         if backbone == "flux1":
             transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, guidance_embeds=True,
                                                  **config["transformer"])
-            vae = AutoencoderKL(latent_channels=16, block_out_channels=config["vae"],
-                                down_block_types=("DownEncoderBlock2D",) * 4,
-                                up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2,
-                                norm_num_groups=min(32, config["vae"][0]), use_quant_conv=False,
-                                use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159)
         else:
             transformer = Flux2Transformer2DModel.from_config(config["transformer"])
-            vae = AutoencoderKLFlux2(block_out_channels=config["vae"])
-    return transformer.to(dtype), vae.to(dtype).requires_grad_(False)
+    return transformer.to(dtype), random_vae(backbone, config["vae"], device, dtype)
+
+
+def random_vae(backbone: str, block_channels: tuple[int, ...], device: torch.device, dtype: torch.dtype):
+    """The backbone's autoencoder architecture with `block_channels` (the full ones: (128, 256, 512, 512)), random
+    weights, frozen."""
+    from diffusers import AutoencoderKL, AutoencoderKLFlux2
+
+    with device:
+        if backbone == "flux1":
+            vae = AutoencoderKL(latent_channels=16, block_out_channels=block_channels,
+                                down_block_types=("DownEncoderBlock2D",) * 4,
+                                up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2,
+                                norm_num_groups=min(32, block_channels[0]), use_quant_conv=False,
+                                use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159)
+        else:
+            vae = AutoencoderKLFlux2(block_out_channels=block_channels)
+    return vae.to(dtype).requires_grad_(False)
 
 
 def data_folder(folder: Path, backbone: str, text_widths: tuple[int, ...], text_tokens: int) -> Path:

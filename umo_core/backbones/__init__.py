@@ -4,7 +4,8 @@
   implements the contract (`contract.Backbone`). Nothing outside `<name>/` imports from that folder.
 - Shared: `flow` (rectified-flow Euler sampling, clean estimate, seed noise, generation), `lora_formats` (LoRA
   files, layout detection, fused low-rank pairs), `references` (resize machinery), `text_embedding` (the prompt
-  embedding file), `model_files` and `text_encoder_files` (model files and text encoder folders, read offline).
+  embedding file), `model_files` and `text_encoder_files` (model files and text encoder folders, read offline),
+  `flux_family` (what the FLUX-family backbones share).
 - `flux1/` (FLUX.1 with UNO's references) and `flux2/` (FLUX.2 [klein] and [dev]) are trainable backbones;
   `omnigen2/` holds only OmniGen2's LoRA layout and reference rule, for the ComfyUI nodes.
 """

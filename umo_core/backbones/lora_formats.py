@@ -200,6 +200,13 @@ def to_comfy_lora(state_dict: dict[str, torch.Tensor],
     return _layouts()[layout].to_comfy(state_dict, metadata or {})
 
 
+def peft_key(modules: str) -> re.Pattern:
+    """The peft LoRA keys of the modules `modules` (a regex of module names) match: with or without diffusers'
+    `transformer.` or peft's `base_model.model.` prefix and the adapter name `default`; groups `module` and `ab`."""
+    return re.compile(rf"^(?:transformer\.|base_model\.model\.)?(?P<module>{modules})"
+                      r"\.lora_(?P<ab>[AB])(?:\.default)?\.weight$")
+
+
 def peft_pairs(state_dict: dict[str, torch.Tensor], pattern: re.Pattern,
                example: str) -> dict[str, dict[str, torch.Tensor]]:
     """peft keys (`pattern` with groups `module` and `ab`) -> {module name: {"A": down, "B": up}}, prefixes and

@@ -1,4 +1,5 @@
-"""FLUX.1 with UNO's references: the backbone contract (contract.Backbone) over this folder's modules."""
+"""FLUX.1 with UNO's references: the backbone contract (contract.Backbone) over this folder's modules (loading,
+runtime and text_encoders through flux_family.FluxFamily; the rest here)."""
 
 from __future__ import annotations
 
@@ -7,14 +8,16 @@ from pathlib import Path
 import torch
 
 from ...images import ImageLike
+from ..flux_family import FluxFamily
 from ..lora_formats import BASE_MODEL_METADATA_KEY, FORMAT_METADATA_KEY
-from ..text_embedding import BACKBONE_METADATA_KEY, POOLED_KEY, PROMPT_KEY, TextEmbedding
+from ..text_embedding import BACKBONE_METADATA_KEY, POOLED_KEY, PROMPT_KEY
 from . import loading, references, runtime
 from .lora import UNO_TARGET_MODULES, diffusers_to_uno
 from .uno import flux_sigmas
 
 
-class Flux1:
+class Flux1(FluxFamily):
+    loading, runtime, package = loading, runtime, __package__
     name = "flux1"
     family = "flux"
     title = "FLUX.1 (UNO)"
@@ -32,30 +35,6 @@ class Flux1:
         return 25, 4.0
 
     @staticmethod
-    def transformer_text_widths(path: Path) -> tuple[int, ...]:
-        return loading.transformer_text_widths(path)
-
-    @staticmethod
-    def check_vae(path: Path) -> None:
-        loading.check_vae(path)
-
-    @staticmethod
-    def load_transformer(path: Path, dtype: torch.dtype = torch.bfloat16):
-        return loading.load_transformer(path, dtype)
-
-    @staticmethod
-    def load_vae(path: Path, dtype: torch.dtype = torch.bfloat16):
-        return loading.load_vae(path, dtype)
-
-    @staticmethod
-    def encode_images(vae, images: torch.Tensor) -> torch.Tensor:
-        return runtime.encode_images(vae, images)
-
-    @staticmethod
-    def decode_latents(vae, latent: torch.Tensor) -> torch.Tensor:
-        return runtime.decode_latents(vae, latent)
-
-    @staticmethod
     def reference_shape(height: int, width: int, count: int) -> tuple[int, int]:
         return references.reference_shape(height, width, references.reference_long_side(count))
 
@@ -65,25 +44,8 @@ class Flux1:
         return references.resize_reference(image, references.reference_long_side(count, long_side))
 
     @staticmethod
-    def predict_velocity(transformer, latent: torch.Tensor, sigma, text: TextEmbedding,
-                         reference_latents: list[torch.Tensor], guidance: float) -> torch.Tensor:
-        return runtime.predict_velocity(transformer, latent, sigma, text, reference_latents, guidance)
-
-    @staticmethod
     def sigmas(steps: int, latent_hw: tuple[int, int]) -> torch.Tensor:
         return flux_sigmas(steps, (latent_hw[0] // 2) * (latent_hw[1] // 2))
-
-    @staticmethod
-    def load_text_encoders(folder: Path, dtype: torch.dtype, device: str | torch.device):
-        from .text_encoders import load_text_encoders
-
-        return load_text_encoders(folder, dtype, device)
-
-    @staticmethod
-    def encode_prompts(encoders, prompts: list[str]) -> TextEmbedding:
-        from .text_encoders import encode_prompts
-
-        return encode_prompts(encoders, prompts)
 
     @staticmethod
     def load_lora(path: Path) -> dict[str, torch.Tensor]:

@@ -23,7 +23,8 @@ import re
 import torch
 
 from ...errors import UMOError
-from ..lora_formats import Family, Layout, fuse_pairs, peft_alpha, peft_pairs, split_fused
+from ..flux_family import BLOCK_NAME, DOUBLE_BLOCK_ATTENTION
+from ..lora_formats import Family, Layout, fuse_pairs, peft_alpha, peft_key, peft_pairs, split_fused
 
 BACKBONE = "flux1"
 
@@ -38,7 +39,6 @@ UNO_MODULES = {
 }
 # UNO / ComfyUI block name -> diffusers block name.
 DIFFUSERS_BLOCKS = {"double_blocks": "transformer_blocks", "single_blocks": "single_transformer_blocks"}
-BLOCK_NAME = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.")
 
 UNO_KEY = re.compile(r"^(?:diffusion_model\.)?(?:"
                      r"(?P<double>double_blocks)\.(?P<i>\d+)\.processor\.(?P<dm>qkv_lora[12]|proj_lora[12])|"
@@ -52,15 +52,12 @@ FLUX_DIFFUSERS_MODULE = (
     r"|x_embedder|context_embedder|proj_out|norm_out\.linear"
     r"|time_text_embed\.(?:timestep_embedder|guidance_embedder|text_embedder)\.linear_[12]"
 )
-FLUX_DIFFUSERS_KEY = re.compile(rf"^(?:transformer\.|base_model\.model\.)?(?P<module>{FLUX_DIFFUSERS_MODULE})"
-                                r"\.lora_(?P<ab>[AB])(?:\.default)?\.weight$")
+FLUX_DIFFUSERS_KEY = peft_key(FLUX_DIFFUSERS_MODULE)
 PEFT_EXAMPLE = "transformer_blocks.0.attn.to_q.lora_A.weight"
 
 # peft `target_modules` (a full-match regex over module names) of a FluxTransformer2DModel LoRA that
 # `diffusers_to_uno` can save in UNO's layout; a plain name list would also catch the top-level `proj_out`.
-UNO_TARGET_MODULES = (r"transformer_blocks\.\d+\.attn\."
-                      r"(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
-                      r"|single_transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v)|proj_out)")
+UNO_TARGET_MODULES = DOUBLE_BLOCK_ATTENTION + r"|single_transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v)|proj_out)"
 
 
 def diffusers_to_uno(state_dict: dict[str, torch.Tensor], scale: float = 1.0) -> dict[str, torch.Tensor]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from ..flux_family import transformer_output
 from ..text_embedding import TextEmbedding
 from .uno import pack_latents, text_ids, uno_image_ids, unpack_latents
 
@@ -28,23 +29,9 @@ def decode_latents(vae, latent: torch.Tensor) -> torch.Tensor:
 def predict_velocity(transformer, latent: torch.Tensor, sigma: torch.Tensor | float, text: TextEmbedding,
                      references: list[torch.Tensor], guidance: float = 1.0) -> torch.Tensor:
     """The flow velocity for the target latent [B,16,h,w] with UNO's references (each [B,16,hk,wk])."""
-    b, _, h, w = latent.shape
+    _, _, h, w = latent.shape
     tokens = torch.cat([pack_latents(latent)] + [pack_latents(r) for r in references], dim=1)
-    ids = uno_image_ids((h, w), [tuple(r.shape[-2:]) for r in references]).to(latent.device)
-    sigma = torch.as_tensor(sigma, device=latent.device, dtype=torch.float32).expand(b)
-    # Under multi-process training the transformer is wrapped (DistributedDataParallel): call the
-    # wrapper, which synchronises the gradients, and read dtype and config from the model inside.
-    model = getattr(transformer, "module", transformer)
-    dtype = model.dtype
-    output = transformer(
-        hidden_states=tokens.to(dtype),
-        encoder_hidden_states=text.prompt_embeds.to(latent.device, dtype),
-        pooled_projections=text.pooled_prompt_embeds.to(latent.device, dtype),
-        timestep=sigma.to(dtype),
-        img_ids=ids, txt_ids=text_ids(text.prompt_embeds.shape[1]).to(latent.device),
-        guidance=torch.full((b,), guidance, device=latent.device, dtype=dtype)
-        if model.config.guidance_embeds else None,
-        return_dict=False,
-    )[0]
+    ids = uno_image_ids((h, w), [tuple(r.shape[-2:]) for r in references])
+    output = transformer_output(transformer, tokens, ids, text_ids(text.prompt_embeds.shape[1]), text, sigma, guidance)
     target_tokens = (h // 2) * (w // 2)
     return unpack_latents(output[:, :target_tokens].float(), h, w)

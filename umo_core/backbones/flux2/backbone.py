@@ -1,5 +1,5 @@
 """FLUX.2 ([klein] 4B / 9B, base and distilled; [dev]): the backbone contract (contract.Backbone) over this
-folder's modules."""
+folder's modules (loading, runtime and text_encoders through flux_family.FluxFamily; the rest here)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,15 @@ from pathlib import Path
 import torch
 
 from ...images import ImageLike
+from ..flux_family import FluxFamily
 from ..lora_formats import FORMAT_METADATA_KEY, detect_lora_format, load_lora_file, lora_family, wrong_backbone
-from ..text_embedding import BACKBONE_METADATA_KEY, PROMPT_KEY, TextEmbedding
+from ..text_embedding import BACKBONE_METADATA_KEY, PROMPT_KEY
 from . import loading, references, runtime
 from .lora import FLUX2_TARGET_MODULES, comfy_to_diffusers, diffusers_to_comfy, peft_lora
 
 
-class Flux2:
+class Flux2(FluxFamily):
+    loading, runtime, package = loading, runtime, __package__
     name = "flux2"
     family = "flux2"
     title = "FLUX.2"
@@ -35,30 +37,6 @@ class Flux2:
         return variant.steps, variant.guidance
 
     @staticmethod
-    def transformer_text_widths(path: Path) -> tuple[int, ...]:
-        return loading.transformer_text_widths(path)
-
-    @staticmethod
-    def check_vae(path: Path) -> None:
-        loading.check_vae(path)
-
-    @staticmethod
-    def load_transformer(path: Path, dtype: torch.dtype = torch.bfloat16):
-        return loading.load_transformer(path, dtype)
-
-    @staticmethod
-    def load_vae(path: Path, dtype: torch.dtype = torch.bfloat16):
-        return loading.load_vae(path, dtype)
-
-    @staticmethod
-    def encode_images(vae, images: torch.Tensor) -> torch.Tensor:
-        return runtime.encode_images(vae, images)
-
-    @staticmethod
-    def decode_latents(vae, latent: torch.Tensor) -> torch.Tensor:
-        return runtime.decode_latents(vae, latent)
-
-    @staticmethod
     def reference_shape(height: int, width: int, count: int) -> tuple[int, int]:
         return references.reference_shape(height, width)
 
@@ -68,25 +46,8 @@ class Flux2:
         return references.resize_reference(image)
 
     @staticmethod
-    def predict_velocity(transformer, latent: torch.Tensor, sigma, text: TextEmbedding,
-                         reference_latents: list[torch.Tensor], guidance: float) -> torch.Tensor:
-        return runtime.predict_velocity(transformer, latent, sigma, text, reference_latents, guidance)
-
-    @staticmethod
     def sigmas(steps: int, latent_hw: tuple[int, int]) -> torch.Tensor:
         return runtime.flux2_sigmas(steps, latent_hw[0] * latent_hw[1])
-
-    @staticmethod
-    def load_text_encoders(folder: Path, dtype: torch.dtype, device: str | torch.device):
-        from .text_encoders import load_text_encoders
-
-        return load_text_encoders(folder, dtype, device)
-
-    @staticmethod
-    def encode_prompts(encoders, prompts: list[str]) -> TextEmbedding:
-        from .text_encoders import encode_prompts
-
-        return encode_prompts(encoders, prompts)
 
     def load_lora(self, path: Path) -> dict[str, torch.Tensor]:
         """A FLUX.2 LoRA in peft or ComfyUI's layout as peft keys, B @ A the delta."""

@@ -16,14 +16,7 @@ from pathlib import Path
 import torch
 
 from ...errors import UMOError
-from ..model_files import (
-    count_blocks,
-    diffusers_config,
-    from_diffusers_folder,
-    model_from_state_dict,
-    open_single_file,
-    read_single_file,
-)
+from .. import model_files
 from .runtime import LATENT_CHANNELS
 
 CONFIGS = Path(__file__).parent / "configs"
@@ -80,10 +73,10 @@ def transformer_config(path: str | Path) -> dict:
     path = Path(path)
     config = json.loads(TRANSFORMER_CONFIG.read_text())
     if path.is_dir():
-        return {**config, **diffusers_config(path, "Flux2Transformer2DModel", "FLUX.2 transformer",
-                                             TRANSFORMER_FILES)}
-    with open_single_file(path, "FLUX.2 transformer", TRANSFORMER_FILES, TRANSFORMER_REQUIRED,
-                          COMFY_MODEL_PREFIX) as (handle, names):
+        return {**config, **model_files.diffusers_config(path, "Flux2Transformer2DModel", "FLUX.2 transformer",
+                                                         TRANSFORMER_FILES)}
+    with model_files.open_single_file(path, "FLUX.2 transformer", TRANSFORMER_FILES, TRANSFORMER_REQUIRED,
+                                      COMFY_MODEL_PREFIX) as (handle, names):
         def shape(name: str) -> list[int]:
             return handle.get_slice(names[name]).get_shape()
 
@@ -94,7 +87,8 @@ def transformer_config(path: str | Path) -> dict:
                            f"{hidden}; give {TRANSFORMER_FILES}")
         config.update(
             in_channels=in_channels, out_channels=shape("final_layer.linear.weight")[0],
-            num_layers=count_blocks(names, "double_blocks."), num_single_layers=count_blocks(names, "single_blocks."),
+            num_layers=model_files.count_blocks(names, "double_blocks."),
+            num_single_layers=model_files.count_blocks(names, "single_blocks."),
             attention_head_dim=head_dim, num_attention_heads=hidden // head_dim,
             # FLUX.2's rotary embedding splits a head into four equal axes (4 x 32 in the real models).
             axes_dims_rope=[head_dim // 4] * 4,
@@ -119,14 +113,15 @@ def load_transformer(path: str | Path, dtype: torch.dtype = torch.bfloat16):
 
     path = Path(path)
     if path.is_dir():
-        return from_diffusers_folder(Flux2Transformer2DModel, path, dtype, "FLUX.2 transformer", TRANSFORMER_FILES)
+        return model_files.from_diffusers_folder(Flux2Transformer2DModel, path, dtype, "FLUX.2 transformer",
+                                                 TRANSFORMER_FILES)
     config = transformer_config(path)
-    state_dict = read_single_file(path, dtype, "FLUX.2 transformer", TRANSFORMER_FILES, TRANSFORMER_REQUIRED,
-                                  COMFY_MODEL_PREFIX)
+    state_dict = model_files.read_single_file(path, dtype, "FLUX.2 transformer", TRANSFORMER_FILES,
+                                              TRANSFORMER_REQUIRED, COMFY_MODEL_PREFIX)
     state_dict = convert_flux2_transformer_checkpoint_to_diffusers(state_dict)
-    return model_from_state_dict(Flux2Transformer2DModel, config, state_dict,
-                                 f"FLUX.2 transformer '{path}' does not fit FLUX.2's architecture",
-                                 f"give {TRANSFORMER_FILES}")
+    return model_files.model_from_state_dict(Flux2Transformer2DModel, config, state_dict,
+                                             f"FLUX.2 transformer '{path}' does not fit FLUX.2's architecture",
+                                             f"give {TRANSFORMER_FILES}")
 
 
 def check_vae(path: str | Path) -> None:
@@ -134,10 +129,10 @@ def check_vae(path: str | Path) -> None:
     its folder's config.json or its file's header without loading weights."""
     path = Path(path)
     if path.is_dir():
-        config = diffusers_config(path, "AutoencoderKLFlux2", "FLUX.2 autoencoder", VAE_FILES)
+        config = model_files.diffusers_config(path, "AutoencoderKLFlux2", "FLUX.2 autoencoder", VAE_FILES)
         latent_channels = config.get("latent_channels", 32)
     else:
-        with open_single_file(path, "FLUX.2 autoencoder", VAE_FILES, VAE_REQUIRED) as (handle, names):
+        with model_files.open_single_file(path, "FLUX.2 autoencoder", VAE_FILES, VAE_REQUIRED) as (handle, names):
             latent_channels = handle.get_slice(names["decoder.conv_in.weight"]).get_shape()[1]
     if latent_channels * 4 != LATENT_CHANNELS:
         raise UMOError(f"autoencoder '{path}' has {latent_channels} latent channels, FLUX.2's has "
@@ -153,20 +148,21 @@ def load_vae(path: str | Path, dtype: torch.dtype = torch.bfloat16):
     path = Path(path)
     check_vae(path)
     if path.is_dir():
-        return from_diffusers_folder(AutoencoderKLFlux2, path, dtype, "FLUX.2 autoencoder", VAE_FILES)
-    state_dict = read_single_file(path, dtype, "FLUX.2 autoencoder", VAE_FILES, VAE_REQUIRED)
-    levels = count_blocks(state_dict, "encoder.down.")
+        return model_files.from_diffusers_folder(AutoencoderKLFlux2, path, dtype, "FLUX.2 autoencoder", VAE_FILES)
+    state_dict = model_files.read_single_file(path, dtype, "FLUX.2 autoencoder", VAE_FILES, VAE_REQUIRED)
+    levels = model_files.count_blocks(state_dict, "encoder.down.")
     config = {**json.loads(VAE_CONFIG.read_text()),
               "latent_channels": state_dict["decoder.conv_in.weight"].shape[1],
               "block_out_channels": [state_dict[f"encoder.down.{i}.block.0.conv1.weight"].shape[0]
                                      for i in range(levels)],
               "down_block_types": ["DownEncoderBlock2D"] * levels, "up_block_types": ["UpDecoderBlock2D"] * levels,
-              "layers_per_block": count_blocks(state_dict, "encoder.down.0.block."),
+              "layers_per_block": model_files.count_blocks(state_dict, "encoder.down.0.block."),
               "use_quant_conv": "quant_conv.weight" in state_dict,
               "use_post_quant_conv": "post_quant_conv.weight" in state_dict,
               "mid_block_add_attention": "encoder.mid.attn_1.q.weight" in state_dict}
     converted = convert_ldm_vae_checkpoint(state_dict, config)
     converted.update({key: value for key, value in state_dict.items() if key.startswith("bn.")})
     converted.setdefault("bn.num_batches_tracked", torch.tensor(0))  # a counter that only training uses
-    return model_from_state_dict(AutoencoderKLFlux2, config, converted,
-                                 f"FLUX.2 autoencoder '{path}' does not fit FLUX.2's architecture", f"give {VAE_FILES}")
+    return model_files.model_from_state_dict(AutoencoderKLFlux2, config, converted,
+                                             f"FLUX.2 autoencoder '{path}' does not fit FLUX.2's architecture",
+                                             f"give {VAE_FILES}")

@@ -24,7 +24,8 @@ import re
 import torch
 
 from ...errors import UMOError
-from ..lora_formats import Family, Layout, fuse_pairs, peft_alpha, peft_pairs, split_fused
+from ..flux_family import BLOCK_NAME, DOUBLE_BLOCK_ATTENTION
+from ..lora_formats import Family, Layout, fuse_pairs, peft_alpha, peft_key, peft_pairs, split_fused
 
 BACKBONE = "flux2"
 
@@ -37,15 +38,12 @@ FLUX2_DIFFUSERS_MODULE = (
     r"|(?:double_stream_modulation_img|double_stream_modulation_txt|single_stream_modulation)\.linear"
     r"|time_guidance_embed\.(?:timestep_embedder|guidance_embedder)\.linear_[12]"
 )
-FLUX2_DIFFUSERS_KEY = re.compile(rf"^(?:transformer\.|base_model\.model\.)?(?P<module>{FLUX2_DIFFUSERS_MODULE})"
-                                 r"\.lora_(?P<ab>[AB])(?:\.default)?\.weight$")
+FLUX2_DIFFUSERS_KEY = peft_key(FLUX2_DIFFUSERS_MODULE)
 PEFT_EXAMPLE = "single_transformer_blocks.0.attn.to_qkv_mlp_proj.lora_A.weight"
 
 # The LoRA the trainer trains: attention in and out of every block, as UMO's LoRAs adapt FLUX.1 (the single blocks'
 # projections are fused with their MLP, so their whole input and output projections).
-FLUX2_TARGET_MODULES = (r"transformer_blocks\.\d+\.attn\."
-                        r"(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
-                        r"|single_transformer_blocks\.\d+\.attn\.(to_qkv_mlp_proj|to_out)")
+FLUX2_TARGET_MODULES = DOUBLE_BLOCK_ATTENTION + r"|single_transformer_blocks\.\d+\.attn\.(to_qkv_mlp_proj|to_out)"
 
 # BFL module (in a block) -> the diffusers modules (in the same block) it fuses, in the order of its rows.
 DOUBLE_BLOCK = {"img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
@@ -77,7 +75,7 @@ def diffusers_to_comfy(state_dict: dict[str, torch.Tensor], metadata: dict[str, 
     Labs' blocks (embedders, modulation, the output layer) are an error, never dropped."""
     pairs = peft_pairs(peft_lora(state_dict, metadata), FLUX2_DIFFUSERS_KEY, PEFT_EXAMPLE)
     indices = {(match[1], int(match[2])) for match in
-               map(re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.").match, pairs) if match}
+               map(BLOCK_NAME.match, pairs) if match}
     converted, placed = {}, set()
     for comfy_block, (diffusers_block, table) in BLOCKS.items():
         for index in sorted(i for block, i in indices if block == diffusers_block):

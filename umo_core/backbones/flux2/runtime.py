@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..flux_family import transformer_output
 from ..text_embedding import TextEmbedding
 
 LATENT_CHANNELS = 128  # 32 autoencoder channels x a 2x2 patch
@@ -96,23 +97,10 @@ def predict_velocity(transformer, latent: torch.Tensor, sigma: torch.Tensor | fl
 
     `guidance` goes to the transformers that embed it (FLUX.2 [dev]); klein has no guidance embedding (its base
     variants use classifier-free guidance, which the trainer's rollout does not: guidance 1)."""
-    b, _, h, w = latent.shape
+    _, _, h, w = latent.shape
     tokens = torch.cat([pack_latents(latent)] + [pack_latents(r) for r in references], dim=1)
-    ids = image_ids((h, w), [tuple(r.shape[-2:]) for r in references]).to(latent.device)
-    sigma = torch.as_tensor(sigma, device=latent.device, dtype=torch.float32).expand(b)
-    # Under multi-process training the transformer is wrapped (DistributedDataParallel): call the wrapper, which
-    # synchronises the gradients, and read dtype and config from the model inside.
-    model = getattr(transformer, "module", transformer)
-    dtype = model.dtype
-    output = transformer(
-        hidden_states=tokens.to(dtype),
-        encoder_hidden_states=text.prompt_embeds.to(latent.device, dtype),
-        timestep=sigma.to(dtype),
-        img_ids=ids, txt_ids=text_ids(text.prompt_embeds.shape[1]).to(latent.device),
-        guidance=torch.full((b,), guidance, device=latent.device, dtype=dtype)
-        if model.config.guidance_embeds else None,
-        return_dict=False,
-    )[0]
+    ids = image_ids((h, w), [tuple(r.shape[-2:]) for r in references])
+    output = transformer_output(transformer, tokens, ids, text_ids(text.prompt_embeds.shape[1]), text, sigma, guidance)
     return unpack_latents(output[:, :h * w].float(), h, w)
 
 

@@ -7,11 +7,10 @@ import re
 
 import torch
 
-from ..lora_formats import Family, Layout
+from ..lora_formats import Family, Layout, peft_key
 
 OMNIGEN2_MODULE = r"(?:layers|noise_refiner|ref_image_refiner|context_refiner)\.\d+\.attn\.(?:to_q|to_k|to_v|to_out\.0)"
-OMNIGEN2_KEY = re.compile(rf"^(?:base_model\.model\.|transformer\.)?(?P<module>{OMNIGEN2_MODULE})"
-                          r"\.lora_(?P<ab>[AB])(?:\.default)?\.weight$")
+OMNIGEN2_KEY = peft_key(OMNIGEN2_MODULE)
 
 
 def peft_to_comfy(state_dict: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, torch.Tensor]:
