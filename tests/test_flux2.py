@@ -189,6 +189,15 @@ def test_variants_from_a_download_or_a_file_name(tmp_path):
     assert FLUX2.sampling_defaults(base) == (50, 4.0) and FLUX2.sampling_defaults(distilled) == (4, 1.0)
 
 
+@pytest.mark.parametrize(("content", "message"), [("{not json", "is not readable JSON"),
+                                                  ("[]", "is not a JSON object")])
+def test_a_damaged_model_index_is_named(tmp_path, content, message):
+    folder = save_flux2_folder(tmp_path / "klein")
+    (tmp_path / "klein" / "model_index.json").write_text(content)
+    with pytest.raises(UMOError, match=f"'.*model_index.json' .beside the FLUX.2 transformer folder. {message}"):
+        FLUX2.sampling_defaults(folder / "transformer")
+
+
 def test_wrong_files_are_named(tmp_path):
     flux1_vae = tmp_path / "ae.safetensors"
     from tests.flux_layout import save_bfl_file

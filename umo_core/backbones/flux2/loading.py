@@ -61,10 +61,23 @@ def transformer_variant(path: str | Path) -> Variant:
         return DEV
     if path.is_dir():
         index = path.parent / "model_index.json"
-        distilled = index.is_file() and json.loads(index.read_text()).get("is_distilled", False)
+        distilled = index.is_file() and _model_index(index).get("is_distilled", False)
     else:
         distilled = "base" not in path.name.lower()
     return DISTILLED if distilled else BASE
+
+
+def _model_index(index: Path) -> dict:
+    """A diffusers download's model_index.json (the variant's `is_distilled`)."""
+    try:
+        value = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UMOError(f"'{index}' (beside the FLUX.2 transformer folder) is not readable JSON ({error}); fetch it "
+                       "again: it says whether the model is distilled") from None
+    if not isinstance(value, dict):
+        raise UMOError(f"'{index}' (beside the FLUX.2 transformer folder) is not a JSON object; fetch it again: it "
+                       "says whether the model is distilled")
+    return value
 
 
 def transformer_config(path: str | Path) -> dict:
