@@ -19,7 +19,8 @@ from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from tests.damaged_downloads import text_encoder_damages
 from tests.flux2_layout import save_flux2_bfl_file, transformer_to_bfl
@@ -100,10 +101,12 @@ def _pipeline_photos() -> list[Image.Image]:
     return [Image.fromarray(generator.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in ((80, 100), (70, 64))]
 
 
-@pytest.mark.parametrize("dev", [False, True])
-def test_sampling_equals_the_pipeline(dev):
+@pytest.mark.parametrize("variant", ["distilled", "base", "dev"])
+def test_sampling_equals_the_pipeline(variant):
     """The whole sampler (references resized, encoded and placed, schedule, velocity, Euler) against diffusers'
-    pipeline from the same noise: klein distilled (no guidance) and dev (guidance embedded)."""
+    pipeline from the same noise: klein distilled (no guidance), klein base (classifier-free guidance against the
+    negative embedding) and dev (guidance embedded)."""
+    dev = variant == "dev"
     transformer, vae = tiny_flux2_transformer(guidance=dev), tiny_flux2_vae()
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(json.loads(runtime.SCHEDULER_CONFIG.read_text()))
     generator = torch.Generator().manual_seed(1)
@@ -111,14 +114,19 @@ def test_sampling_equals_the_pipeline(dev):
     noise = torch.randn(1, 128, 4, 3, generator=generator)
     photos = _pipeline_photos()
     steps, guidance = 3, 2.5
+    negative = {}
     if dev:
         pipeline = Flux2Pipeline(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None,
                                  transformer=transformer)
     else:
         pipeline = Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None,
-                                      transformer=transformer, is_distilled=True)
+                                      transformer=transformer, is_distilled=variant == "distilled")
+    if variant == "base":
+        guidance = 4.0
+        text.negative_prompt_embeds = torch.randn(1, 7, FLUX2_TEXT_DIM, generator=generator)
+        negative = {"negative_prompt_embeds": text.negative_prompt_embeds}
     expected = pipeline(image=photos, prompt_embeds=text.prompt_embeds, latents=noise, height=64, width=48,
-                        num_inference_steps=steps, guidance_scale=guidance, output_type="latent").images
+                        num_inference_steps=steps, guidance_scale=guidance, output_type="latent", **negative).images
     with torch.no_grad():
         references = [FLUX2.encode_images(vae, FLUX2.resize_reference(np.asarray(p), 2)[None]) for p in photos]
     latent = sample(FLUX2, transformer, noise, text, references, steps, guidance)
@@ -127,6 +135,9 @@ def test_sampling_equals_the_pipeline(dev):
     else:  # Flux2KleinPipeline the autoencoder's latent
         mean, std = vae.bn.running_mean.view(1, -1, 1, 1), torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + 1e-4)
         torch.testing.assert_close(runtime.unpatchify(latent * std + mean), expected, rtol=1e-4, atol=1e-5)
+    if variant == "base":  # the guidance made a difference
+        unguided = sample(FLUX2, transformer, noise, TextEmbedding(text.prompt_embeds), references, steps, guidance)
+        assert not torch.allclose(latent, unguided, rtol=1e-3, atol=1e-3)
 
 
 def test_reference_rule_equals_the_pipelines_image_processor():
@@ -303,10 +314,14 @@ def test_klein_prompts_equal_the_pipelines_encode_prompt(text_folders, dtype):
                                   transformer=None)
     with torch.no_grad():
         expected, _ = pipeline.encode_prompt(PROMPTS, device=torch.device("cpu"))
+        expected_negative, _ = pipeline.encode_prompt("", device=torch.device("cpu"))  # the pipeline's negative
     text = FLUX2.encode_prompts(encoders, PROMPTS)
     assert text.prompt_embeds.shape == (2, 512, FLUX2_TEXT_DIM) and text.pooled_prompt_embeds is None
     assert text.prompt_embeds.dtype == dtype and torch.equal(text.prompt_embeds, expected)
     assert text.made_with == "FLUX.2 [klein]'s Qwen3"
+    assert text.negative_prompt_embeds.dtype == dtype
+    assert torch.equal(text.negative_prompt_embeds, expected_negative.expand(2, -1, -1))
+    assert not torch.equal(text.negative_prompt_embeds, text.prompt_embeds)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -326,13 +341,13 @@ def test_dev_prompts_equal_the_pipelines_encode_prompt(text_folders, dtype):
     text = FLUX2.encode_prompts(encoders, DEV_PROMPTS)
     assert text.prompt_embeds.shape == (3, 512, FLUX2_DEV_TEXT_DIM) and text.pooled_prompt_embeds is None
     assert text.prompt_embeds.dtype == dtype and torch.equal(text.prompt_embeds, expected)
-    assert text.made_with == "FLUX.2 [dev]'s Mistral-3"
+    assert text.made_with == "FLUX.2 [dev]'s Mistral-3" and text.negative_prompt_embeds is None
     assert not torch.equal(text.prompt_embeds[0], text.prompt_embeds[1])
 
 
 @pytest.mark.parametrize(("variant", "width", "made_with"), [
     ("klein", FLUX2_TEXT_DIM, "FLUX.2 [klein]'s Qwen3"), ("dev", FLUX2_DEV_TEXT_DIM, "FLUX.2 [dev]'s Mistral-3")])
-def test_encode_prompts_command_marks_flux2_files(text_folders, tmp_path, variant, width, made_with):
+def test_encode_prompts_command_marks_flux2_files(text_folders, tmp_path, capsys, variant, width, made_with):
     from training.encode_prompts import main as encode_main
     from umo_core.backbones.text_embedding import (
         text_embedding_backbone,
@@ -346,6 +361,17 @@ def test_encode_prompts_command_marks_flux2_files(text_folders, tmp_path, varian
     path = tmp_path / json.loads((tmp_path / "manifest.jsonl").read_text())["text_embedding"]
     assert text_embedding_backbone(path) == "flux2" and text_embedding_made_with(path) == made_with
     assert text_embedding_shapes(path) == ([512, width], [])
+    tensors = load_file(path)
+    assert ("negative_prompt_embeds" in tensors) == (variant == "klein")
+    if variant == "klein":  # a file made before klein's files held the negative is encoded again; a full one is kept
+        save_file({"prompt_embeds": tensors["prompt_embeds"]}, path, metadata=safe_open(path, "pt").metadata())
+        assert encode_main(["--data", str(tmp_path), "--text-encoders", str(text_folders[variant]), "--backbone",
+                            "flux2", "--device", "cpu"]) == 0
+        assert all(torch.equal(load_file(path)[key], tensors[key]) for key in tensors)
+        assert capsys.readouterr().out.startswith("1 prompt(s) encoded")
+        assert encode_main(["--data", str(tmp_path), "--text-encoders", str(text_folders[variant]), "--backbone",
+                            "flux2", "--device", "cpu"]) == 0
+        assert capsys.readouterr().out.startswith("0 prompt(s) encoded")
 
 
 def test_a_text_encoder_flux2_does_not_have_is_named(tmp_path):

@@ -17,6 +17,7 @@ from tests.tiny_models import FLUX2_DEV_TEXT_DIM, FLUX2_TEXT_DIM, add_lora, tiny
 from training.rerefl import main
 from umo_core.backbones import get
 from umo_core.backbones.lora_formats import load_lora_file, lora_family, merge_lora_weights
+from umo_core.backbones.text_embedding import embedding_file_metadata
 
 FLUX2 = get("flux2")
 
@@ -145,6 +146,36 @@ def test_generate_command_with_flux2(flux2_trainer_inputs, trainer_inputs, photo
     capsys.readouterr()
     assert generate("c", trainer_inputs[1] / "text" / "0.safetensors") == 2
     assert "was made for flux1, the model is flux2 (--backbone)" in capsys.readouterr().err
+    # klein base (the tiny folder: no model_index.json) at guidance 4 needs the empty prompt's embedding
+    unguided = tmp_path / "no_negative.safetensors"
+    save_file({"prompt_embeds": load_file(data / "text" / "0.safetensors")["prompt_embeds"]}, unguided,
+              metadata=embedding_file_metadata("flux2"))
+    assert generate("d", unguided) == 2 and not (tmp_path / "d").exists()
+    assert capsys.readouterr().err == (
+        f"error: --text-embedding '{unguided}' lacks negative_prompt_embeds (the empty prompt's embedding), which "
+        "FLUX.2 [klein] base is sampled with when guidance is above 1 (classifier-free guidance); make it again with "
+        "python -m training.encode_prompts --backbone flux2 (it encodes the files that lack it), or give --prompt "
+        "and --text-encoders, or --guidance 1\n")
+    assert generate("e", unguided, "--guidance", "1") == 0 and generate("f", data / "text" / "0.safetensors",
+                                                                        "--guidance", "1") == 0
+    # without guidance the negative is unused; with it (the default 4) it changes the image
+    images = {name: torch.tensor(list(Image.open(tmp_path / name / "umo_000003.png").getdata())) for name in "aef"}
+    assert torch.equal(images["e"], images["f"]) and not torch.equal(images["a"], images["e"])
+
+
+def test_klein_base_evaluation_without_the_negative_embedding_is_one_error_line(flux2_trainer_inputs, tmp_path,
+                                                                                 capsys):
+    root, data, pack = flux2_trainer_inputs
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    text = copy / "text" / "0.safetensors"
+    save_file({"prompt_embeds": load_file(text)["prompt_embeds"]}, text, metadata=embedding_file_metadata("flux2"))
+    assert main(flux2_args(root, copy, pack, tmp_path / "run", 2, "--eval-every", "2")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: evaluation text embedding '{text}' lacks negative_prompt_embeds") and (
+        "run python -m training.encode_prompts --backbone flux2 on the data folder again" in err)
+    assert err.count("\n") == 1 and not (tmp_path / "run" / "lora_comfy.safetensors").exists()
+    assert main(flux2_args(root, copy, pack, tmp_path / "run1", 2, "--eval-every", "2", "--eval-guidance", "1")) == 0
 
 
 @pytest.mark.parametrize(("variant", "extra", "expected"), [

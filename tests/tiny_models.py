@@ -199,8 +199,10 @@ def tiny_flux2_vae():
 
 
 def flux2_text_embedding(generator: torch.Generator, tokens: int = TEXT_LEN) -> dict[str, torch.Tensor]:
-    """A FLUX.2 text embedding file's tensors for the tiny transformer (one prompt: [tokens, FLUX2_TEXT_DIM])."""
-    return {"prompt_embeds": torch.randn(tokens, FLUX2_TEXT_DIM, generator=generator)}
+    """A FLUX.2 [klein] text embedding file's tensors for the tiny transformer (one prompt: [tokens, FLUX2_TEXT_DIM],
+    and the empty prompt's, which klein base's classifier-free guidance takes)."""
+    return {"prompt_embeds": torch.randn(tokens, FLUX2_TEXT_DIM, generator=generator),
+            "negative_prompt_embeds": torch.randn(tokens, FLUX2_TEXT_DIM, generator=generator)}
 
 
 def save_flux2_folder(root: Path, guidance: bool = False) -> Path:

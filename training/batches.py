@@ -30,8 +30,10 @@ class Batch:
 
 
 @torch.no_grad()
-def load_batch(backbone, samples: list[Sample], size: tuple[int, int], vae, device: torch.device) -> Batch:
-    """Samples of one shape key (see buckets.shape_key) as `backbone`'s tensors on `device`."""
+def load_batch(backbone, samples: list[Sample], size: tuple[int, int], vae, device: torch.device,
+               negative: bool = False) -> Batch:
+    """Samples of one shape key (see buckets.shape_key) as `backbone`'s tensors on `device`; with `negative`, the
+    text with its negative_prompt_embeds (the evaluation's classifier-free guidance)."""
     targets = [load_image(s.target) for s in samples]
     target_images = torch.stack([fit_to_bucket(target, size) for target in targets])
     photos = [[load_image(p) for p in s.references] for s in samples]
@@ -39,7 +41,7 @@ def load_batch(backbone, samples: list[Sample], size: tuple[int, int], vae, devi
     references = [backbone.encode_images(vae, torch.stack([backbone.resize_reference(people[k], count)
                                                            for people in photos]).to(device))
                   for k in range(count)]
-    text = load_text_embeddings([s.text_embedding for s in samples], device)
+    text = load_text_embeddings([s.text_embedding for s in samples], device, negative)
     return Batch(rows=[s.row for s in samples], target=backbone.encode_images(vae, target_images.to(device)),
                  references=references, identities=[s.identities for s in samples],
                  names=[s.names for s in samples],

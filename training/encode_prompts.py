@@ -6,10 +6,11 @@
 
 Each manifest.jsonl row's embedding file is its `text_embedding`, or text/<sha256 of the prompt>.safetensors
 when the row has none (the field is then filled in). Files that exist are kept, so the same prompt is
-encoded once and a second run only encodes new prompts. The manifest is replaced in one step; rows
-that needed no change keep their text and order. Every row is checked before the encoders load: a row
-that is not a JSON object, has no prompt text or names an embedding file outside the folder stops the run
-with nothing written (the trainer would refuse such a row).
+encoded once and a second run only encodes new prompts; FLUX.2 [klein] files made before they held the empty
+prompt's embedding (negative_prompt_embeds, for klein base's classifier-free guidance) are encoded again. The
+manifest is replaced in one step; rows that needed no change keep their text and order. Every row is checked
+before the encoders load: a row that is not a JSON object, has no prompt text or names an embedding file outside
+the folder stops the run with nothing written (the trainer would refuse such a row).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 
 from umo_core.backbones import DEFAULT, TRAINABLE, get
-from umo_core.backbones.text_embedding import embedding_file_metadata, embedding_file_tensors
+from umo_core.backbones.text_embedding import embedding_file_metadata, embedding_file_tensors, lacks_negative
 from umo_core.console import HelpFormatter, progress
 from umo_core.errors import UMOError
 from umo_core.files import save_tensors
@@ -90,7 +91,7 @@ def plan_encoding(data: Path) -> Plan:
         except UMOError as problem:
             problems.append(f"{row_label(data, index + 1)}: {problem}")
             continue
-        if not (data / path).is_file():
+        if not (data / path).is_file() or lacks_negative(data / path):
             plan.to_encode[path] = prompt
     if problems:
         listing = "\n  ".join(problems)

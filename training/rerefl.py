@@ -37,7 +37,9 @@ from tqdm import tqdm
 
 from umo_core import UMOError
 from umo_core.backbones import get
+from umo_core.backbones.flow import needs_negative_prompt
 from umo_core.backbones.lora_formats import save_lora_file
+from umo_core.backbones.text_embedding import check_negative
 from umo_core.console import STOP_SIGNALS, command_status, exit_program, raise_stopped, signal_reason
 from umo_core.faces.face_model import FaceModel
 from umo_core.faces.face_pack import FacePack, find_face_pack
@@ -217,6 +219,11 @@ def load_training_data(config: TrainConfig, face_model: FaceModel, text_widths: 
         for line in skipped:
             accelerator.print(f"skipped evaluation {line}")
     evaluation_samples = evaluation_samples[:config.eval_count]
+    if config.eval_every and needs_negative_prompt(backbone, config.transformer, config.eval_guidance):
+        for sample in evaluation_samples:
+            check_negative(sample.text_embedding, f"evaluation text embedding '{sample.text_embedding}'",
+                           f"run python -m training.encode_prompts --backbone {backbone.name} on the data folder "
+                           "again (it encodes the files that lack it), or give --eval-guidance 1")
     keys = [shape_key(backbone, s.target, s.references, s.text_embedding, config.resolution) for s in samples]
     evaluation_buckets = [shape_key(backbone, s.target, s.references, s.text_embedding, config.resolution)[0]
                           for s in evaluation_samples]
@@ -274,7 +281,8 @@ def run_evaluation(config: TrainConfig, accelerator: Accelerator, step: int, mod
     """With --eval-every, the evaluation images and report of `step` (main process; the others wait)."""
     if config.eval_every and accelerator.is_main_process:
         backbone = get(config.backbone)
-        batches = [load_batch(backbone, [s], bucket, vae, accelerator.device)
+        negative = needs_negative_prompt(backbone, config.transformer, config.eval_guidance)
+        batches = [load_batch(backbone, [s], bucket, vae, accelerator.device, negative)
                    for s, bucket in zip(data.evaluation_samples, data.evaluation_buckets)]
         summary = evaluate(backbone, step, model, vae, face_model, batches, config.output, config.seed,
                            config.step.sampling_steps, config.eval_guidance)

@@ -8,7 +8,7 @@ import hashlib
 import json
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +16,8 @@ import torch
 
 from .arguments import at_least, check_device, check_seed, finite
 from .backbones import DEFAULT, TRAINABLE, get
-from .backbones.text_embedding import TextEmbedding, checked_text_embedding_widths, load_text_embeddings
+from .backbones.flow import needs_negative_prompt
+from .backbones.text_embedding import TextEmbedding, check_negative, checked_text_embedding_widths, load_text_embeddings
 from .console import HelpFormatter, command_status, progress, tell
 from .errors import UMOError
 from .evaluate import add_parser as add_evaluate_parser
@@ -171,12 +172,19 @@ def _add_generate_parser(commands) -> None:
                                "GPU, else cpu)")
 
 
-def _prompt_embedding(config: GenerateConfig, backbone, dtype: torch.dtype) -> TextEmbedding:
-    """--text-embedding's file, or --prompt encoded with the backbone's text encoders of --text-encoders."""
+def _guidance(config: GenerateConfig, backbone) -> float:
+    """--guidance, or the backbone's for the transformer."""
+    return backbone.sampling_defaults(config.transformer)[1] if config.guidance is None else config.guidance
+
+
+def _prompt_embedding(config: GenerateConfig, backbone, dtype: torch.dtype, negative: bool) -> TextEmbedding:
+    """--text-embedding's file, or --prompt encoded with the backbone's text encoders of --text-encoders; with the
+    empty prompt's embedding only where the sampling is classifier-free guidance (`negative`)."""
     if config.prompt is None:
-        return load_text_embeddings([config.text_embedding])
+        return load_text_embeddings([config.text_embedding], negative=negative)
     encoders = backbone.load_text_encoders(config.text_encoders, dtype, config.device)
-    return backbone.encode_prompts(encoders, [config.prompt])
+    text = backbone.encode_prompts(encoders, [config.prompt])
+    return text if negative else replace(text, negative_prompt_embeds=None)
 
 
 def _check_generate_inputs(config: GenerateConfig) -> list[np.ndarray]:
@@ -189,8 +197,13 @@ def _check_generate_inputs(config: GenerateConfig) -> list[np.ndarray]:
         hint = "make it with python -m training.encode_prompts, or give --prompt and --text-encoders"
         if not config.text_embedding.is_file():
             raise UMOError(f"--text-embedding '{config.text_embedding}' does not exist or is not a file; {hint}")
-        checked_text_embedding_widths(config.text_embedding, f"--text-embedding '{config.text_embedding}'",
-                                      f"{hint} --backbone {backbone.name}", backbone, widths)
+        name = f"--text-embedding '{config.text_embedding}'"
+        checked_text_embedding_widths(config.text_embedding, name, f"{hint} --backbone {backbone.name}", backbone,
+                                      widths)
+        if needs_negative_prompt(backbone, config.transformer, _guidance(config, backbone)):
+            check_negative(config.text_embedding, name, "make it again with python -m training.encode_prompts "
+                           f"--backbone {backbone.name} (it encodes the files that lack it), or give --prompt and "
+                           "--text-encoders, or --guidance 1")
     if config.lora and not config.lora.is_file():
         raise UMOError(f"--lora '{config.lora}' does not exist or is not a file; give the path of a UNO-layout "
                        "(UMO_UNO) or diffusers FLUX LoRA .safetensors (FLUX.2: the trainer's lora_comfy or "
@@ -235,12 +248,11 @@ def generate_command(config: GenerateConfig) -> list[Path]:
     photos = _check_generate_inputs(config)
     lora = backbone.load_lora(config.lora) if config.lora else None  # another backbone's LoRA: named here
     _warn_faceless_references(config, photos)
-    default_steps, default_guidance = backbone.sampling_defaults(config.transformer)
-    steps = config.steps or default_steps
-    guidance = default_guidance if config.guidance is None else config.guidance
+    steps = config.steps or backbone.sampling_defaults(config.transformer)[0]
+    guidance = _guidance(config, backbone)
     dtype = torch.bfloat16 if torch.device(config.device).type == "cuda" else torch.float32
     # The prompt first: the text encoders are freed before the transformer takes the memory.
-    text = _prompt_embedding(config, backbone, dtype)
+    text = _prompt_embedding(config, backbone, dtype, needs_negative_prompt(backbone, config.transformer, guidance))
     transformer = backbone.load_transformer(config.transformer, dtype).to(config.device)
     vae = backbone.load_vae(config.vae, dtype).to(config.device)
     if lora is not None:

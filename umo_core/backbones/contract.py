@@ -38,6 +38,10 @@ class Backbone(Protocol):
     def sampling_defaults(self, transformer_path: Path) -> tuple[int, float]:
         """The steps (generate and the trainer's rollout) and guidance (generate) for the transformer at the path."""
 
+    def classifier_free_guidance(self, transformer_path: Path) -> bool:
+        """Whether the transformer at the path is sampled with classifier-free guidance when guidance is above 1: a
+        second pass on the text embedding's negative_prompt_embeds (see flow.needs_negative_prompt)."""
+
     # Loading, offline, from a diffusers folder or the single files people download; a wrong file is named from
     # its config or header before any weight is read.
     def transformer_text_widths(self, path: Path) -> tuple[int, ...]:

@@ -7,6 +7,8 @@ x_t = (1 - t) x0 + t noise and v = noise - x0; the backbone gives the schedule a
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from .text_embedding import TextEmbedding
@@ -20,6 +22,12 @@ def euler_step(latent: torch.Tensor, velocity: torch.Tensor, sigma: float, sigma
 def clean_estimate(latent: torch.Tensor, velocity: torch.Tensor, sigma) -> torch.Tensor:
     """One-step clean estimate of rectified flow: x_t = (1-t) x0 + t noise, v = noise - x0 => x0 = x_t - t v."""
     return latent - sigma * velocity
+
+
+def needs_negative_prompt(backbone, transformer_path: Path, guidance: float) -> bool:
+    """Whether sampling the transformer at `guidance` is classifier-free guidance (FLUX.2 [klein] base above 1), for
+    which the text embedding must carry negative_prompt_embeds; sampling does it where the text carries them."""
+    return guidance > 1 and backbone.classifier_free_guidance(transformer_path)
 
 
 @torch.no_grad()

@@ -3,7 +3,9 @@
 In memory a batch is a `TextEmbedding`. On disk one prompt is one .safetensors file holding `prompt_embeds`
 [L, width] and, for backbones that have one, `pooled_prompt_embeds` [width] (FLUX.1: T5-XXL's last hidden state
 4096 wide, L = 512, and CLIP-L's pooled output 768 wide; FLUX.2: the stacked hidden states of its language model,
-no pooled vector). The file's metadata names the backbone it was made for (BACKBONE_METADATA_KEY); files
+no pooled vector). FLUX.2 [klein]'s files also hold `negative_prompt_embeds` [L, width], the empty prompt's
+embedding: klein base is sampled with classifier-free guidance against it, as Flux2KleinPipeline does (it doubles
+the file's size). The file's metadata names the backbone it was made for (BACKBONE_METADATA_KEY); files
 without it are FLUX.1's, the only kind made before. Where a backbone has several text encoders (FLUX.2: [klein]'s
 Qwen3, [dev]'s Mistral-3, told apart by their widths) the metadata also names the one used (MADE_WITH_METADATA_KEY),
 and a file of the wrong width names it. `python -m training.encode_prompts` writes them; the trainer and
@@ -23,6 +25,9 @@ from ..errors import UMOError
 
 PROMPT_KEY = "prompt_embeds"
 POOLED_KEY = "pooled_prompt_embeds"
+NEGATIVE_KEY = "negative_prompt_embeds"
+# The text encoder whose files hold NEGATIVE_KEY (FLUX.2 [klein]'s; flux2/text_encoders names its Qwen3 by this).
+NEGATIVE_MADE_WITH = "FLUX.2 [klein]'s Qwen3"
 BACKBONE_METADATA_KEY = "umo_backbone"  # also the key of the LoRA files' backbone
 MADE_WITH_METADATA_KEY = "umo_text_encoder"
 UNMARKED_BACKBONE = "flux1"  # files without the metadata key: the only kind written before it existed
@@ -33,6 +38,8 @@ class TextEmbedding:
     prompt_embeds: torch.Tensor  # [B, L, width]
     pooled_prompt_embeds: torch.Tensor | None = None  # [B, width], FLUX.1's CLIP vector
     made_with: str | None = None  # the text encoder, where the backbone has several ("FLUX.2 [dev]'s Mistral-3")
+    # [B, L, width], the empty prompt's embedding: given, sampling with guidance > 1 is classifier-free guidance
+    negative_prompt_embeds: torch.Tensor | None = None
 
 
 def embedding_file_tensors(text: TextEmbedding, index: int) -> dict[str, torch.Tensor]:
@@ -40,6 +47,8 @@ def embedding_file_tensors(text: TextEmbedding, index: int) -> dict[str, torch.T
     tensors = {PROMPT_KEY: text.prompt_embeds[index].cpu()}
     if text.pooled_prompt_embeds is not None:
         tensors[POOLED_KEY] = text.pooled_prompt_embeds[index].cpu()
+    if text.negative_prompt_embeds is not None:
+        tensors[NEGATIVE_KEY] = text.negative_prompt_embeds[index].cpu()
     return tensors
 
 
@@ -48,13 +57,37 @@ def embedding_file_metadata(backbone: str, made_with: str | None = None) -> dict
     return {BACKBONE_METADATA_KEY: backbone} | ({MADE_WITH_METADATA_KEY: made_with} if made_with else {})
 
 
-def load_text_embeddings(paths: list[Path], device: str | torch.device = "cpu") -> TextEmbedding:
-    """One file per prompt -> their batch, on `device` (the files must have one text length)."""
+def load_text_embeddings(paths: list[Path], device: str | torch.device = "cpu",
+                         negative: bool = False) -> TextEmbedding:
+    """One file per prompt -> their batch, on `device` (the files must have one text length); with `negative`, also
+    their negative_prompt_embeds (for classifier-free guidance; see `check_negative`)."""
     files = [load_file(path) for path in paths]
     pooled = None
     if all(POOLED_KEY in f for f in files):
         pooled = torch.stack([f[POOLED_KEY] for f in files]).to(device)
-    return TextEmbedding(torch.stack([f[PROMPT_KEY] for f in files]).to(device), pooled)
+    negatives = torch.stack([f[NEGATIVE_KEY] for f in files]).to(device) if negative else None
+    return TextEmbedding(torch.stack([f[PROMPT_KEY] for f in files]).to(device), pooled,
+                         negative_prompt_embeds=negatives)
+
+
+def lacks_negative(path: Path) -> bool:
+    """Whether the file was made with the text encoder whose files hold negative_prompt_embeds, but lacks it (made
+    before they did); False for an unreadable file (the trainer's check names it)."""
+    try:
+        with safe_open(path, "pt") as embedding:
+            made_with = (embedding.metadata() or {}).get(MADE_WITH_METADATA_KEY)
+            return made_with == NEGATIVE_MADE_WITH and NEGATIVE_KEY not in embedding.keys()
+    except (SafetensorError, OSError):
+        return False
+
+
+def check_negative(path: Path, name: str, hint: str) -> None:
+    """A UMOError naming the file by `name` when it lacks negative_prompt_embeds, which classifier-free guidance
+    needs; `hint`: how to make it again (the file is readable: checked_text_embedding_widths has read it)."""
+    with safe_open(path, "pt") as embedding:
+        if NEGATIVE_KEY not in embedding.keys():
+            raise UMOError(f"{name} lacks {NEGATIVE_KEY} (the empty prompt's embedding), which FLUX.2 [klein] base "
+                           f"is sampled with when guidance is above 1 (classifier-free guidance); {hint}")
 
 
 def text_embedding_backbone(path: Path) -> str:

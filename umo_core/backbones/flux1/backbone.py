@@ -35,6 +35,11 @@ class Flux1(FluxFamily):
         return 25, 4.0
 
     @staticmethod
+    def classifier_free_guidance(transformer_path: Path) -> bool:
+        """UNO's guidance is FLUX.1-dev's distilled guidance, an input of the transformer."""
+        return False
+
+    @staticmethod
     def reference_shape(height: int, width: int, count: int) -> tuple[int, int]:
         return references.reference_shape(height, width, references.reference_long_side(count))
 

@@ -37,6 +37,12 @@ class Flux2(FluxFamily):
         return variant.steps, variant.guidance
 
     @staticmethod
+    def classifier_free_guidance(transformer_path: Path) -> bool:
+        """Klein base's: Flux2KleinPipeline samples it with classifier-free guidance; distilled klein and dev (whose
+        guidance is embedded) without."""
+        return loading.transformer_variant(transformer_path).classifier_free_guidance
+
+    @staticmethod
     def reference_shape(height: int, width: int, count: int) -> tuple[int, int]:
         return references.reference_shape(height, width)
 

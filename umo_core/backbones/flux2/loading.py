@@ -45,11 +45,12 @@ class Variant:
     distilled: bool  # klein's step-distilled models: few steps, no classifier-free guidance
     steps: int
     guidance: float
+    classifier_free_guidance: bool  # guidance above 1 is a second pass on the empty prompt (klein base)
 
 
-DISTILLED = Variant("klein (distilled)", True, 4, 1.0)
-BASE = Variant("klein base", False, 50, 4.0)
-DEV = Variant("dev", False, 50, 4.0)  # guidance-distilled: guidance is an input of the transformer
+DISTILLED = Variant("klein (distilled)", True, 4, 1.0, False)
+BASE = Variant("klein base", False, 50, 4.0, True)
+DEV = Variant("dev", False, 50, 4.0, False)  # guidance-distilled: guidance is an input of the transformer
 
 
 def transformer_variant(path: str | Path) -> Variant:

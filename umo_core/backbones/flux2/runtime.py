@@ -95,13 +95,20 @@ def predict_velocity(transformer, latent: torch.Tensor, sigma: torch.Tensor | fl
                      references: list[torch.Tensor], guidance: float = 1.0) -> torch.Tensor:
     """The flow velocity for the target latent [B,128,h,w] with the references' latents (each [B,128,hk,wk]).
 
-    `guidance` goes to the transformers that embed it (FLUX.2 [dev]); klein has no guidance embedding (its base
-    variants use classifier-free guidance, which the trainer's rollout does not: guidance 1)."""
+    `guidance` goes to the transformers that embed it (FLUX.2 [dev]). Klein has no guidance embedding: with the
+    text's negative_prompt_embeds (given for klein base only) and guidance above 1 it is classifier-free guidance,
+    Flux2KleinPipeline's `negative + guidance * (positive - negative)`; the trainer's rollout runs guidance 1."""
     _, _, h, w = latent.shape
     tokens = torch.cat([pack_latents(latent)] + [pack_latents(r) for r in references], dim=1)
     ids = image_ids((h, w), [tuple(r.shape[-2:]) for r in references])
-    output = transformer_output(transformer, tokens, ids, text_ids(text.prompt_embeds.shape[1]), text, sigma, guidance)
-    return unpack_latents(output[:, :h * w].float(), h, w)
+    output = transformer_output(transformer, tokens, ids, text_ids(text.prompt_embeds.shape[1]), text, sigma,
+                                guidance)[:, :h * w]
+    if text.negative_prompt_embeds is not None and guidance > 1:
+        negative_text = TextEmbedding(text.negative_prompt_embeds)
+        negative = transformer_output(transformer, tokens, ids, text_ids(negative_text.prompt_embeds.shape[1]),
+                                      negative_text, sigma, guidance)[:, :h * w]
+        output = negative + guidance * (output - negative)
+    return unpack_latents(output.float(), h, w)
 
 
 def flux2_sigmas(steps: int, image_tokens: int) -> torch.Tensor:

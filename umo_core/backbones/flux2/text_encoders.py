@@ -8,6 +8,8 @@ to 512 tokens, and the hidden states of three layers stacked along the width (3 
   the pipeline's system message then a user turn, built by diffusers' own `format_input`; layers 10, 20 and 30
   (15360 wide).
 Which encoder a folder holds is read from text_encoder/config.json; the embedding records it (`made_with`).
+[klein]'s embedding also holds the empty prompt's (`negative_prompt_embeds`): Flux2KleinPipeline samples the base
+models with classifier-free guidance against it.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ...errors import UMOError
-from ..text_embedding import TextEmbedding
+from ..text_embedding import NEGATIVE_MADE_WITH, TextEmbedding
 from ..text_encoder_files import check_weights, json_object, load_pretrained
 
 if TYPE_CHECKING:
@@ -40,7 +42,7 @@ class Encoder:
     hidden_layers: tuple[int, ...]  # the pipeline's text_encoder_out_layers
 
 
-QWEN3 = Encoder("qwen3", "FLUX.2 [klein]'s Qwen3", (9, 18, 27))
+QWEN3 = Encoder("qwen3", NEGATIVE_MADE_WITH, (9, 18, 27))
 MISTRAL3 = Encoder("mistral3", "FLUX.2 [dev]'s Mistral-3", (10, 20, 30))
 ENCODERS = {encoder.model_type: encoder for encoder in (QWEN3, MISTRAL3)}
 
@@ -94,7 +96,17 @@ def _tokens(encoders: TextEncoders, prompts: list[str], max_length: int) -> dict
 
 @torch.no_grad()
 def encode_prompts(encoders: TextEncoders, prompts: list[str], max_length: int = MAX_LENGTH) -> TextEmbedding:
-    """The prompts' FLUX.2 embedding [B, max_length, 3 x width], on the encoder's device, in its dtype."""
+    """The prompts' FLUX.2 embedding [B, max_length, 3 x width], on the encoder's device, in its dtype; [klein]'s
+    with the empty prompt's (the pipeline's negative prompt) for each."""
+    negative = None
+    if encoders.encoder is QWEN3:  # encoded alone, as the pipeline encodes it
+        negative = _embeds(encoders, [""], max_length).repeat(len(prompts), 1, 1)
+    return TextEmbedding(_embeds(encoders, prompts, max_length), made_with=encoders.encoder.made_with,
+                         negative_prompt_embeds=negative)
+
+
+def _embeds(encoders: TextEncoders, prompts: list[str], max_length: int) -> torch.Tensor:
+    """The prompts' stacked hidden states [B, max_length, 3 x width], in the encoder's dtype."""
     inputs = _tokens(encoders, prompts, max_length)
     device = encoders.model.device
     output = encoders.model(input_ids=inputs["input_ids"].to(device),
@@ -103,4 +115,4 @@ def encode_prompts(encoders: TextEncoders, prompts: list[str], max_length: int =
     stacked = torch.stack([output.hidden_states[layer] for layer in encoders.encoder.hidden_layers], dim=1)
     b, layers, length, width = stacked.shape  # [B, 3, L, width]
     embeds = stacked.permute(0, 2, 1, 3).reshape(b, length, layers * width)
-    return TextEmbedding(embeds.to(encoders.model.dtype), made_with=encoders.encoder.made_with)
+    return embeds.to(encoders.model.dtype)
