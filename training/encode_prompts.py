@@ -16,7 +16,6 @@ the folder stops the run with nothing written (the trainer would refuse such a r
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import torch
 
 from umo_core.backbones import DEFAULT, TRAINABLE, get
 from umo_core.backbones.text_embedding import embedding_file_metadata, embedding_file_tensors, lacks_negative
-from umo_core.console import HelpFormatter, progress
+from umo_core.console import HelpFormatter, command_status, progress
 from umo_core.errors import UMOError
 from umo_core.files import save_tensors
 
@@ -125,19 +124,15 @@ def encode_data_folder(settings: EncodeSettings) -> Plan:
 
 def main(argv: list[str] | None = None) -> int:
     settings = parse_args(argv)
-    try:
-        plan = encode_data_folder(settings)
-    except UMOError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"interrupted: the prompts encoded so far are kept in '{settings.data}'; run the same command again "
-              "to carry on", file=sys.stderr)
-        return 130
-    print(f"{len(plan.to_encode)} prompt(s) encoded, {plan.filled} row(s) given a text_embedding, "
-          f"in '{settings.data}'")
-    return 0
 
+    def work() -> int:
+        plan = encode_data_folder(settings)
+        print(f"{len(plan.to_encode)} prompt(s) encoded, {plan.filled} row(s) given a text_embedding, "
+              f"in '{settings.data}'")
+        return 0
+
+    return command_status(work, f"the prompts encoded so far are kept in '{settings.data}'; run the same command "
+                                "again to carry on")
 
 if __name__ == "__main__":
     raise SystemExit(main())
